@@ -1,0 +1,177 @@
+"""The Python entry point: ``prune(model, processor, calibration, config) -> PruneReport``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import families
+from .calibration import CalibrationSet, load_calibration
+from .capture import capture_sample, non_block_modules_on
+from .config import PruneConfig
+from .engine import LayerwisePruner, TargetFinder, linear_targets
+from .errors import CalibrationError, ConfigError
+
+VERSIONED_PACKAGES = ("atv-prune", "torch", "transformers", "accelerate", "safetensors", "numpy", "pillow")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that decide the result."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The compute device: the one asked for, else CUDA when present, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for but CUDA is not available: use --device cpu")
+    return device
+
+
+@dataclass
+class PruneReport:
+    """Everything needed to reproduce and audit one pruning run (``pruning_report.json``)."""
+
+    config: dict[str, Any]
+    model: dict[str, Any]
+    versions: dict[str, str]
+    calibration: dict[str, Any] | None
+    sparsity: dict[str, Any]
+    blocks: list[dict[str, Any]]
+    seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _model_summary(model: nn.Module, layout: families.ModelLayout) -> dict[str, Any]:
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "family": layout.family.name,
+        "block_path": layout.block_path,
+        "blocks": len(layout.blocks(model)),
+        "image_token_ids": list(layout.image_token_ids),
+        "video_token_ids": list(layout.video_token_ids),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def _sparsity_summary(model: nn.Module, per_linear: dict[str, float]) -> dict[str, Any]:
+    modules = dict(model.named_parameters())
+    total = sum(modules[f"{name}.weight"].numel() for name in per_linear if f"{name}.weight" in modules)
+    zeros = sum(
+        per_linear[name] * modules[f"{name}.weight"].numel() for name in per_linear if f"{name}.weight" in modules
+    )
+    return {"overall": zeros / total if total else 0.0, "per_linear": per_linear}
+
+
+def _calibration_set(
+    calibration: CalibrationSet | str | Path | None, processor: Any, config: PruneConfig,
+    image_root: str | Path | None, max_pixels: int | None,
+) -> CalibrationSet:
+    if calibration is None:
+        raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
+    if isinstance(calibration, CalibrationSet):
+        return calibration
+    if processor is None:
+        raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
+    return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
+                            seed=config.seed, max_pixels=max_pixels)
+
+
+def prune(
+    model: nn.Module,
+    processor: Any = None,
+    calibration: CalibrationSet | str | Path | None = None,
+    config: PruneConfig = PruneConfig(),
+    *,
+    image_root: str | Path | None = None,
+    max_pixels: int | None = None,
+    find_targets: TargetFinder = linear_targets,
+) -> PruneReport:
+    """Prune the language-model decoder of ``model`` in place and report what was done.
+
+    ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
+    file (read with ``processor``); it is ignored by data-free methods (magnitude).
+    """
+    started = time.perf_counter()
+    layout = families.resolve(model)
+    device = resolve_device(config.device)
+    blocks = layout.blocks(model)
+    pruner = LayerwisePruner(config, device, find_targets)
+    seconds = pruner.result.seconds
+    was_training = model.training
+    model.eval()
+    calibration_summary = None
+    warnings: list[str] = []
+    try:
+        if not config.needs_calibration:
+            pruner.prune_magnitude(blocks, layout.block_path)
+        else:
+            start = time.perf_counter()
+            calib = _calibration_set(calibration, processor, config, image_root, max_pixels)
+            warnings.extend(calib.warnings)
+            seconds["load_calibration"] += time.perf_counter() - start
+            start = time.perf_counter()
+            captured, skipped = [], 0
+            with non_block_modules_on(model, blocks, device):
+                for sample in tqdm(calib.samples, desc="capture", disable=not config.progress):
+                    state = capture_sample(model, layout, sample.inputs, sample.source, device, config.offload_device)
+                    if state.visual.any():
+                        captured.append(state)
+                    else:
+                        skipped += 1
+            seconds["capture"] += time.perf_counter() - start
+            if not captured:
+                raise CalibrationError(
+                    f"none of the {len(calib.samples)} calibration samples contains image tokens "
+                    f"(ids {list(layout.visual_token_ids)}): give records with an image"
+                )
+            if skipped:
+                warnings.append(f"skipped {skipped} calibration samples without image tokens")
+            calibration_summary = {
+                "path": str(Path(calib.path).resolve()) if Path(calib.path).exists() else calib.path,
+                "records_in_file": calib.records_in_file,
+                "samples_drawn": len(calib.samples),
+                "samples_used": len(captured),
+                "skipped_without_image_tokens": skipped,
+                "seed": calib.seed,
+                "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
+                "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
+            }
+            pruner.prune_calibrated(blocks, layout.block_path, captured)
+    finally:
+        model.train(was_training)
+    seconds["total"] = time.perf_counter() - started
+    result = pruner.result
+    return PruneReport(
+        config=config.to_dict(),
+        model=_model_summary(model, layout),
+        versions=package_versions(),
+        calibration=calibration_summary,
+        sparsity=_sparsity_summary(model, result.sparsity),
+        blocks=[asdict(block) for block in result.blocks],
+        seconds={key: round(value, 4) for key, value in seconds.items()},
+        warnings=warnings,
+    )

@@ -1,0 +1,368 @@
+"""Calibration data: conversation JSON or image-text JSONL -> model inputs.
+
+Each sample is one whole conversation (user turn with its image, then the assistant's answer),
+rendered by the model's own chat template without a generation prompt and processed by the
+model's own processor, as in the paper's protocol. Records are drawn at random with a seed;
+every problem with the file, a record or an image is a one-line :class:`CalibrationError`
+raised before any sample is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+
+from .errors import CalibrationError
+
+IMAGE_MARKER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_CONVERSATION_HINT = (
+    'each record needs "conversations": [{"from": "human", "value": "<image>\\n..."}, '
+    '{"from": "gpt", "value": "..."}]'
+)
+
+
+@dataclass
+class CalibrationSample:
+    """One processed image-text pair, ready for the model's forward (batch dimension 1)."""
+
+    inputs: dict[str, torch.Tensor]
+    source: str  # where it came from, e.g. "calib.json:17" (record number) for messages
+    image: str | None = None  # the image file used, None for a text-only sample
+
+
+@dataclass
+class CalibrationSet:
+    """The samples drawn from a calibration file, with bookkeeping for the report."""
+
+    samples: list[CalibrationSample]
+    path: str
+    records_in_file: int
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Record:
+    """A parsed record: chat messages (image position marked by an image item) and its image path."""
+
+    number: int  # record number (JSON, 1-based) or line number (JSONL)
+    where: str  # "record N of FILE" / "line N of FILE", for messages
+    messages: list[dict[str, Any]]
+    image: str | None
+
+
+def _fail(message: str) -> CalibrationError:
+    """A CalibrationError whose message is one line, whatever the quoted exceptions contain."""
+    return CalibrationError(" ".join(message.split()))
+
+
+def _brief(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text_item(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def _user_content(text: str, with_image: bool) -> list[dict[str, str]]:
+    """Content list of a user turn: the image where ``<image>`` stood (default: first), then text."""
+    if not with_image:
+        return [_text_item(text.replace(IMAGE_MARKER, "").strip())]
+    before, marker, after = text.partition(IMAGE_MARKER)
+    if not marker:
+        before, after = "", text
+    content = [_text_item(before.strip())] if before.strip() else []
+    content.append({"type": "image"})
+    rest = after.replace(IMAGE_MARKER, "").strip()
+    if rest:
+        content.append(_text_item(rest))
+    return content
+
+
+def _image_field(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(f'{where} has an invalid "image" (expected one image path as a string): '
+                    "use one image per record")
+    return value
+
+
+def _conversation_record(raw: dict, number: int, where: str) -> _Record:
+    """A LLaVA/ShareGPT4V record -> chat messages; the image goes to the first user turn with a marker."""
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _fail(f'{where} has no "conversations" list: {_CONVERSATION_HINT}')
+    image = _image_field(raw.get("image"), where)
+    parsed: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns, 1):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        role = role.lower() if isinstance(role, str) else None
+        if role not in _ROLES or not isinstance(value, str):
+            raise _fail(f'{where}, turn {i}: expected {{"from": "human"|"gpt", "value": "..."}} '
+                        f"(roles human/user, gpt/assistant, system): {_CONVERSATION_HINT}")
+        parsed.append((_ROLES[role], value))
+    users = [i for i, (role, _) in enumerate(parsed) if role == "user"]
+    if not users:
+        raise _fail(f'{where} has no user turn ("from": "human"): {_CONVERSATION_HINT}')
+    image_turn = next((i for i in users if IMAGE_MARKER in parsed[i][1]), users[0])
+    messages = []
+    for i, (role, text) in enumerate(parsed):
+        if role == "user":
+            content = _user_content(text, with_image=image is not None and i == image_turn)
+        else:
+            content = [_text_item(text.replace(IMAGE_MARKER, "").strip())]
+        messages.append({"role": role, "content": content})
+    return _Record(number, where, messages, image)
+
+
+def _pair_record(raw: dict, number: int, where: str) -> _Record:
+    """An image-text JSONL row -> a user turn (image, optional prompt) and an assistant turn (text)."""
+    text, prompt = raw.get("text"), raw.get("prompt") or ""
+    if not isinstance(text, str) or not isinstance(prompt, str):
+        raise _fail(f'{where}: expected {{"image": "...", "text": "...", "prompt": "..." (optional)}}: '
+                    'add a "text" string to every line')
+    image = _image_field(raw.get("image"), where)
+    user = _user_content(prompt, with_image=image is not None)
+    answer = [_text_item(text.strip())]
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return _Record(number, where, messages, image)
+
+
+def _parse_json(text: str, name: str) -> list[_Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"malformed JSON in {name} at line {exc.lineno}, column {exc.colno}: {exc.msg}: "
+                    "fix the file (a JSON list of conversation records)") from None
+    if not isinstance(data, list):
+        raise _fail(f"{name} holds a JSON {type(data).__name__}, not a list of conversation records: "
+                    "wrap the records in [...] or write one JSON object per line (JSONL)")
+    records = []
+    for number, raw in enumerate(data, 1):
+        where = f"record {number} of {name}"
+        if not isinstance(raw, dict):
+            raise _fail(f"{where} is not a JSON object: {_CONVERSATION_HINT}")
+        records.append(_conversation_record(raw, number, where))
+    return records
+
+
+def _parse_jsonl(text: str, name: str) -> list[_Record]:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = "write one JSON object per line"
+            if number == 1 and _is_json(text):
+                hint = "the file is one JSON document: give a list of conversation records or JSONL"
+            raise _fail(f"malformed JSONL in {name} at line {number}, column {exc.colno}: {exc.msg}: "
+                        f"{hint}") from None
+        where = f"line {number} of {name}"
+        if not isinstance(raw, dict):
+            raise _fail(f'{where} is not a JSON object: write {{"image": "...", "text": "..."}} per line')
+        parse = _conversation_record if "conversations" in raw else _pair_record
+        records.append(parse(raw, number, where))
+    return records
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_records(file: Path) -> list[_Record]:
+    """Parse the whole file (format from suffix / first character) and check every record's shape."""
+    if not file.is_file():
+        raise _fail(f"calibration file not found: {file}: pass an existing .json (conversations) "
+                    "or .jsonl (image-text pairs) file")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read calibration file {file}: {exc}: pass a UTF-8 JSON or JSONL file") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise _fail(f"calibration file {file} is empty: give it at least one record")
+    if file.suffix.lower() == ".jsonl" or not stripped.startswith("["):
+        records = _parse_jsonl(text, file.name)
+    else:
+        records = _parse_json(text, file.name)
+    if not records:
+        raise _fail(f"calibration file {file} holds no records: give it at least one record")
+    return records
+
+
+def _resolve_image(image: str, root: Path, where: str) -> Path:
+    path = Path(image).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise _fail(f"image not found for {where}: {path} (image root {root}): "
+                    "pass --image-root with the folder the image paths are relative to")
+    return path
+
+
+def _open_image(path: Path, max_pixels: int | None) -> Image.Image:
+    """Decode an image as RGB, downscaled (aspect kept, LANCZOS) so width*height <= max_pixels."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except Exception as exc:
+        raise _fail(f"cannot read image {path} ({type(exc).__name__}: {_brief(exc)}): "
+                    "replace or remove the corrupt file or its record") from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _get(size: Any, key: str) -> Any:
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+@contextlib.contextmanager
+def _pixel_cap(image_processor: Any, max_pixels: int | None) -> Iterator[None]:
+    """Temporarily lower a Qwen-style (pixel-count) image processor's maximum to ``max_pixels``.
+
+    Qwen-style processors round sizes to their patch grid, which can overshoot a downscaled image;
+    their own maximum is a hard bound. Older versions keep it in ``max_pixels``, newer in
+    ``size["longest_edge"]`` (next to ``shortest_edge`` = minimum pixels).
+    """
+    saved: dict[str, Any] = {}
+    qwen_style = hasattr(image_processor, "merge_size") and hasattr(image_processor, "temporal_patch_size")
+    if max_pixels is not None and qwen_style:
+        old_max = getattr(image_processor, "max_pixels", None)
+        if isinstance(old_max, int):
+            floor = getattr(image_processor, "min_pixels", None) or 0
+            saved["max_pixels"] = old_max
+            image_processor.max_pixels = max(floor, min(old_max, max_pixels))
+        size = getattr(image_processor, "size", None)
+        longest, shortest = _get(size, "longest_edge"), _get(size, "shortest_edge")
+        if isinstance(longest, int) and isinstance(shortest, int):
+            capped = copy.copy(size)
+            value = max(shortest, min(longest, max_pixels))
+            if isinstance(capped, dict):
+                capped["longest_edge"] = value
+            else:
+                capped.longest_edge = value
+            saved["size"] = size
+            image_processor.size = capped
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(image_processor, name, value)
+
+
+def _has_chat_template(processor: Any) -> bool:
+    tokenizer = getattr(processor, "tokenizer", None)
+    return bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
+
+
+def _plain_text(messages: list[dict[str, Any]], image_token: str) -> str:
+    """Fallback rendering 'USER: <image>\\n... ASSISTANT: ...' for processors without a chat template."""
+    turns = []
+    for message in messages:
+        parts = [image_token if item["type"] == "image" else item["text"] for item in message["content"]]
+        turns.append(f"{message['role'].upper()}: " + "\n".join(parts))
+    return "\n".join(turns)
+
+
+def _image_token(processor: Any) -> str:
+    token = getattr(processor, "image_token", None) or getattr(
+        getattr(processor, "tokenizer", None), "image_token", None)
+    if not isinstance(token, str):
+        raise _fail(f"the {type(processor).__name__} has neither a chat template nor an image token: "
+                    "save the model's chat template (chat_template.jinja) with its processor")
+    return token
+
+
+def load_calibration(
+    path: str | Path,
+    processor: Any,
+    *,
+    image_root: str | Path | None = None,
+    samples: int = 128,
+    seed: int = 0,
+    max_pixels: int | None = None,
+) -> CalibrationSet:
+    """Draw ``samples`` records at random (``random.Random(seed)``) and process them for the model.
+
+    ``path``: a LLaVA/ShareGPT4V conversation JSON list, or JSONL with one
+    ``{"image", "text", "prompt"?}`` per line. Image paths are relative to ``image_root``
+    (default: the file's folder). ``max_pixels`` downscales images before processing, a cap on
+    visual tokens for every family. Only the drawn records' images are opened.
+    """
+    if samples < 1:
+        raise _fail(f"samples must be at least 1, got {samples}: pass --samples N with N >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise _fail(f"max_pixels must be positive, got {max_pixels}: pass --max-pixels N with N >= 1")
+    file = Path(path)
+    records = _read_records(file)
+    root = Path(image_root).expanduser() if image_root is not None else file.parent
+    if image_root is not None and not root.is_dir():
+        raise _fail(f"image root {root} is not a folder: pass --image-root with the images' folder")
+
+    warnings: list[str] = []
+    if samples > len(records):
+        warnings.append(f"{file.name} holds {len(records)} records, fewer than the {samples} samples "
+                        f"asked: using all {len(records)}")
+    drawn = random.Random(seed).sample(records, min(samples, len(records)))
+
+    image_token = None if _has_chat_template(processor) else _image_token(processor)
+    if image_token is not None:
+        warnings.append(f"the {type(processor).__name__} has no chat template: samples rendered as plain "
+                        "'USER: ... ASSISTANT: ...' text")
+    # First pass: render every drawn record and decode its image, so that all errors come first.
+    prepared: list[tuple[_Record, str, Path | None]] = []
+    for record in drawn:
+        image_path = _resolve_image(record.image, root, record.where) if record.image else None
+        if image_path is not None:
+            _open_image(image_path, None).close()
+        if image_token is not None:
+            text = _plain_text(record.messages, image_token)
+        else:
+            try:
+                text = processor.apply_chat_template(
+                    record.messages, tokenize=False, add_generation_prompt=False
+                )
+            except Exception as exc:
+                raise _fail(f"the chat template failed on {record.where}: {_brief(exc)}: check the record's "
+                            "roles and turn order against the model's chat template") from None
+        prepared.append((record, text, image_path))
+
+    out: list[CalibrationSample] = []
+    with _pixel_cap(getattr(processor, "image_processor", None), max_pixels):
+        for record, text, image_path in prepared:
+            source = f"{file.name}:{record.number}"
+            kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+            if image_path is not None:
+                kwargs["images"] = [_open_image(image_path, max_pixels)]
+            try:
+                encoded = processor(**kwargs)
+            except Exception as exc:
+                raise _fail(f"the processor failed on {source}: {type(exc).__name__}: {_brief(exc)}: "
+                            "check the record and that the processor belongs to the model") from None
+            inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+            out.append(CalibrationSample(inputs, source, str(image_path) if image_path else None))
+    return CalibrationSet(out, str(file), len(records), seed, warnings)

@@ -1,0 +1,192 @@
+"""Capture what every decoder block receives from the model's own forward, and replay blocks.
+
+One cheap forward per sample records, for each decoder block, the positional and keyword
+arguments the model passes to it (attention masks, the model's own rotary
+``position_embeddings`` — 3-D M-RoPE for Qwen-VL, per-layer-type tables for Gemma3 — ...).
+During that forward every block is temporarily replaced by a stand-in that records its
+arguments and returns zeros. Because of the zeros, whatever the model adds to the hidden
+states *between* blocks (Qwen3-VL's deepstack visual features) arrives at the next stand-in
+exactly, and is kept as that block's additive ``delta``. No block weights are used, so the
+capture costs the vision tower plus the embeddings, not a forward through the decoder.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import NumericalError
+from .families import ModelLayout
+
+
+@dataclass
+class CapturedSample:
+    """One calibration sample's replay state, kept on the offload device."""
+
+    source: str
+    visual: torch.Tensor  # bool (seq,)
+    hidden: torch.Tensor  # (1, seq, d): the input of the next block to run
+    block_args: list[tuple[Any, ...]] = field(default_factory=list)
+    block_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # added to block l's output
+
+
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts, moving a shared tensor only once."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = obj.to(device)
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(to_device(item, device, memo) for item in obj)
+    if isinstance(obj, list):
+        return [to_device(item, device, memo) for item in obj]
+    if isinstance(obj, dict):
+        return {key: to_device(value, device, memo) for key, value in obj.items()}
+    return obj
+
+
+def _move_outside(module: nn.Module, keep: set[int], device: torch.device | str) -> None:
+    """Move everything under ``module`` to ``device`` except the subtrees whose id is in ``keep``."""
+    for child in module.children():
+        if id(child) in keep:
+            continue
+        if any(id(sub) in keep for sub in child.modules()):
+            _move_outside(child, keep, device)
+        else:
+            child.to(device)
+    for name, param in module.named_parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buf in module.named_buffers(recurse=False):
+        module._buffers[name] = buf.to(device)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (CPU when it has none)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+@contextmanager
+def non_block_modules_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> Iterator[None]:
+    """Temporarily place every module outside the decoder blocks (embeddings, vision tower,
+    rotary tables, ...) on ``device``; the blocks stay where they are."""
+    original = module_device(model.get_input_embeddings())
+    keep = {id(block) for block in blocks}
+    _move_outside(model, keep, device)
+    try:
+        yield
+    finally:
+        _move_outside(model, keep, original)
+
+
+class _BlockRecorder:
+    """Stand-in forward for every block during capture."""
+
+    def __init__(self, n_blocks: int) -> None:
+        self.n_blocks = n_blocks
+        self.first_input: torch.Tensor | None = None
+        self.args: list[tuple[Any, ...]] = [()] * n_blocks
+        self.kwargs: list[dict[str, Any]] = [{}] * n_blocks
+        self.deltas: dict[int, torch.Tensor] = {}
+
+    def stand_in(self, index: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                self.first_input = hidden
+            elif torch.count_nonzero(hidden):
+                self.deltas[index - 1] = hidden
+            self.args[index] = rest
+            self.kwargs[index] = kwargs
+            return torch.zeros_like(hidden)
+
+        return forward
+
+
+@contextmanager
+def _recording(blocks: nn.ModuleList) -> Iterator[_BlockRecorder]:
+    recorder = _BlockRecorder(len(blocks))
+    for index, block in enumerate(blocks):
+        block.forward = recorder.stand_in(index)
+    try:
+        yield recorder
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model without its LM head (no logits are needed to capture block inputs)."""
+    base = getattr(model, "model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def prepare_forward_inputs(
+    layout: ModelLayout, inputs: Mapping[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Processor outputs -> forward kwargs on ``device``; floating inputs in the model dtype."""
+    prepared = layout.prepare_inputs(inputs)
+    moved = {}
+    for key, value in prepared.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=dtype if value.is_floating_point() else None)
+        moved[key] = value
+    return moved
+
+
+@torch.no_grad()
+def capture_sample(
+    model: nn.Module,
+    layout: ModelLayout,
+    inputs: Mapping[str, torch.Tensor],
+    source: str,
+    compute_device: torch.device | str,
+    offload_device: torch.device | str,
+) -> CapturedSample:
+    """Record block 0's input and every block's arguments for one sample (non-block modules
+    must already be on ``compute_device``)."""
+    blocks = layout.blocks(model)
+    dtype = next(blocks.parameters()).dtype
+    forward_inputs = prepare_forward_inputs(layout, inputs, compute_device, dtype)
+    with _recording(blocks) as recorder:
+        _base_model(model)(**forward_inputs, use_cache=False)
+    if recorder.first_input is None:
+        raise RuntimeError("the model's forward never called its first decoder block")
+    hidden = recorder.first_input
+    if not torch.isfinite(hidden).all():
+        raise NumericalError(f"non-finite embeddings for calibration sample {source}: check the model weights")
+    memo: dict[int, Any] = {}
+    return CapturedSample(
+        source=source,
+        visual=layout.visual_mask(forward_inputs["input_ids"][0]).to(offload_device),
+        hidden=hidden.to(offload_device),
+        block_args=[to_device(a, offload_device, memo) for a in recorder.args],
+        block_kwargs=[to_device(k, offload_device, memo) for k in recorder.kwargs],
+        deltas={i: d.to(offload_device) for i, d in recorder.deltas.items()},
+    )
+
+
+def run_block(block: nn.Module, sample: CapturedSample, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Run decoder block ``index`` on ``hidden`` (already on the block's device) with the
+    sample's captured arguments; returns the block output (without the between-block delta)."""
+    device = hidden.device
+    memo: dict[int, Any] = {}
+    args = to_device(sample.block_args[index], device, memo)
+    kwargs = to_device(sample.block_kwargs[index], device, memo)
+    output = block(hidden, *args, **kwargs)
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def next_input(sample: CapturedSample, index: int, block_output: torch.Tensor) -> torch.Tensor:
+    """The input of block ``index + 1``: block ``index``'s output plus what the model adds between blocks."""
+    delta = sample.deltas.get(index)
+    return block_output if delta is None else block_output + delta.to(block_output.device)

@@ -1,0 +1,108 @@
+"""The pruning configuration: one validated dataclass that every entry point shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+#: method -> (how weights are scored, the default calibration pool)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "magnitude": ("magnitude", None),
+    "wanda": ("wanda", "mixed"),
+    "atv": ("wanda", "atv"),
+}
+#: Pools that only reweight text/visual tokens, usable with any activation-aware method.
+PLAIN_POOLS = ("mixed", "text", "visual")
+#: Pools that add a per-block subset of visual tokens to all text tokens (the ATV family).
+VISUAL_SUBSET_POOLS = ("atv", "random", "drift-fixed")
+POOLS = PLAIN_POOLS + VISUAL_SUBSET_POOLS
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` (N weights pruned in every M consecutive inputs) into ``(N, M)``."""
+    try:
+        n_text, m_text = text.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise ConfigError(f"pattern '{text}' is not of the form N:M (e.g. 2:4 or 4:8)") from None
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the masks.
+
+    Exactly one of ``sparsity`` (unstructured, row-wise) or ``pattern`` (N:M: N of every M
+    consecutive input weights pruned, so 2:4 and 4:8 give 50%) must be set.
+    """
+
+    method: str = "atv"
+    sparsity: float | None = 0.5
+    pattern: tuple[int, int] | None = None
+    pool: str | None = None
+    alpha: float = 1.0
+    visual_ratio: float = 0.1
+    samples: int = 128
+    seed: int = 0
+    device: str | None = None
+    offload_device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ConfigError("give exactly one of --sparsity P (0 < P < 1) or --pattern N:M")
+        if self.sparsity is not None and not (
+            isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0 < self.sparsity < 1
+        ):
+            raise ConfigError(f"sparsity {self.sparsity} is outside (0, 1): pass e.g. --sparsity 0.5 for 50%")
+        if self.pattern is not None:
+            n, m = self.pattern
+            if not (0 < n < m):
+                raise ConfigError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4 or 4:8)")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ConfigError(f"unknown pool '{self.pool}': choose one of {', '.join(POOLS)}")
+        scorer, _ = METHODS[self.method]
+        if scorer == "magnitude" and self.pool is not None:
+            raise ConfigError("magnitude pruning uses no calibration data: drop --pool")
+        if self.method == "atv" and self.pool in PLAIN_POOLS:
+            raise ConfigError(f"--method atv builds its own pool; for the '{self.pool}' pool use --method wanda")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ConfigError(f"alpha {self.alpha} must be a finite number >= 0")
+        if not (0 < self.visual_ratio <= 1):
+            raise ConfigError(f"visual ratio {self.visual_ratio} is outside (0, 1]")
+        if self.samples < 1:
+            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+
+    @property
+    def scorer(self) -> str:
+        """How weights are scored: 'magnitude' or 'wanda'."""
+        return METHODS[self.method][0]
+
+    @property
+    def resolved_pool(self) -> str | None:
+        """The calibration pool actually used (None for data-free methods)."""
+        return self.pool or METHODS[self.method][1]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.resolved_pool is not None
+
+    @property
+    def target_label(self) -> str:
+        """Human-readable target, e.g. '50%' or '2:4'."""
+        if self.pattern is not None:
+            return f"{self.pattern[0]}:{self.pattern[1]}"
+        return f"{self.sparsity:.0%}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pattern"] = None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
+        data["pool"] = self.resolved_pool
+        data["scorer"] = self.scorer
+        del data["progress"]
+        return data

@@ -1,0 +1,252 @@
+"""The layer-wise calibration engine shared by every activation-aware method.
+
+For block l = 0..L-1 (blocks < l already pruned):
+
+1. statistics pass — the dense block runs once per sample; hooks record the per-token inputs
+   of its linears (linears fed by the same tensor, q/k/v and gate/up, share one record); the
+   pool picks tokens from that same forward (ATV's drift comes from its output), and their
+   squared inputs are accumulated in fp32;
+2. masks are computed from the scores and applied;
+3. propagation pass — the pruned block runs once per sample; its outputs are block l+1's inputs.
+
+Two forwards per sample per block, whatever the pool. Calibration activations live on the
+offload device; the compute device holds one block and one sample's activations (plus, for
+ATV-style pools, the inputs of each sample's visual candidates, at most as many as its text
+tokens, until the block-level budget is known).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import CapturedSample, module_device, next_input, run_block
+from .config import PruneConfig
+from .errors import NumericalError, UnsupportedModelError
+from .masks import apply_mask, make_mask
+from .pools import POOLS, PoolChoice, PoolParams, SampleView, adaptive_budget, visual_drift
+from .scoring import magnitude_scores, squared_input_sum, wanda_scores
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """One weight to prune and the module whose input feeds its statistics."""
+
+    name: str
+    input_module: nn.Module
+    weight: nn.Parameter
+
+
+TargetFinder = Callable[[nn.Module, str], list[PruneTarget]]
+
+
+def linear_targets(block: nn.Module, prefix: str) -> list[PruneTarget]:
+    """Every ``nn.Linear`` inside a decoder block."""
+    return [
+        PruneTarget(f"{prefix}.{name}", module, module.weight)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+@dataclass
+class BlockReport:
+    """What happened in one block, for the pruning report."""
+
+    index: int
+    mean_drift: float | None = None
+    visual_tokens_per_sample: float | None = None
+    text_tokens_per_sample: float | None = None
+
+
+@dataclass
+class EngineResult:
+    blocks: list[BlockReport] = field(default_factory=list)
+    sparsity: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class _InputRecorder:
+    """Forward pre-hooks that keep each distinct linear input of the current sample.
+
+    Linears called with the very same tensor (q/k/v, gate/up) are grouped under the first
+    one that saw it, so their statistics are accumulated once.
+    """
+
+    def __init__(self, targets: list[PruneTarget]) -> None:
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.group_of: dict[str, str] = {}
+        self._seen: dict[int, str] = {}
+        by_module: dict[int, list[str]] = defaultdict(list)
+        modules: dict[int, nn.Module] = {}
+        for target in targets:
+            by_module[id(target.input_module)].append(target.name)
+            modules[id(target.input_module)] = target.input_module
+        self._handles = [
+            modules[key].register_forward_pre_hook(self._hook(names)) for key, names in by_module.items()
+        ]
+
+    def _hook(self, names: list[str]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            leader = self._seen.setdefault(id(x), names[0])
+            if leader == names[0]:
+                self.inputs.setdefault(leader, x)
+            for name in names:
+                self.group_of[name] = leader
+
+        return hook
+
+    def start_sample(self) -> None:
+        self.inputs.clear()
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NumericalError(f"non-finite {what}: the model overflows or is corrupt; try --dtype float32")
+
+
+def _generator(seed: int, block: int, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + block * 10_007 + sample)
+
+
+def _token_rows(x: torch.Tensor, seq_len: int, name: str) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] != seq_len:
+        raise UnsupportedModelError(
+            f"{name} sees {rows.shape[0]} token rows for a {seq_len}-token sample (routed experts?): "
+            "token pools need every linear to see every token; use a dense model"
+        )
+    return rows
+
+
+class LayerwisePruner:
+    """Walks the decoder blocks of a captured model and prunes them one by one."""
+
+    def __init__(self, config: PruneConfig, device: torch.device, find_targets: TargetFinder = linear_targets) -> None:
+        self.config = config
+        self.device = device
+        self.find_targets = find_targets
+        self.result = EngineResult()
+
+    def prune_magnitude(self, blocks: nn.ModuleList, prefix: str) -> EngineResult:
+        """Data-free magnitude pruning, block by block on the compute device."""
+        for index, block in enumerate(tqdm(blocks, desc="magnitude", disable=not self.config.progress)):
+            home = module_device(block)
+            block.to(self.device)
+            start = time.perf_counter()
+            for target in self.find_targets(block, f"{prefix}.{index}"):
+                _check_finite(target.weight, f"weights in {target.name}")
+                self._apply(target, magnitude_scores(target.weight))
+            self.result.seconds["masks"] += time.perf_counter() - start
+            block.to(home)
+            self.result.blocks.append(BlockReport(index))
+        return self.result
+
+    def prune_calibrated(self, blocks: nn.ModuleList, prefix: str, samples: list[CapturedSample]) -> EngineResult:
+        """Activation-aware pruning: statistics pass, masks, propagation pass per block."""
+        steps = len(blocks) * len(samples) * 2 - len(samples)
+        with tqdm(total=steps, desc="pruning", unit="fwd", disable=not self.config.progress) as bar:
+            for index, block in enumerate(blocks):
+                home = module_device(block)
+                block.to(self.device)
+                targets = self.find_targets(block, f"{prefix}.{index}")
+                for target in targets:
+                    _check_finite(target.weight, f"weights in {target.name}")
+                bar.set_description(f"block {index + 1}/{len(blocks)} statistics")
+                means, group_of = self._statistics(block, index, targets, samples, bar)
+                bar.set_description(f"block {index + 1}/{len(blocks)} masks")
+                start = time.perf_counter()
+                for target in targets:
+                    if target.name not in group_of:
+                        raise RuntimeError(f"{target.name} was never called during the block's forward")
+                    self._apply(target, wanda_scores(target.weight, means[group_of[target.name]]))
+                self.result.seconds["masks"] += time.perf_counter() - start
+                if index + 1 < len(blocks):
+                    bar.set_description(f"block {index + 1}/{len(blocks)} propagation")
+                    self._propagate(block, index, samples, bar)
+                block.to(home)
+        return self.result
+
+    def _apply(self, target: PruneTarget, scores: torch.Tensor) -> None:
+        mask = make_mask(scores, self.config.sparsity, self.config.pattern)
+        apply_mask(target.weight.data, mask)
+        self.result.sparsity[target.name] = float((target.weight == 0).float().mean())
+
+    @torch.no_grad()
+    def _statistics(
+        self, block: nn.Module, index: int, targets: list[PruneTarget], samples: list[CapturedSample], bar: tqdm
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        start = time.perf_counter()
+        pool = POOLS[self.config.resolved_pool]
+        params = PoolParams(alpha=self.config.alpha, visual_ratio=self.config.visual_ratio)
+        recorder = _InputRecorder(targets)
+        sums: dict[str, torch.Tensor] = {}
+        choices: list[PoolChoice] = []
+        candidates: list[dict[str, torch.Tensor]] = []
+        drift_sum, visual_count = 0.0, 0
+        try:
+            for sample_index, sample in enumerate(samples):
+                recorder.start_sample()
+                hidden = sample.hidden.to(self.device)
+                output = run_block(block, sample, index, hidden)
+                _check_finite(output, f"activations at block {index} for sample {sample.source}")
+                view = SampleView(sample.visual.to(self.device), hidden[0], output[0],
+                                  _generator(self.config.seed, index, sample_index))
+                choice = pool(view, params)
+                drift = visual_drift(view)
+                drift_sum, visual_count = drift_sum + float(drift.sum()), visual_count + drift.numel()
+                seq_len = view.visual.numel()
+                kept = {}
+                for leader, x in recorder.inputs.items():
+                    rows = _token_rows(x, seq_len, leader)
+                    total = squared_input_sum(rows[choice.fixed])
+                    sums[leader] = total if leader not in sums else sums[leader] + total
+                    if choice.ranked is not None:
+                        kept[leader] = rows[choice.ranked[: choice.candidate_cap]]
+                choices.append(choice)
+                candidates.append(kept)
+                bar.update(1)
+        finally:
+            recorder.remove()
+        visual_selected = [c.visual_selected for c in choices]
+        if any(c.ranked is not None for c in choices):
+            saliency = sum(c.saliency_sum for c in choices) / max(1, sum(c.n_visual for c in choices))
+            for position, (choice, kept) in enumerate(zip(choices, candidates)):
+                budget = adaptive_budget(choice.n_visual, choice.n_text, saliency, self.config.alpha)
+                visual_selected[position] += budget
+                for leader, rows in kept.items():
+                    sums[leader] += squared_input_sum(rows[:budget])
+        means = {leader: total / len(samples) for leader, total in sums.items()}
+        for leader, mean in means.items():
+            _check_finite(mean, f"input statistics of {leader}")
+        self.result.blocks.append(BlockReport(
+            index,
+            mean_drift=drift_sum / visual_count if visual_count else None,
+            visual_tokens_per_sample=sum(visual_selected) / len(samples),
+            text_tokens_per_sample=sum(c.n_text for c in choices) / len(samples),
+        ))
+        self.result.seconds["statistics"] += time.perf_counter() - start
+        return means, dict(recorder.group_of)
+
+    @torch.no_grad()
+    def _propagate(self, block: nn.Module, index: int, samples: list[CapturedSample], bar: tqdm) -> None:
+        start = time.perf_counter()
+        for sample in samples:
+            hidden = sample.hidden.to(self.device)
+            output = next_input(sample, index, run_block(block, sample, index, hidden))
+            _check_finite(output, f"activations after pruned block {index} for sample {sample.source}")
+            sample.hidden = output.to(sample.hidden.device)
+            bar.update(1)
+        self.result.seconds["propagation"] += time.perf_counter() - start

@@ -1,0 +1,25 @@
+"""User-facing errors: every problem with the user's input ends in one of these.
+
+The CLI prints ``error: <message>`` on one line and exits with status 2; the Python API
+raises them unchanged. Messages name the problem and what to do about it.
+"""
+
+
+class AtvPruneError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class ConfigError(AtvPruneError):
+    """An invalid pruning configuration (sparsity, pattern, pool, method)."""
+
+
+class CalibrationError(AtvPruneError):
+    """A calibration file, record or image that cannot be used."""
+
+
+class UnsupportedModelError(AtvPruneError):
+    """A model whose decoder blocks or image-token ids cannot be located."""
+
+
+class NumericalError(AtvPruneError):
+    """Non-finite weights or activations met while pruning."""

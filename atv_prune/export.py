@@ -1,0 +1,73 @@
+"""Writing results atomically: a folder or file appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AtvPruneError
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2, sort_keys=False)
+            stream.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(out: Path, overwrite: bool, protected: list[Path] = ()) -> None:
+    """Refuse an existing ``out`` (unless ``overwrite``) and any ``out`` inside a protected folder."""
+    out = Path(out).resolve()
+    for folder in protected:
+        folder = Path(folder).resolve()
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise AtvPruneError(f"--out {out} overlaps the input {folder}: choose a separate output folder")
+    if out.exists() and not overwrite:
+        raise AtvPruneError(f"output folder {out} already exists: pass --overwrite or choose another --out")
+
+
+def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Create folder ``out`` by letting ``fill`` write into a temporary sibling, then renaming it.
+
+    On any error the temporary folder is removed and an existing ``out`` is left untouched.
+    """
+    out = Path(out).resolve()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(staging)
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_pruned(model: Any, processor: Any, report: dict[str, Any], out: Path, overwrite: bool = False) -> None:
+    """Save the pruned model (safetensors), its processor and ``pruning_report.json`` into ``out``."""
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        write_json_atomic(folder / "pruning_report.json", report)
+
+    write_dir_atomic(out, fill, overwrite)

@@ -1,0 +1,57 @@
+"""Loading a local checkpoint: safetensors only, remote code off unless asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AtvPruneError, ConfigError, UnsupportedModelError
+from .families import supported_families
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """``auto``: fp32 on the CPU (bf16 matmuls are ~10x slower there), the checkpoint's dtype elsewhere."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
+) -> tuple[nn.Module, torch.dtype]:
+    """Load an image-text-to-text model from a local folder onto the CPU, in eval mode.
+
+    Returns the model and the dtype its checkpoint was saved in (to save the result alike).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AtvPruneError(f"no model found at {path} (config.json missing): pass a local checkpoint folder")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise UnsupportedModelError(
+            f"cannot read the config in {path} ({str(error).splitlines()[0]}); "
+            f"supported families: {supported_families()}; pass --trust-remote-code for custom code"
+        ) from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ValueError as error:
+        raise UnsupportedModelError(
+            f"model type '{config.model_type}' in {path} is not an image-text-to-text model transformers can load "
+            f"({str(error).splitlines()[0]}); supported families: {supported_families()}"
+        ) from None
+    except OSError as error:
+        raise AtvPruneError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from None
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
+    return model.eval(), saved_dtype

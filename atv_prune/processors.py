@@ -1,0 +1,219 @@
+"""Load a checkpoint's multimodal processor, also where torchvision is missing or broken.
+
+In transformers 5.x every processor whose constructor takes a ``video_processor`` (LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM) cannot be built or loaded without torchvision, because
+the video processors need it. Pruning only needs images and text, so such a processor is loaded
+through a subclass of its own class that does not declare the video sub-processor: tokenizer,
+image processor, chat template and token bookkeeping stay the model's own. Image processors
+fall back to their PIL backend when the default one cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import transformers
+from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
+
+from .errors import CalibrationError
+
+#: Files in which transformers records the processor class, in AutoProcessor's lookup order.
+_CLASS_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer_config.json",
+)
+_VIDEO = "video"
+_NO_PROCESSOR = (
+    "no processor found in {path}: save the model's processor (processor_config.json or "
+    "preprocessor_config.json, tokenizer files) next to its weights"
+)
+
+
+def torchvision_usable() -> bool:
+    """Whether transformers considers torchvision installed (it may still fail to import)."""
+    from transformers.utils import is_torchvision_available
+
+    return bool(is_torchvision_available())
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _attributes(cls: type) -> list[str]:
+    """Sub-processor attribute names of a processor class (``get_attributes`` or legacy ``attributes``)."""
+    if hasattr(cls, "get_attributes"):
+        return list(cls.get_attributes())
+    return list(getattr(cls, "attributes", []))
+
+
+class _VideoFreeInit(ProcessorMixin):
+    """Sits just before ProcessorMixin in a video-free subclass's MRO and drops video sub-processors.
+
+    Family constructors pass ``video_processor`` to ``ProcessorMixin.__init__`` positionally or by
+    keyword; this maps positional arguments to the full attribute list and removes video ones.
+    """
+
+    _all_attributes: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(self._all_attributes):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self._all_attributes)} sub-processors.")
+        named = dict(zip(self._all_attributes, args))
+        overlap = named.keys() & kwargs.keys()
+        if overlap:
+            raise TypeError(f"Got multiple values for argument {sorted(overlap)[0]}.")
+        named.update(kwargs)
+        ProcessorMixin.__init__(self, **{k: v for k, v in named.items() if _VIDEO not in k})
+
+
+_VIDEO_FREE: dict[type, type] = {}
+
+
+def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A subclass of processor class ``cls`` without its video sub-processor(s).
+
+    Same name as ``cls`` so saved processors keep the original ``processor_class``. Returns ``cls``
+    itself when it has no video sub-processor.
+    """
+    if cls in _VIDEO_FREE:
+        return _VIDEO_FREE[cls]
+    every = _attributes(cls)
+    kept = [name for name in every if _VIDEO not in name]
+    if len(kept) == len(every):
+        return cls
+    namespace: dict[str, Any] = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": f"{cls.__name__} without video sub-processors (loaded without torchvision).",
+        "_all_attributes": tuple(every),
+        "get_attributes": classmethod(lambda _cls: list(kept)),
+    }
+    if isinstance(getattr(cls, "attributes", None), list):  # older ProcessorMixin: class-level list
+        namespace["attributes"] = list(kept)
+    subclass = type(cls.__name__, (cls, _VideoFreeInit), namespace)
+    _VIDEO_FREE[cls] = subclass
+    return subclass
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _declared_class(folder: Path) -> tuple[str | None, str | None]:
+    """The processor class name and remote-code reference recorded in the checkpoint, if any."""
+    for name in _CLASS_FILES:
+        data = _read_json(folder / name)
+        auto_map = data.get("auto_map") if isinstance(data.get("auto_map"), dict) else {}
+        remote = auto_map.get("AutoProcessor")
+        if data.get("processor_class") or remote:
+            return data.get("processor_class"), remote
+    from transformers.models.auto import processing_auto
+
+    by_model_type = getattr(processing_auto, "PROCESSOR_MAPPING_NAMES", {})
+    return by_model_type.get(_read_json(folder / "config.json").get("model_type")), None
+
+
+def _resolve_class(folder: Path, trust_remote_code: bool) -> type[ProcessorMixin] | None:
+    """The processor class the checkpoint names: a transformers class, or its own remote code."""
+    name, remote = _declared_class(folder)
+    if remote and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote, str(folder), local_files_only=True)
+    found = getattr(transformers, name, None) if name else None
+    return found if isinstance(found, type) and issubclass(found, ProcessorMixin) else None
+
+
+def _image_processor_runs(image_processor: Any) -> bool:
+    """Whether the image processor can process a small RGB image here (dummy or torchvision-less fails)."""
+    try:
+        image_processor(images=[Image.new("RGB", (64, 48), (128, 96, 64))], return_tensors="pt")
+    except Exception:
+        return False
+    return True
+
+
+def _pil_image_processor(folder: Path) -> Any | None:
+    """The checkpoint's image processor with the PIL backend (``backend`` kwarg, else legacy ``use_fast``)."""
+    for kwargs in ({"backend": "pil"}, {"use_fast": False}):
+        try:
+            return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        except Exception:
+            continue
+    return None
+
+
+def _with_working_image_processor(processor: Any, folder: Path) -> ProcessorMixin:
+    """Check the processor is multimodal and its image processor runs; switch to PIL if needed."""
+    if not isinstance(processor, ProcessorMixin):
+        raise CalibrationError(
+            f"{folder} holds only a {type(processor).__name__}, not a multimodal processor: "
+            "save the model's processor next to its weights"
+        )
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise CalibrationError(
+            f"the {type(processor).__name__} in {folder} has no image processor: "
+            "use a vision-language checkpoint whose processor handles images"
+        )
+    if _image_processor_runs(image_processor):
+        return processor
+    fallback = _pil_image_processor(folder)
+    if fallback is None or not _image_processor_runs(fallback):
+        raise CalibrationError(
+            f"the image processor {type(image_processor).__name__} in {folder} cannot run here and has no "
+            f"working PIL variant in transformers {transformers.__version__}: install a torchvision "
+            "matching torch, or another transformers version"
+        )
+    processor.image_processor = fallback
+    return processor
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
+    """Load the processor saved in a local checkpoint folder, with AutoProcessor semantics.
+
+    Tries ``AutoProcessor`` unless torchvision is missing and the class has a video sub-processor;
+    then (or if that fails) loads the checkpoint's own class without its video sub-processor.
+    Always ends with an image processor that runs. Raises :class:`CalibrationError`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CalibrationError(f"no model folder at {folder}: pass the local checkpoint folder")
+    if not any((folder / name).is_file() for name in (*_CLASS_FILES, "tokenizer.json")):
+        raise CalibrationError(_NO_PROCESSOR.format(path=folder))
+    try:
+        cls = _resolve_class(folder, trust_remote_code)
+    except Exception as exc:
+        raise CalibrationError(f"cannot resolve the processor class of {folder}: {_one_line(exc)}") from exc
+    video_free = without_video(cls) if cls is not None else None
+
+    if video_free is None or video_free is cls or torchvision_usable():
+        try:
+            processor = AutoProcessor.from_pretrained(
+                str(folder), trust_remote_code=trust_remote_code, local_files_only=True
+            )
+        except Exception as exc:
+            if video_free is None or video_free is cls:
+                raise CalibrationError(f"cannot load the processor in {folder}: {_one_line(exc)}") from exc
+        else:
+            return _with_working_image_processor(processor, folder)
+    try:
+        processor = video_free.from_pretrained(
+            str(folder), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except Exception as exc:
+        raise CalibrationError(
+            f"cannot load the {cls.__name__} processor in {folder}: {_one_line(exc)}"
+        ) from exc
+    return _with_working_image_processor(processor, folder)

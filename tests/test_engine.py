@@ -1,0 +1,207 @@
+"""The layer-wise engine on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from atv_prune import PruneConfig, prune
+from atv_prune.calibration import CalibrationSample, CalibrationSet
+from atv_prune.capture import capture_sample, next_input, non_block_modules_on, run_block
+from atv_prune.errors import CalibrationError, NumericalError
+from atv_prune.families import resolve
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
+
+N_SAMPLES = 4
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
+    return request.param, build_tiny_model(request.param, seed=0)
+
+
+def _calibration(model: nn.Module, name: str, n: int = N_SAMPLES, with_image: bool = True) -> CalibrationSet:
+    samples = [CalibrationSample(make_inputs(model, name, seed=i, n_text=10 + 3 * i, with_image=with_image),
+                                 f"tiny:{i}") for i in range(n)]
+    return CalibrationSet(samples, "in-memory", n, 0)
+
+
+def _linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    blocks = resolve(model).blocks(model)
+    return {f"{i}.{name}": m.weight.detach().clone()
+            for i, block in enumerate(blocks) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _pruned(model: nn.Module, calibration: CalibrationSet | None, **config) -> tuple[nn.Module, object]:
+    copy_ = copy.deepcopy(model)
+    report = prune(copy_, None, calibration, PruneConfig(progress=False, **config))
+    return copy_, report
+
+
+@torch.no_grad()
+def test_replay_equals_the_models_own_hidden_states(family_model: tuple[str, nn.Module]) -> None:
+    name, model = family_model
+    layout = resolve(model)
+    blocks = layout.blocks(model)
+    for with_image in (True, False):
+        inputs = layout.prepare_inputs(make_inputs(model, name, seed=3, with_image=with_image))
+        recorded: list[torch.Tensor] = []
+        hooks = [b.register_forward_hook(lambda m, a, k, out: recorded.append(out), with_kwargs=True)
+                 for b in blocks]
+        try:
+            model(**inputs, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        with non_block_modules_on(model, blocks, "cpu"):
+            sample = capture_sample(model, layout, inputs, "s", "cpu", "cpu")
+        hidden = sample.hidden
+        for index, block in enumerate(blocks):
+            output = run_block(block, sample, index, hidden)
+            expected = recorded[index][0] if isinstance(recorded[index], tuple) else recorded[index]
+            assert (output - expected).abs().max().item() <= 1e-5, f"{name} block {index} image={with_image}"
+            hidden = next_input(sample, index, output)
+        assert bool(sample.visual.any()) == with_image
+
+
+@pytest.mark.parametrize("method,target", [("wanda", {"sparsity": 0.5}), ("atv", {"sparsity": 0.6}),
+                                           ("atv", {"sparsity": None, "pattern": (2, 4)}),
+                                           ("magnitude", {"sparsity": None, "pattern": (4, 8)})])
+def test_exact_sparsity_and_untouched_modules(family_model, method: str, target: dict) -> None:
+    name, model = family_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = _calibration(model, name) if method != "magnitude" else None
+    pruned, report = _pruned(model, calibration, method=method, **target)
+    linear_names = set()
+    for block_index, block in enumerate(resolve(pruned).blocks(pruned)):
+        for lname, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            linear_names.add(f"{block_index}.{lname}")
+            zeros = module.weight == 0
+            if target.get("pattern"):
+                n, m = target["pattern"]
+                assert (zeros.reshape(zeros.shape[0], -1, m).sum(-1) == n).all()
+            else:
+                assert (zeros.sum(1) == int(target["sparsity"] * module.in_features)).all()
+    assert len(report.sparsity["per_linear"]) == len(linear_names) > 0
+    block_prefix = resolve(model).block_path + "."
+    for key, value in pruned.state_dict().items():
+        if not key.startswith(block_prefix):
+            assert torch.equal(value, before[key]), f"{key} changed outside the decoder blocks"
+
+
+def _reference_block0_stats(model: nn.Module, calibration: CalibrationSet, pool: str) -> dict[str, torch.Tensor]:
+    """Plain Wanda statistics of block 0, from the model's own forward (no engine code)."""
+    layout = resolve(model)
+    block0 = layout.blocks(model)[0]
+    sums: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda m, args: current.__setitem__(name, args[0].detach())
+
+    hooks = [mod.register_forward_pre_hook(keep(n)) for n, mod in block0.named_modules() if isinstance(mod, nn.Linear)]
+    with torch.no_grad():
+        for sample in calibration.samples:
+            inputs = layout.prepare_inputs(sample.inputs)
+            current.clear()
+            model(**inputs, use_cache=False)
+            ids = inputs["input_ids"][0]
+            visual = torch.zeros_like(ids, dtype=torch.bool)
+            for token in layout.visual_token_ids:
+                visual |= ids == token
+            keep_rows = {"mixed": torch.ones_like(visual), "text": ~visual, "visual": visual}[pool]
+            for n, x in current.items():
+                rows = x.reshape(-1, x.shape[-1])[keep_rows].double()
+                sums[n] = sums.get(n, 0) + (rows ** 2).sum(0)
+    for hook in hooks:
+        hook.remove()
+    return {n: s / len(calibration.samples) for n, s in sums.items()}
+
+
+@pytest.mark.parametrize("pool", ["mixed", "text", "visual"])
+def test_block0_wanda_masks_equal_a_plain_reference(pool: str) -> None:
+    name = "qwen2_vl"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    stats = _reference_block0_stats(model, calibration, pool)
+    original = _linear_weights(model)
+    pruned, _ = _pruned(model, calibration, method="wanda", pool=pool, sparsity=0.5)
+    block0 = resolve(pruned).blocks(pruned)[0]
+    for lname, module in block0.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = original[f"0.{lname}"].double()
+        score = weight.abs() * stats[lname].sqrt()
+        k = int(0.5 * weight.shape[1])
+        threshold = score.sort(dim=1).values[:, k - 1 : k]
+        expected_pruned = score <= threshold
+        actual_pruned = module.weight == 0
+        # ties at the threshold are measure-zero for random weights
+        assert torch.equal(actual_pruned, expected_pruned), f"{lname}"
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
+def test_atv_with_alpha_zero_equals_the_text_pool(name: str) -> None:
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    atv, report = _pruned(model, calibration, method="atv", alpha=0.0, sparsity=0.5)
+    text, _ = _pruned(model, calibration, method="wanda", pool="text", sparsity=0.5)
+    assert all(block["visual_tokens_per_sample"] == 0 for block in report.blocks)
+    for (key, a), (_, b) in zip(_linear_weights(atv).items(), _linear_weights(text).items()):
+        assert torch.equal(a == 0, b == 0), key
+
+
+def test_atv_differs_from_text_and_reports_drift_and_budget() -> None:
+    name = "llava_next"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    atv, report = _pruned(model, calibration, method="atv", alpha=4.0, sparsity=0.5)
+    text, _ = _pruned(model, calibration, method="wanda", pool="text", sparsity=0.5)
+    assert any(not torch.equal(a == 0, b == 0) for a, b in zip(_linear_weights(atv).values(),
+                                                               _linear_weights(text).values()))
+    for block in report.blocks:
+        assert 0 < block["mean_drift"] <= 2
+        assert 0 < block["visual_tokens_per_sample"] <= block["text_tokens_per_sample"]
+    assert report.calibration["samples_used"] == N_SAMPLES
+
+
+@pytest.mark.parametrize("pool", ["random", "atv"])
+def test_same_seed_gives_bit_identical_masks(pool: str) -> None:
+    name = "qwen2_5_vl"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    masks = []
+    for seed in (7, 7, 8):
+        pruned, _ = _pruned(model, calibration, method="atv", pool=pool, alpha=8.0, sparsity=0.5, seed=seed)
+        masks.append([w == 0 for w in _linear_weights(pruned).values()])
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1]))
+    differs = any(not torch.equal(a, b) for a, b in zip(masks[0], masks[2]))
+    assert differs == (pool == "random")
+
+
+def test_samples_without_image_tokens_are_skipped_and_counted() -> None:
+    name = "llava"
+    model = build_tiny_model(name)
+    with_images = _calibration(model, name, n=3)
+    without = _calibration(model, name, n=2, with_image=False)
+    mixed = CalibrationSet(with_images.samples + without.samples, "in-memory", 5, 0)
+    _, report = _pruned(model, mixed, method="atv", sparsity=0.5)
+    assert report.calibration["samples_used"] == 3
+    assert report.calibration["skipped_without_image_tokens"] == 2
+    with pytest.raises(CalibrationError, match="none of the 2 calibration samples contains image tokens"):
+        _pruned(model, without, method="atv", sparsity=0.5)
+
+
+def test_non_finite_weights_are_refused() -> None:
+    model = build_tiny_model("llava")
+    block0 = resolve(model).blocks(model)[0]
+    next(m for m in block0.modules() if isinstance(m, nn.Linear)).weight.data[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="non-finite weights"):
+        _pruned(model, None, method="magnitude", sparsity=0.5)
+    with pytest.raises(NumericalError, match="non-finite"):
+        _pruned(model, _calibration(model, "llava"), method="wanda", sparsity=0.5)

@@ -1,0 +1,106 @@
+"""Pure tensor functions: scores, unstructured and N:M masks, config validation."""
+
+import math
+
+import pytest
+import torch
+
+from atv_prune.config import PruneConfig, parse_pattern
+from atv_prune.errors import ConfigError
+from atv_prune.masks import apply_mask, make_mask, nm_mask, unstructured_mask
+from atv_prune.scoring import magnitude_scores, squared_input_sum, wanda_scores
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6, 0.73, 0.99])
+@pytest.mark.parametrize("in_features", [7, 64, 100])
+def test_unstructured_prunes_exactly_floor_per_row(sparsity: float, in_features: int) -> None:
+    scores = torch.rand(13, in_features, generator=torch.Generator().manual_seed(1))
+    mask = unstructured_mask(scores, sparsity)
+    assert (mask.sum(dim=1) == math.floor(sparsity * in_features)).all()
+
+
+def test_unstructured_prunes_the_lowest_scores() -> None:
+    scores = torch.rand(5, 40, generator=torch.Generator().manual_seed(2))
+    mask = unstructured_mask(scores, 0.5)
+    for row in range(5):
+        assert scores[row][mask[row]].max() <= scores[row][~mask[row]].min()
+
+
+def test_ties_break_by_position() -> None:
+    scores = torch.ones(2, 8)
+    mask = unstructured_mask(scores, 0.5)
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+    assert nm_mask(torch.ones(1, 8), 2, 4).tolist() == [[True, True, False, False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4)])
+def test_nm_groups_are_valid(n: int, m: int) -> None:
+    scores = torch.rand(9, 32, generator=torch.Generator().manual_seed(3))
+    mask = nm_mask(scores, n, m)
+    groups = mask.reshape(9, 32 // m, m)
+    assert (groups.sum(dim=2) == n).all()
+    grouped_scores = scores.reshape(9, 32 // m, m)
+    pruned_max = torch.where(groups, grouped_scores, -torch.inf).amax(dim=2)
+    kept_min = torch.where(~groups, grouped_scores, torch.inf).amin(dim=2)
+    assert (pruned_max <= kept_min).all()
+
+
+def test_nm_refuses_indivisible_inputs() -> None:
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        nm_mask(torch.rand(4, 12), 4, 8)
+
+
+def test_make_mask_dispatch_and_apply() -> None:
+    weight = torch.randn(6, 16)
+    mask = make_mask(magnitude_scores(weight), None, (2, 4))
+    apply_mask(weight, mask)
+    assert (weight[mask] == 0).all() and (weight[~mask] != 0).all()
+
+
+def test_wanda_scores_match_definition() -> None:
+    weight = torch.randn(3, 4)
+    stats = torch.tensor([1.0, 4.0, 0.0, 9.0])
+    expected = weight.abs() * torch.tensor([1.0, 2.0, 0.0, 3.0])
+    torch.testing.assert_close(wanda_scores(weight, stats), expected)
+    with pytest.raises(ValueError):
+        wanda_scores(weight, torch.ones(5))
+
+
+def test_squared_input_sum_is_fp32_sum_over_tokens() -> None:
+    x = torch.randn(1, 5, 3, dtype=torch.bfloat16)
+    out = squared_input_sum(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (x.float() ** 2).sum(dim=(0, 1)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sparsity=1.3), "outside"),
+    (dict(sparsity=0.0), "outside"),
+    (dict(sparsity=float("nan")), "outside"),
+    (dict(sparsity=None), "exactly one"),
+    (dict(sparsity=0.5, pattern=(2, 4)), "exactly one"),
+    (dict(sparsity=None, pattern=(4, 4)), "0 < N < M"),
+    (dict(sparsity=None, pattern=(0, 4)), "0 < N < M"),
+    (dict(method="sparse"), "unknown method"),
+    (dict(pool="everything"), "unknown pool"),
+    (dict(method="magnitude", pool="text"), "no calibration"),
+    (dict(method="atv", pool="mixed"), "--method wanda"),
+    (dict(alpha=-1.0), "alpha"),
+    (dict(samples=0), "samples"),
+])
+def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_pattern_parsing() -> None:
+    assert parse_pattern("2:4") == (2, 4)
+    with pytest.raises(ConfigError, match="N:M"):
+        parse_pattern("2-4")
+
+
+def test_config_resolves_pools() -> None:
+    assert PruneConfig(method="wanda").resolved_pool == "mixed"
+    assert PruneConfig(method="atv").resolved_pool == "atv"
+    assert PruneConfig(method="magnitude").resolved_pool is None
+    assert PruneConfig(method="wanda", pool="text").to_dict()["pool"] == "text"

@@ -1,0 +1,365 @@
+"""Tiny, random-initialised VLM checkpoints and calibration files, built locally for tests.
+
+Each checkpoint folder is what a user would download: ``config.json`` + weights of the real
+model class, and the real processor class (a locally trained byte-level BPE tokenizer, a PIL
+image processor with tiny images, a chat template). No hub access and no torchvision needed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+#: Families :func:`make_checkpoint` can build.
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+
+_CORPUS = (
+    "What is shown in this image? Describe the picture in detail.",
+    "The image shows a red square and a blue circle on a white background.",
+    "There is a green triangle next to a yellow line. The shapes are simple.",
+    "Is there a circle? Yes, there is one circle in the middle of the picture.",
+    "Count the objects. There are three objects: a square, a circle and a line.",
+    "USER: ASSISTANT: user assistant system You are a helpful assistant.",
+)
+
+# Minimal chat templates in each family's style: the user turn holds the image marker.
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _tokenizer(special: list[str], chat_template: str, **roles: str) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on a fixed corpus (deterministic, covers any text, no unknowns)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, **roles)
+
+
+def _llama_text_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "pad_token_id": pad_id,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+    }
+
+
+_CLIP_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+
+
+def _llava_tokenizer() -> PreTrainedTokenizerFast:
+    return _tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        _LLAVA_TEMPLATE,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def _save_llava(dest: Path) -> None:
+    """LLaVA-1.5 layout: CLIP 32 px / patch 8 (16 patches, CLS dropped) -> 16 ``<image>`` tokens."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = _llava_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=dict(_CLIP_VISION),
+        text_config=_llama_text_config(len(tokenizer), ids("<pad>"), ids("<s>"), ids("</s>")),
+        image_token_index=ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _save_llava_next(dest: Path) -> None:
+    """LLaVA-NeXT anyres: base 32 px tile plus 32x64 / 64x32 / 64x64 grids and image_newline."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _llava_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    config = LlavaNextConfig(
+        vision_config=dict(_CLIP_VISION),
+        text_config=_llama_text_config(len(tokenizer), ids("<pad>"), ids("<s>"), ids("</s>")),
+        image_token_index=ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=16,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    LlavaNextForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _save_qwen2_vl(dest: Path) -> None:
+    """Qwen2-VL: patch 4, merge 2, 256..1024 pixels -> at most 16 visual tokens; no video processor."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    from atv_prune.processors import without_video
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = _tokenizer(
+        special,
+        _QWEN_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
+    )
+    processor = without_video(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
+    )
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 1024,
+            # head_dim 16: the three M-RoPE sections cover head_dim / 2 frequencies.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _save_idefics3(dest: Path) -> None:
+    """Idefics3: 32 px tiles, patch 8, pixel shuffle 2 -> 4 ``<image>`` per tile; <= 2x2 tiles + global."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    tags = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    special = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+               "<global-img>", *tags]
+    tokenizer = _tokenizer(
+        special,
+        _IDEFICS3_TEMPLATE,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=4,
+        chat_template=_IDEFICS3_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config=_llama_text_config(len(tokenizer), ids("<|endoftext|>"), ids("<|im_start|>"),
+                                       ids("<end_of_utterance>")),
+        image_token_id=ids("<image>"),
+        scale_factor=2,
+    )
+    Idefics3ForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+_BUILDERS = {
+    "llava": _save_llava,
+    "llava_next": _save_llava_next,
+    "qwen2_vl": _save_qwen2_vl,
+    "idefics3": _save_idefics3,
+}
+
+
+def make_checkpoint(dest: Path, family: str) -> Path:
+    """Write a complete tiny checkpoint of ``family`` into ``dest`` and return the folder."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _BUILDERS[family](dest)
+    return dest
+
+
+_QUESTIONS = ("What is shown in this image?", "Describe the picture.", "Count the objects.")
+_ANSWERS = ("A red square and a blue circle.", "There is a green triangle next to a line.", "Three objects.")
+
+
+def _draw_image(rng: random.Random) -> Image.Image:
+    """A small RGB image (40-64 px a side) with a few random shapes."""
+    size = (rng.randint(40, 64), rng.randint(40, 64))
+    image = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.randint(0, size[0] // 2), rng.randint(0, size[1] // 2)
+        box = (x0, y0, x0 + rng.randint(5, size[0] // 2), y0 + rng.randint(5, size[1] // 2))
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def make_calibration_files(dest: Path, n_images: int = 6, seed: int = 0) -> dict:
+    """Write PNGs under ``dest/images`` plus a conversation JSON and a JSONL referencing them.
+
+    Returns ``{"root", "images", "json", "jsonl"}``; image paths in the files are relative to
+    ``dest``. The JSON has one multi-turn record and one record whose marker is not first.
+    """
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images = []
+    for i in range(n_images):
+        path = dest / "images" / f"img{i}.png"
+        _draw_image(rng).save(path)
+        images.append(path)
+    rel = [f"images/{p.name}" for p in images]
+
+    records = []
+    for i, image in enumerate(rel):
+        q, a = _QUESTIONS[i % len(_QUESTIONS)], _ANSWERS[i % len(_ANSWERS)]
+        turns = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+        if i == 1:
+            turns.append({"from": "human", "value": "And the colours?"})
+            turns.append({"from": "gpt", "value": "Red and blue."})
+        if i == 2:
+            turns[0]["value"] = f"{q}\n<image>"
+        records.append({"id": f"rec{i}", "image": image, "conversations": turns})
+    json_path = dest / "calib.json"
+    json_path.write_text(json.dumps(records, indent=1))
+
+    jsonl_path = dest / "calib.jsonl"
+    with jsonl_path.open("w") as f:
+        for i, image in enumerate(rel):
+            row = {"image": image, "text": _ANSWERS[i % len(_ANSWERS)]}
+            if i % 2 == 0:
+                row["prompt"] = _QUESTIONS[i % len(_QUESTIONS)]
+            f.write(json.dumps(row) + "\n")
+    return {"root": dest, "images": images, "json": json_path, "jsonl": jsonl_path}
