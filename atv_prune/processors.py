@@ -144,8 +144,16 @@ def _image_processor_runs(image_processor: Any) -> bool:
     return True
 
 
-def _pil_image_processor(folder: Path) -> Any | None:
-    """The checkpoint's image processor with the PIL backend (``backend`` kwarg, else legacy ``use_fast``)."""
+def _pil_image_processor(folder: Path, current: Any) -> Any | None:
+    """A PIL-backed twin of ``current``: its ``*Pil`` class built from the same settings, else the
+    checkpoint's image processor loaded with the PIL backend (``backend`` kwarg, or legacy ``use_fast``)."""
+    base = type(current).__name__.removesuffix("Fast")
+    pil_class = getattr(transformers, base if base.endswith("Pil") else f"{base}Pil", None)
+    if isinstance(pil_class, type):
+        try:
+            return pil_class.from_dict(current.to_dict())
+        except Exception:
+            pass
     for kwargs in ({"backend": "pil"}, {"use_fast": False}):
         try:
             return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, **kwargs)
@@ -169,7 +177,7 @@ def _with_working_image_processor(processor: Any, folder: Path) -> ProcessorMixi
         )
     if _image_processor_runs(image_processor):
         return processor
-    fallback = _pil_image_processor(folder)
+    fallback = _pil_image_processor(folder, image_processor)
     if fallback is None or not _image_processor_runs(fallback):
         raise CalibrationError(
             f"the image processor {type(image_processor).__name__} in {folder} cannot run here and has no "

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from packaging import version
 from torch import nn
 
 from tiny_models import (
@@ -71,13 +72,15 @@ def test_placeholder_count_matches_what_the_forward_consumes(family: Family) -> 
     assert _n_image_tokens(model, inputs) == EXPECTED[name][2] > 0
     _logits(model, inputs)  # the forward raises when placeholders and image features disagree
 
+    if name in ("idefics3", "smolvlm") and version.parse(transformers.__version__) < version.parse("5.23"):
+        return  # older releases of these two do not check the placeholder count
     # one placeholder fewer than the image yields: the forward must refuse
     last = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[-1])
     short = dict(inputs)
     for key in ("input_ids", "attention_mask", TOKEN_TYPE_INPUT.get(name)):
         if key is not None:
             short[key] = torch.cat([inputs[key][:, :last], inputs[key][:, last + 1 :]], dim=1)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError):
         _logits(model, short)
 
 
