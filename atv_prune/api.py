@@ -127,7 +127,7 @@ def prune(
     warnings: list[str] = []
     try:
         if not config.needs_calibration:
-            pruner.prune_magnitude(blocks, layout.block_path)
+            pruner.prune_data_free(blocks, layout.block_path)
         else:
             start = time.perf_counter()
             calib = _calibration_set(calibration, processor, config, image_root, max_pixels)

@@ -13,6 +13,7 @@ capture costs the vision tower plus the embeddings, not a forward through the de
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -21,6 +22,25 @@ from torch import nn
 
 from .errors import NumericalError
 from .families import ModelLayout
+
+
+_VISUAL_MASK: ContextVar[torch.Tensor | None] = ContextVar("atv_prune_visual_mask", default=None)
+
+
+@contextmanager
+def visual_mask_context(mask: torch.Tensor | None) -> Iterator[None]:
+    """Expose the (batch, seq) visual-token mask of the tokens being processed to modules that route
+    by modality (the MoT probe); set by :func:`run_block` and by the probe's own forward hook."""
+    token = _VISUAL_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _VISUAL_MASK.reset(token)
+
+
+def current_visual_mask() -> torch.Tensor | None:
+    """The visual-token mask set by the innermost :func:`visual_mask_context`, if any."""
+    return _VISUAL_MASK.get()
 
 
 @dataclass
@@ -182,7 +202,8 @@ def run_block(block: nn.Module, sample: CapturedSample, index: int, hidden: torc
     memo: dict[int, Any] = {}
     args = to_device(sample.block_args[index], device, memo)
     kwargs = to_device(sample.block_kwargs[index], device, memo)
-    output = block(hidden, *args, **kwargs)
+    with visual_mask_context(sample.visual.to(device).unsqueeze(0)):
+        output = block(hidden, *args, **kwargs)
     return output[0] if isinstance(output, (tuple, list)) else output
 
 

@@ -7,13 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ConfigError
-
-#: method -> (how weights are scored, the default calibration pool)
-METHODS: dict[str, tuple[str, str | None]] = {
-    "magnitude": ("magnitude", None),
-    "wanda": ("wanda", "mixed"),
-    "atv": ("wanda", "atv"),
-}
+from .methods import METHODS, Method
 #: Pools that only reweight text/visual tokens, usable with any activation-aware method.
 PLAIN_POOLS = ("mixed", "text", "visual")
 #: Pools that add a per-block subset of visual tokens to all text tokens (the ATV family).
@@ -66,11 +60,11 @@ class PruneConfig:
                 raise ConfigError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4 or 4:8)")
         if self.pool is not None and self.pool not in POOLS:
             raise ConfigError(f"unknown pool '{self.pool}': choose one of {', '.join(POOLS)}")
-        scorer, _ = METHODS[self.method]
-        if scorer == "magnitude" and self.pool is not None:
-            raise ConfigError("magnitude pruning uses no calibration data: drop --pool")
-        if self.method == "atv" and self.pool in PLAIN_POOLS:
-            raise ConfigError(f"--method atv builds its own pool; for the '{self.pool}' pool use --method wanda")
+        method = METHODS[self.method]
+        if method.default_pool is None and self.pool is not None:
+            raise ConfigError(f"{self.method} pruning uses no calibration data: drop --pool")
+        if not method.plain_pools and self.pool in PLAIN_POOLS:
+            raise ConfigError(f"--method {self.method} builds its own pool; for the '{self.pool}' pool use --method wanda")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
             raise ConfigError(f"alpha {self.alpha} must be a finite number >= 0")
         if not (0 < self.visual_ratio <= 1):
@@ -79,14 +73,14 @@ class PruneConfig:
             raise ConfigError(f"samples must be >= 1, got {self.samples}")
 
     @property
-    def scorer(self) -> str:
-        """How weights are scored: 'magnitude' or 'wanda'."""
-        return METHODS[self.method][0]
+    def method_spec(self) -> Method:
+        """The registered method: its statistic and weight-pruning function."""
+        return METHODS[self.method]
 
     @property
     def resolved_pool(self) -> str | None:
         """The calibration pool actually used (None for data-free methods)."""
-        return self.pool or METHODS[self.method][1]
+        return self.pool or METHODS[self.method].default_pool
 
     @property
     def needs_calibration(self) -> bool:
@@ -103,6 +97,5 @@ class PruneConfig:
         data = asdict(self)
         data["pattern"] = None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
         data["pool"] = self.resolved_pool
-        data["scorer"] = self.scorer
         del data["progress"]
         return data

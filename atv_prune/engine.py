@@ -6,7 +6,8 @@ For block l = 0..L-1 (blocks < l already pruned):
    of its linears (linears fed by the same tensor, q/k/v and gate/up, share one record); the
    pool picks tokens from that same forward (ATV's drift comes from its output), and their
    squared inputs are accumulated in fp32;
-2. masks are computed from the scores and applied;
+2. each weight is pruned by the method from its statistic (Wanda: masks from scores; SparseGPT:
+   the OBS update);
 3. propagation pass — the pruned block runs once per sample; its outputs are block l+1's inputs.
 
 Two forwards per sample per block, whatever the pool. Calibration activations live on the
@@ -29,9 +30,7 @@ from tqdm.auto import tqdm
 from .capture import CapturedSample, module_device, next_input, run_block
 from .config import PruneConfig
 from .errors import NumericalError, UnsupportedModelError
-from .masks import apply_mask, make_mask
 from .pools import POOLS, PoolChoice, PoolParams, SampleView, adaptive_budget, visual_drift
-from .scoring import magnitude_scores, squared_input_sum, wanda_scores
 
 
 @dataclass(frozen=True)
@@ -140,22 +139,22 @@ class LayerwisePruner:
         self.find_targets = find_targets
         self.result = EngineResult()
 
-    def prune_magnitude(self, blocks: nn.ModuleList, prefix: str) -> EngineResult:
-        """Data-free magnitude pruning, block by block on the compute device."""
-        for index, block in enumerate(tqdm(blocks, desc="magnitude", disable=not self.config.progress)):
+    def prune_data_free(self, blocks: nn.ModuleList, prefix: str) -> EngineResult:
+        """Data-free pruning (magnitude), block by block on the compute device."""
+        for index, block in enumerate(tqdm(blocks, desc=self.config.method, disable=not self.config.progress)):
             home = module_device(block)
             block.to(self.device)
             start = time.perf_counter()
             for target in self.find_targets(block, f"{prefix}.{index}"):
                 _check_finite(target.weight, f"weights in {target.name}")
-                self._apply(target, magnitude_scores(target.weight))
+                self._apply(target, None)
             self.result.seconds["masks"] += time.perf_counter() - start
             block.to(home)
             self.result.blocks.append(BlockReport(index))
         return self.result
 
     def prune_calibrated(self, blocks: nn.ModuleList, prefix: str, samples: list[CapturedSample]) -> EngineResult:
-        """Activation-aware pruning: statistics pass, masks, propagation pass per block."""
+        """Activation-aware pruning: statistics pass, pruning, propagation pass per block."""
         steps = len(blocks) * len(samples) * 2 - len(samples)
         with tqdm(total=steps, desc="pruning", unit="fwd", disable=not self.config.progress) as bar:
             for index, block in enumerate(blocks):
@@ -165,13 +164,13 @@ class LayerwisePruner:
                 for target in targets:
                     _check_finite(target.weight, f"weights in {target.name}")
                 bar.set_description(f"block {index + 1}/{len(blocks)} statistics")
-                means, group_of = self._statistics(block, index, targets, samples, bar)
+                statistics, group_of = self._statistics(block, index, targets, samples, bar)
                 bar.set_description(f"block {index + 1}/{len(blocks)} masks")
                 start = time.perf_counter()
                 for target in targets:
                     if target.name not in group_of:
                         raise RuntimeError(f"{target.name} was never called during the block's forward")
-                    self._apply(target, wanda_scores(target.weight, means[group_of[target.name]]))
+                    self._apply(target, statistics[group_of[target.name]])
                 self.result.seconds["masks"] += time.perf_counter() - start
                 if index + 1 < len(blocks):
                     bar.set_description(f"block {index + 1}/{len(blocks)} propagation")
@@ -179,9 +178,11 @@ class LayerwisePruner:
                 block.to(home)
         return self.result
 
-    def _apply(self, target: PruneTarget, scores: torch.Tensor) -> None:
-        mask = make_mask(scores, self.config.sparsity, self.config.pattern)
-        apply_mask(target.weight.data, mask)
+    @torch.no_grad()
+    def _apply(self, target: PruneTarget, statistic: torch.Tensor | None) -> None:
+        method = self.config.method_spec
+        pruned = method.prune_weight(target.weight.data, statistic, self.config.sparsity, self.config.pattern)
+        target.weight.data.copy_(pruned)
         self.result.sparsity[target.name] = float((target.weight == 0).float().mean())
 
     @torch.no_grad()
@@ -190,6 +191,7 @@ class LayerwisePruner:
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         start = time.perf_counter()
         pool = POOLS[self.config.resolved_pool]
+        statistic = self.config.method_spec.statistic
         params = PoolParams(alpha=self.config.alpha, visual_ratio=self.config.visual_ratio)
         recorder = _InputRecorder(targets)
         sums: dict[str, torch.Tensor] = {}
@@ -211,7 +213,7 @@ class LayerwisePruner:
                 kept = {}
                 for leader, x in recorder.inputs.items():
                     rows = _token_rows(x, seq_len, leader)
-                    total = squared_input_sum(rows[choice.fixed])
+                    total = statistic(rows[choice.fixed])
                     sums[leader] = total if leader not in sums else sums[leader] + total
                     if choice.ranked is not None:
                         kept[leader] = rows[choice.ranked[: choice.candidate_cap]]
@@ -227,10 +229,11 @@ class LayerwisePruner:
                 budget = adaptive_budget(choice.n_visual, choice.n_text, saliency, self.config.alpha)
                 visual_selected[position] += budget
                 for leader, rows in kept.items():
-                    sums[leader] += squared_input_sum(rows[:budget])
-        means = {leader: total / len(samples) for leader, total in sums.items()}
-        for leader, mean in means.items():
-            _check_finite(mean, f"input statistics of {leader}")
+                    sums[leader] += statistic(rows[:budget])
+        scale = self.config.method_spec.scale / len(samples)
+        results = {leader: total * scale for leader, total in sums.items()}
+        for leader, result in results.items():
+            _check_finite(result, f"input statistics of {leader}")
         self.result.blocks.append(BlockReport(
             index,
             mean_drift=drift_sum / visual_count if visual_count else None,
@@ -238,7 +241,7 @@ class LayerwisePruner:
             text_tokens_per_sample=sum(c.n_text for c in choices) / len(samples),
         ))
         self.result.seconds["statistics"] += time.perf_counter() - start
-        return means, dict(recorder.group_of)
+        return results, dict(recorder.group_of)
 
     @torch.no_grad()
     def _propagate(self, block: nn.Module, index: int, samples: list[CapturedSample], bar: tqdm) -> None:

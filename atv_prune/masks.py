@@ -40,9 +40,3 @@ def make_mask(scores: torch.Tensor, sparsity: float | None, pattern: tuple[int, 
     if sparsity is None:
         raise ValueError("either sparsity or pattern is required")
     return unstructured_mask(scores, sparsity)
-
-
-@torch.no_grad()
-def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the masked weights in place."""
-    weight.masked_fill_(mask.to(weight.device), 0)

@@ -205,3 +205,85 @@ def test_non_finite_weights_are_refused() -> None:
         _pruned(model, None, method="magnitude", sparsity=0.5)
     with pytest.raises(NumericalError, match="non-finite"):
         _pruned(model, _calibration(model, "llava"), method="wanda", sparsity=0.5)
+
+
+def test_unregistered_family_with_the_common_layout_works() -> None:
+    model = build_tiny_model("llava")
+    model.config.model_type = "my_custom_vlm"
+    layout = resolve(model)
+    assert layout.family.name == "generic" and layout.block_path == "model.language_model.layers"
+    pruned, report = _pruned(model, _calibration(model, "llava"), method="atv", sparsity=0.5)
+    assert report.model["family"] == "generic" and report.sparsity["overall"] == 0.5
+
+
+def test_unsupported_layout_names_the_supported_families() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from atv_prune.errors import UnsupportedModelError
+
+    text_only = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="supported families: llava"):
+        resolve(text_only)
+
+
+def test_linears_fed_by_one_tensor_share_one_accumulation() -> None:
+    from atv_prune.engine import _InputRecorder, linear_targets
+
+    model = build_tiny_model("qwen2_vl")
+    layout = resolve(model)
+    block = layout.blocks(model)[0]
+    recorder = _InputRecorder(linear_targets(block, "b"))
+    with non_block_modules_on(model, layout.blocks(model), "cpu"):
+        sample = capture_sample(model, layout, make_inputs(model, "qwen2_vl"), "s", "cpu", "cpu")
+    recorder.start_sample()
+    run_block(block, sample, 0, sample.hidden)
+    recorder.remove()
+    group = recorder.group_of
+    assert group["b.self_attn.q_proj"] == group["b.self_attn.k_proj"] == group["b.self_attn.v_proj"]
+    assert group["b.mlp.gate_proj"] == group["b.mlp.up_proj"]
+    assert len(set(group.values())) == 4 and len(recorder.inputs) == 4
+
+
+def test_non_finite_activations_are_refused() -> None:
+    name = "llava"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    block0 = resolve(model).blocks(model)[0]
+    block0.mlp.down_proj.bias = nn.Parameter(torch.full((block0.mlp.down_proj.out_features,), float("inf")))
+    with pytest.raises(NumericalError, match="non-finite activations at block 0"):
+        _pruned(model, calibration, method="wanda", sparsity=0.5)
+
+
+@pytest.mark.parametrize("pool", ["mixed", "atv"])
+def test_sparsegpt_runs_with_any_pool_and_gives_valid_nm_groups(family_model, pool: str) -> None:
+    name, model = family_model
+    pruned, report = _pruned(model, _calibration(model, name), method="sparsegpt", pool=pool,
+                             sparsity=None, pattern=(2, 4))
+    for key, weight in _linear_weights(pruned).items():
+        assert ((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) >= 2).all(), key
+    assert report.config["pool"] == pool
+
+
+@torch.no_grad()
+def test_sparsegpt_reconstructs_block_outputs_better_than_wanda() -> None:
+    name = "llava"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name, n=6)
+
+    def block0_outputs(candidate: nn.Module) -> list[torch.Tensor]:
+        lay = resolve(candidate)
+        blocks = lay.blocks(candidate)
+        outs = []
+        for sample in calibration.samples:
+            with non_block_modules_on(candidate, blocks, "cpu"):
+                state = capture_sample(candidate, lay, sample.inputs, "s", "cpu", "cpu")
+            outs.append(run_block(blocks[0], state, 0, state.hidden))
+        return outs
+
+    dense = block0_outputs(model)
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        pruned, _ = _pruned(model, calibration, method=method, sparsity=0.5)
+        errors[method] = sum(float((a - b).pow(2).sum()) for a, b in zip(block0_outputs(pruned), dense))
+    assert errors["sparsegpt"] < errors["wanda"], errors

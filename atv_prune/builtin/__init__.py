@@ -1,0 +1,7 @@
+"""The built-in benchmark, tokenizer, processor and trainer for a small LLaVA trained from scratch.
+
+No pretrained VLM or benchmark can be downloaded where this project runs, so ``scenes`` renders a
+deterministic benchmark of shape scenes with question families that mirror the paper's nine
+benchmarks, ``tokenizer`` builds a closed-vocabulary tokenizer and a real ``LlavaProcessor``, and
+``train`` trains a ``LlavaForConditionalGeneration`` on it on a CPU.
+"""

@@ -1,0 +1,503 @@
+"""Deterministic rendered-scene benchmark whose question families mirror the paper's benchmarks.
+
+A scene is a 3 x 3 grid of cells on a grey background; some cells hold a shape (colour, shape,
+size), at most one holds a white plate with a printed word. Every question is generated from the
+scene's metadata, so answers are exact. Task families (evaluation answers are one short token):
+
+- ``exist``: "is there a red circle?" with random, popular and adversarial negatives (POPE);
+- ``attribute``: colour / shape / size of an object (MME perception);
+- ``count``: how many shapes of a kind (MME counting);
+- ``spatial``: relation between two objects, yes/no (GQA);
+- ``reading``: the printed word (TextVQA);
+- ``mcq``: four-option multiple choice, answer a letter (MMBench);
+- ``rule``: a text context states a rule the image must be checked against (ScienceQA-IMG);
+- ``textonly``: arithmetic without an image;
+- detailed captions form the calibration pool (ShareGPT4V), in LLaVA conversation JSON.
+
+``generate_benchmark`` writes images, per-task val/test JSONL, the training records and
+``calib.json``; splits are disjoint by scene hash (asserted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import string
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SIZE = 96
+GRID = 3
+CELL = IMAGE_SIZE // GRID
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 80, 235),
+    "yellow": (240, 215, 30),
+    "purple": (160, 60, 210),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"big": 13, "small": 7}  # half-extent in pixels
+WORDS = ("cat", "dog", "sun", "car", "hat", "cup", "pen", "key", "map", "bus", "egg", "fox")
+# Frequency priors of the scene generator; POPE's "popular" negatives are the most frequent absent objects.
+SHAPE_PRIOR = {"circle": 0.4, "square": 0.3, "triangle": 0.2, "diamond": 0.1}
+COLOR_PRIOR = {"red": 0.3, "blue": 0.25, "green": 0.2, "yellow": 0.15, "purple": 0.1}
+RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}  # (axis, sign)
+ROW_NAMES = ("top", "middle", "bottom")
+COL_NAMES = ("left", "center", "right")
+RULE_ADJECTIVES = ("safe", "valid", "lucky", "good")
+MAX_SHAPES = 5
+LETTERS = ("A", "B", "C", "D")
+TASKS = ("exist", "attribute", "count", "spatial", "reading", "mcq", "rule", "textonly")
+NEGATIVES = ("random", "popular", "adversarial")
+CAPTION_PROMPT = "Describe the image in detail."
+
+Scene = dict[str, Any]
+Item = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- scenes and images
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """A random scene: 1-5 shapes with distinct (colour, shape) in distinct cells, a word half the time."""
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    rng.shuffle(cells)
+    n = rng.randint(1, MAX_SHAPES)
+    objects, combos = [], set()
+    while len(objects) < n:
+        color = rng.choices(list(COLOR_PRIOR), weights=list(COLOR_PRIOR.values()))[0]
+        shape = rng.choices(list(SHAPE_PRIOR), weights=list(SHAPE_PRIOR.values()))[0]
+        if (color, shape) in combos:
+            continue
+        combos.add((color, shape))
+        row, col = cells[len(objects)]
+        objects.append({"color": color, "shape": shape, "size": rng.choice(list(SIZES)),
+                        "row": row, "col": col, "dx": rng.randint(-2, 2), "dy": rng.randint(-2, 2)})
+    word = None
+    if rng.random() < 0.5:
+        row, col = cells[n]
+        word = {"text": rng.choice(WORDS), "row": row, "col": col}
+    return {"background": rng.randint(70, 110), "objects": objects, "word": word}
+
+
+def scene_hash(scene: Scene) -> str:
+    """Content hash of a scene (its canonical JSON): the key of split disjointness and image names."""
+    return hashlib.sha1(json.dumps(scene, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_FONT: ImageFont.FreeTypeFont | None = None
+
+
+def _font() -> ImageFont.FreeTypeFont:
+    global _FONT
+    if _FONT is None:
+        _FONT = ImageFont.load_default(size=16)  # Pillow's embedded font: identical on every machine
+    return _FONT
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw a scene as a 96 x 96 RGB image (deterministic: same scene, same pixels)."""
+    g = scene["background"]
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (g, g, g))
+    draw = ImageDraw.Draw(image)
+    for obj in scene["objects"]:
+        cx = obj["col"] * CELL + CELL // 2 + obj["dx"]
+        cy = obj["row"] * CELL + CELL // 2 + obj["dy"]
+        h, fill = SIZES[obj["size"]], COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        elif obj["shape"] == "triangle":
+            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+    word = scene["word"]
+    if word is not None:
+        x0, y0 = word["col"] * CELL + 1, word["row"] * CELL + 6
+        draw.rectangle((x0, y0, x0 + CELL - 2, y0 + CELL - 12), fill=(255, 255, 255))
+        draw.text((x0 + (CELL - 2) // 2, y0 + (CELL - 12) // 2), word["text"], fill=(0, 0, 0),
+                  font=_font(), anchor="mm")
+    return image
+
+
+# ----------------------------------------------------------------------------- question families
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _exist(scene: Scene, rng: random.Random) -> Item | None:
+    """POPE-style existence; the ``negative`` subset decides how absent objects are drawn."""
+    present = {(o["color"], o["shape"]) for o in scene["objects"]}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    negative = rng.choice(NEGATIVES)
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        answer = "yes"
+    else:
+        if negative == "popular":
+            top = max(COLOR_PRIOR[c] * SHAPE_PRIOR[s] for c, s in absent)
+            pool = [(c, s) for c, s in absent if COLOR_PRIOR[c] * SHAPE_PRIOR[s] == top]
+        elif negative == "adversarial":  # shares the colour or the shape of a present object
+            pool = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+        else:
+            pool = absent
+        color, shape = rng.choice(pool or absent)
+        answer = "no"
+    return {"question": f"is there a {color} {shape}?", "answer": answer, "chance": 0.5,
+            "negative": negative}
+
+
+def _attribute(scene: Scene, rng: random.Random) -> Item | None:
+    """Colour of a unique shape, shape of a unique colour, or size of an object."""
+    objs = scene["objects"]
+    shape_count = {s: sum(o["shape"] == s for o in objs) for s in SHAPES}
+    color_count = {c: sum(o["color"] == c for o in objs) for c in COLORS}
+    options: list[Callable[[], Item]] = [lambda: _size_item(rng.choice(objs))]
+    unique_shape = [o for o in objs if shape_count[o["shape"]] == 1]
+    unique_color = [o for o in objs if color_count[o["color"]] == 1]
+    if unique_shape:
+        o = rng.choice(unique_shape)
+        options.append(lambda: {"question": f"what color is the {o['shape']}?", "answer": o["color"],
+                                "chance": 1 / len(COLORS)})
+    if unique_color:
+        o2 = rng.choice(unique_color)
+        options.append(lambda: {"question": f"what shape is the {o2['color']} object?",
+                                "answer": o2["shape"], "chance": 1 / len(SHAPES)})
+    return rng.choice(options)()
+
+
+def _size_item(o: dict[str, Any]) -> Item:
+    return {"question": f"what size is the {o['color']} {o['shape']}?", "answer": o["size"],
+            "chance": 1 / len(SIZES)}
+
+
+def _count(scene: Scene, rng: random.Random) -> Item | None:
+    """Number of shapes of one kind, of one colour, or in all."""
+    objs = scene["objects"]
+    kind = rng.choice(("shape", "color", "all"))
+    if kind == "shape":
+        shape = rng.choice(SHAPES)
+        n, question = sum(o["shape"] == shape for o in objs), f"how many {_plural(shape)} are there?"
+    elif kind == "color":
+        color = rng.choice(list(COLORS))
+        n, question = sum(o["color"] == color for o in objs), f"how many {color} shapes are there?"
+    else:
+        n, question = len(objs), "how many shapes are there?"
+        return {"question": question, "answer": str(n), "chance": 1 / MAX_SHAPES}
+    return {"question": question, "answer": str(n), "chance": 1 / (MAX_SHAPES + 1)}
+
+
+def _spatial(scene: Scene, rng: random.Random) -> Item | None:
+    """Is object A <relation> object B? Only pairs that differ along the relation's axis."""
+    objs = scene["objects"]
+    if len(objs) < 2:
+        return None
+    a, b = rng.sample(objs, 2)
+    axes = [ax for ax, key in ((0, "row"), (1, "col")) if a[key] != b[key]]
+    axis = rng.choice(axes)
+    key = "row" if axis == 0 else "col"
+    relation = rng.choice([r for r, (ax, _) in RELATIONS.items() if ax == axis])
+    sign = RELATIONS[relation][1]
+    holds = (a[key] - b[key]) * sign > 0
+    question = f"is the {a['color']} {a['shape']} {relation} the {b['color']} {b['shape']}?"
+    return {"question": question, "answer": _yes_no(holds), "chance": 0.5}
+
+
+def _reading(scene: Scene, rng: random.Random) -> Item | None:
+    if scene["word"] is None:
+        return None
+    return {"question": "what word is written?", "answer": scene["word"]["text"], "chance": 1 / len(WORDS)}
+
+
+def _mcq(scene: Scene, rng: random.Random) -> Item | None:
+    """Four options (one correct, random order); the answer is the letter (MMBench)."""
+    base = rng.choice((_attribute, _count))(scene, rng)
+    if base is None:
+        return None
+    answer = base["answer"]
+    if answer in COLORS:
+        pool = list(COLORS)
+    elif answer in SHAPES:
+        pool = list(SHAPES)
+    elif answer in SIZES:
+        return None  # two possible sizes: not a four-way choice
+    else:
+        pool = [str(i) for i in range(MAX_SHAPES + 1)]
+    choices = [answer] + rng.sample([p for p in pool if p != answer], 3)
+    rng.shuffle(choices)
+    listed = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    return {"question": f"{base['question']} {listed}", "answer": LETTERS[choices.index(answer)],
+            "choices": choices, "chance": 0.25}
+
+
+def _rule(scene: Scene, rng: random.Random) -> Item | None:
+    """A stated rule checked against the image; yes/no balanced where the rule family allows it."""
+    objs = scene["objects"]
+    adjective = rng.choice(RULE_ADJECTIVES)
+    want = rng.random() < 0.5
+    present = {(o["color"], o["shape"]) for o in objs}
+    colors = {o["color"] for o in objs}
+    family = rng.choice(("has", "more", "every", "none", "word"))
+    if family == "has":
+        pool = sorted(present) if want else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        color, shape = rng.choice(pool)
+        rule, holds = f"it has a {color} {shape}", (color, shape) in present
+    elif family == "more":
+        n = rng.randint(0, len(objs) - 1) if want else rng.randint(len(objs), MAX_SHAPES)
+        rule, holds = f"it has more than {n} shapes", len(objs) > n
+    elif family == "every":
+        shape = rng.choice(sorted({o["shape"] for o in objs}))
+        colors_of_shape = sorted({o["color"] for o in objs if o["shape"] == shape})
+        color = rng.choice(colors_of_shape if want else sorted(set(COLORS) - set(colors_of_shape)))
+        rule = f"every {shape} in it is {color}"
+        holds = all(o["color"] == color for o in objs if o["shape"] == shape)
+    elif family == "none":
+        pool = sorted(set(COLORS) - colors) if want else sorted(colors)
+        color = rng.choice(pool or list(COLORS))
+        rule, holds = f"it has no {color} shapes", color not in colors
+    else:
+        if scene["word"] is None:
+            return None
+        text = scene["word"]["text"] if want else rng.choice([w for w in WORDS if w != scene["word"]["text"]])
+        rule, holds = f"the word {text} is written in it", text == scene["word"]["text"]
+    question = (f"read the rule and look at the picture. rule: a picture is {adjective} when {rule}. "
+                f"is this picture {adjective}?")
+    return {"question": question, "answer": _yes_no(holds), "chance": 0.5}
+
+
+def textonly_item(rng: random.Random) -> Item:
+    """Arithmetic without an image (answers 0-9)."""
+    if rng.random() < 0.5:
+        a = rng.randint(0, 9)
+        b = rng.randint(0, 9 - a)
+        return {"question": f"what is {a} plus {b}?", "answer": str(a + b), "chance": 0.1}
+    a = rng.randint(0, 8)
+    return {"question": f"what number comes after {a}?", "answer": str(a + 1), "chance": 0.1}
+
+
+IMAGE_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
+    "exist": _exist, "attribute": _attribute, "count": _count, "spatial": _spatial,
+    "reading": _reading, "mcq": _mcq, "rule": _rule,
+}
+
+
+def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None:
+    """One question of ``task`` about ``scene`` (None when the scene cannot carry it)."""
+    if task == "textonly":
+        return textonly_item(rng)
+    return IMAGE_TASKS[task](scene, rng)
+
+
+def position_name(row: int, col: int) -> str:
+    if row == 1 and col == 1:
+        return "center"
+    if row == 1:
+        return COL_NAMES[col]
+    if col == 1:
+        return ROW_NAMES[row]
+    return f"{ROW_NAMES[row]} {COL_NAMES[col]}"
+
+
+def caption(scene: Scene) -> str:
+    """A detailed caption listing every object with its size, colour and position, and the word."""
+    objs = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+    n = len(objs)
+    parts = [f"the picture shows {n} shape{'s' if n > 1 else ''} on a grey background."]
+    for o in objs:
+        parts.append(f"a {o['size']} {o['color']} {o['shape']} is at the {position_name(o['row'], o['col'])}.")
+    word = scene["word"]
+    if word is not None:
+        parts.append(f"the word {word['text']} is written at the {position_name(word['row'], word['col'])}.")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------- vocabulary and scoring
+
+_TEMPLATE_TEXT = (
+    "is there a what color is the what shape is the object what size is the how many are there "
+    "shapes is the left of right of above below what word is written read the rule and look at the "
+    "picture rule a picture is when it has more than every in it no the word is written in it "
+    "is this what is plus what number comes after the picture shows shape on a grey background "
+    "at the top middle bottom left center right describe image in detail . ? A B C D"
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word the benchmark can produce (templates and value lists), sorted: the closed vocabulary."""
+    words = set(_TEMPLATE_TEXT.lower().split())
+    words |= set(COLORS) | set(SHAPES) | {_plural(s) for s in SHAPES} | set(SIZES) | set(WORDS)
+    words |= set(RULE_ADJECTIVES) | {"yes", "no"} | {str(i) for i in range(10)}
+    words |= {w for r in RELATIONS for w in r.split()}
+    words |= {w.lower() for w in CAPTION_PROMPT.replace(".", " ").split()}
+    words |= set(string.punctuation)
+    return sorted(words)
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed, number words as digits."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in text.split())
+
+
+def answer_matches(prediction: str, answer: str) -> bool:
+    """Exact match of a model's short answer after normalisation ("Yes." matches "yes", "A" matches "a")."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+# ----------------------------------------------------------------------------- the benchmark files
+
+
+class _SceneStream:
+    """Scenes from one seeded stream that skips every scene hash already handed out (split disjointness).
+
+    Each split and task has its own stream (seeded by name) over one shared set of used hashes, so
+    the first N test items of a task do not depend on the sizes of the other splits.
+    """
+
+    def __init__(self, used: set[str], name: str) -> None:
+        self.rng = random.Random(name)
+        self.used = used
+
+    def next(self) -> tuple[Scene, str]:
+        while True:
+            scene = sample_scene(self.rng)
+            key = scene_hash(scene)
+            if key not in self.used:
+                self.used.add(key)
+                return scene, key
+
+
+def _save_image(out: Path, scene: Scene, key: str) -> str:
+    rel = f"images/{key}.png"
+    path = out / rel
+    if not path.exists():
+        render(scene).save(path, format="PNG")
+    return rel
+
+
+def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str]) -> set[str]:
+    """Write ``out/split/<task>.jsonl`` with ``n`` items per task; returns the split's scene hashes."""
+    (out / split).mkdir(parents=True, exist_ok=True)
+    hashes: set[str] = set()
+    for task in TASKS:
+        stream = _SceneStream(used, f"{seed}-{split}-{task}")
+        rng = random.Random(f"{seed}-{split}-{task}-questions")
+        lines = []
+        while len(lines) < n:
+            if task == "textonly":
+                item, scene, key, image = textonly_item(rng), None, None, None
+            else:
+                scene, key = stream.next()
+                item = make_item(task, scene, rng)
+                if item is None:
+                    continue
+                image = _save_image(out, scene, key)
+                hashes.add(key)
+            record = {"id": f"{split}-{task}-{len(lines):05d}", "task": task, "image": image, **item,
+                      "scene": scene, "scene_hash": key}
+            lines.append(json.dumps(record, sort_keys=True))
+        (out / split / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    return hashes
+
+
+DEFAULT_TASK_WEIGHTS = {"exist": 1.0, "attribute": 1.0, "count": 1.5, "spatial": 1.5, "reading": 1.5,
+                        "mcq": 1.0, "rule": 1.5, "textonly": 0.3, "caption": 0.3}
+
+
+def train_record(scene: Scene | None, rng: random.Random, weights: dict[str, float],
+                 max_turns: int) -> list[dict[str, str]]:
+    """The question-answer turns of one training conversation about ``scene`` (text-only when None).
+
+    Several questions share one image so that one vision pass feeds several supervised answers;
+    a caption turn, when drawn, is the only turn (as in the calibration pool).
+    """
+    if scene is None:
+        return [{"task": "textonly", **_qa(textonly_item(rng))} for _ in range(rng.randint(1, max_turns))]
+    tasks = [t for t in weights if t not in ("textonly", "caption")]
+    if rng.random() < weights.get("caption", 0) / sum(weights.values()):
+        return [{"task": "caption", "question": CAPTION_PROMPT, "answer": caption(scene)}]
+    turns: list[dict[str, str]] = []
+    for _ in range(rng.randint(1, max_turns)):
+        task = rng.choices(tasks, weights=[weights[t] for t in tasks])[0]
+        item = make_item(task, scene, rng)
+        if item is not None:
+            turns.append({"task": task, **_qa(item)})
+    return turns
+
+
+def _qa(item: Item) -> dict[str, str]:
+    return {"question": item["question"], "answer": item["answer"]}
+
+
+def generate_train(out: Path, n: int, stream: _SceneStream, rng: random.Random,
+                   weights: dict[str, float] | None = None, max_turns: int = 4) -> None:
+    """Write ``out/train.jsonl``: one conversation per line, ``{"id", "scene", "turns"}``.
+
+    Training images are not stored: ``render(scene)`` redraws them exactly, which is faster than
+    decoding PNGs. ``scene`` is null for text-only conversations.
+    """
+    weights = weights or DEFAULT_TASK_WEIGHTS
+    p_text = weights.get("textonly", 0) / sum(weights.values())
+    with (out / "train.jsonl").open("w") as f:
+        written = 0
+        while written < n:
+            scene = None if rng.random() < p_text else stream.next()[0]
+            turns = train_record(scene, rng, weights, max_turns)
+            if turns:
+                f.write(json.dumps({"id": f"train-{written:07d}", "scene": scene, "turns": turns}) + "\n")
+                written += 1
+
+
+def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_000, n_val: int = 100,
+                       n_test: int = 200, n_calib: int = 256,
+                       weights: dict[str, float] | None = None, max_turns: int = 4) -> dict[str, Any]:
+    """Write the whole benchmark under ``out_dir`` deterministically from ``seed``; returns its manifest.
+
+    Layout: ``images/<scene hash>.png``; ``val/<task>.jsonl`` and ``test/<task>.jsonl`` with
+    ``n_val`` / ``n_test`` items per task; ``train.jsonl`` (``n_train`` conversations);
+    ``calib.json`` (``n_calib`` captioned images, LLaVA conversation format); ``manifest.json``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    test = _eval_split(out, "test", n_test, seed, used)
+    val = _eval_split(out, "val", n_val, seed, used)
+    stream = _SceneStream(used, f"{seed}-calib")
+    calib = []
+    for i in range(n_calib):
+        scene, key = stream.next()
+        calib.append({"id": f"calib-{i:05d}", "image": _save_image(out, scene, key), "conversations": [
+            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": caption(scene)}]})
+    (out / "calib.json").write_text(json.dumps(calib, indent=1))
+    eval_hashes = test | val
+    generate_train(out, n_train, _SceneStream(used, f"{seed}-train"), random.Random(f"{seed}-train-questions"),
+                   weights, max_turns)
+    assert not test & val, "test and val share scenes"
+    manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_calib": n_calib,
+                "tasks": list(TASKS), "max_turns": max_turns, "weights": weights or DEFAULT_TASK_WEIGHTS,
+                "test_hashes": hashlib.sha1("".join(sorted(test)).encode()).hexdigest(),
+                "eval_scenes": len(eval_hashes)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

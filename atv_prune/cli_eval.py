@@ -1,0 +1,107 @@
+"""``atv-prune eval``: score a checkpoint on built-in and lmms-eval tasks (registered in cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from .cli import _one_line_errors
+from .errors import AtvPruneError
+
+if TYPE_CHECKING:
+    from .eval.run import EvalResult
+
+RESULTS_FILE = "eval_results.json"
+
+
+def _task_names(values: tuple[str, ...]) -> list[str]:
+    """Task names from ``--tasks a b``, ``--tasks a,b`` or repeated ``--tasks``."""
+    return [name for value in values for name in value.replace(",", " ").split()]
+
+
+def _read_result(path: Path) -> EvalResult:
+    """The result saved in a dense model's eval_results.json."""
+    from .eval.run import EvalResult
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AtvPruneError(f"cannot read --baseline {path}: {error}") from None
+    return EvalResult.from_dict(data.get("result", data))
+
+
+@click.command("eval")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Local checkpoint folder.")
+@click.option("--tasks", "task_options", required=True, multiple=True,
+              help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, mme, ...): "
+                   "--tasks exist count, --tasks exist,count or --tasks repeated.")
+@click.argument("more_tasks", nargs=-1, metavar="[TASK]...")
+@click.option("--bench", "bench_dir", type=click.Path(path_type=Path), default=None,
+              help="Benchmark folder with test/<task>.jsonl [default: atv_prune/builtin/benchmark if present].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N documents of each task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Documents per generate call (batch size > 1 can change some scores slightly).")
+@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
+@click.option("--dtype", default="auto", show_default=True,
+              help="Compute dtype: auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, float16.")
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
+              help="eval_results.json of the dense model: adds retention (pruned / dense) per task and its mean.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help=f"Folder to write {RESULTS_FILE} into (created if missing).")
+@click.option("--overwrite", is_flag=True, help=f"Replace an existing {RESULTS_FILE} in --out.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def eval_command(model_path: Path, task_options: tuple[str, ...], more_tasks: tuple[str, ...],
+                 bench_dir: Path | None, limit: int | None, batch_size: int, device: str | None, dtype: str,
+                 baseline_path: Path | None, out_dir: Path | None, overwrite: bool, trust_remote_code: bool,
+                 quiet: bool) -> None:
+    """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
+    from .api import resolve_device
+    from .eval.env import require_lmms_eval
+    from .export import write_json_atomic
+    from .loading import compute_dtype, load_model
+    from .processors import load_processor
+
+    tasks = _task_names(task_options + more_tasks)
+    out_file = out_dir / RESULTS_FILE if out_dir is not None else None
+    if out_file is not None and out_file.exists() and not overwrite:
+        raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
+    if bench_dir is not None and not bench_dir.is_dir():
+        raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
+    require_lmms_eval()
+    from .eval.run import check_comparable, evaluate, resolve_tasks, retention
+    from .eval.tasks import default_bench_dir
+
+    # Everything checkable is checked before the (possibly long) model load and evaluation.
+    task_ids = resolve_tasks(tasks, bench_dir if bench_dir is not None else default_bench_dir())
+    baseline = _read_result(baseline_path) if baseline_path is not None else None
+    if baseline is not None:
+        check_comparable(task_ids.values(), limit, baseline)
+    compute = resolve_device(device)
+    model, _ = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
+    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+    model.to(compute)
+    result = evaluate(model, processor, tasks, bench_dir=bench_dir, limit=limit, batch_size=batch_size,
+                      device=str(compute), progress=not quiet)
+    kept = retention(result, baseline) if baseline is not None else None
+
+    click.echo(f"{'task':28s} {'lmms-eval id':28s} {'docs':>6s} {'score':>8s}" + ("  retention" if kept else ""))
+    for name, task in result.task_ids.items():
+        line = f"{name:28s} {task:28s} {result.samples[task]:6d} {result.scores[task]:8.2f}"
+        if kept:
+            line += f"  {kept['tasks'][task]:9.2f}" if task in kept["tasks"] else "  (dense 0)"
+        click.echo(line)
+    click.echo(f"{'mean':28s} {'':28s} {'':6s} {result.mean:8.2f}" + (f"  {kept['mean']:9.2f}" if kept else ""))
+    click.echo(f"lmms-eval {result.versions['lmms_eval']}, transformers {result.versions['transformers']}, "
+               f"torch {result.versions['torch']}; {result.seconds:.1f}s")
+    if out_file is not None:
+        record = {"model": str(model_path), "result": result.to_dict()}
+        if kept is not None:
+            record["baseline"] = str(baseline_path)
+            record["retention"] = kept
+        write_json_atomic(out_file, record)
+        click.echo(f"wrote {out_file}")

@@ -1,0 +1,48 @@
+"""The per-document functions lmms-eval calls for the built-in benchmark's tasks.
+
+The task YAMLs written by :mod:`atv_prune.eval.tasks` reference these through a one-line
+``utils.py`` next to them (lmms-eval resolves ``!function utils.name`` beside the YAML).
+Documents are the normalised records of :func:`atv_prune.eval.tasks.write_builtin_tasks`:
+``image`` is an absolute path or None and ``choices`` a (possibly empty) list.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from PIL import Image
+
+from ..builtin.scenes import answer_matches
+
+LETTERS = string.ascii_uppercase
+
+#: The metric the built-in tasks report, already in [0, 100].
+METRIC = "accuracy"
+
+
+def listed_choices(choices: list[str]) -> str:
+    """Lettered options as the benchmark writes them: ``A. red B. blue C. green``."""
+    return " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+
+
+def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
+    """The question, followed by its lettered choices unless the question already lists them."""
+    choices = doc.get("choices") or []
+    if not choices:
+        return doc["question"]
+    listed = listed_choices(choices)
+    return doc["question"] if listed in doc["question"] else f"{doc['question']} {listed}"
+
+
+def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
+    """The document's image as RGB (an empty list for text-only questions)."""
+    if not doc.get("image"):
+        return []
+    with Image.open(doc["image"]) as image:
+        return [image.convert("RGB")]
+
+
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """100 when the generated answer matches the reference after normalisation, else 0."""
+    return {METRIC: 100.0 if answer_matches(results[0], doc["answer"]) else 0.0}

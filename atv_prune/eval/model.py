@@ -1,0 +1,157 @@
+"""An lmms-eval model class around a transformers VLM that is already in memory.
+
+lmms-eval's own wrappers load a checkpoint by name; a model pruned in memory (or wrapped as a
+modality-routed probe) would need a save/load round trip. :class:`InMemoryVLM` instead takes
+the model and processor objects as they are, renders prompts with the processor's own chat
+template and generates greedily in left-padded batches. Unlike lmms-eval's wrappers, which
+answer "" when generation fails (scored 0, indistinguishable from a wrong answer), any error
+here raises :class:`GenerationError` and ends the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import AtvPruneError
+from ..families import resolve
+from .env import require_lmms_eval
+
+require_lmms_eval()
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+
+#: Placeholder lmms-eval task prompts use where an image goes (e.g. MMMU's interleaved images).
+IMAGE_MARKER = "<image>"
+#: lmms-eval's own HF wrappers generate up to 1024 new tokens when a task sets no limit.
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+class GenerationError(RuntimeError):
+    """Generation failed for a batch of documents; the evaluation stops instead of scoring 0."""
+
+
+def user_content(context: str, images: list[Image.Image]) -> list[dict[str, Any]]:
+    """The user turn: images where the prompt has ``<image>`` markers (one per image), else first."""
+    pieces = context.split(IMAGE_MARKER)
+    if images and len(pieces) == len(images) + 1:
+        content: list[dict[str, Any]] = []
+        for text, image in zip(pieces, images):
+            if text.strip():
+                content.append({"type": "text", "text": text.strip()})
+            content.append({"type": "image", "image": image})
+        if pieces[-1].strip():
+            content.append({"type": "text", "text": pieces[-1].strip()})
+        return content
+    text = " ".join(piece.strip() for piece in pieces if piece.strip()) if images else context
+    return [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
+
+
+def _images(visuals: Any, where: str) -> list[Image.Image]:
+    """A document's visuals as RGB PIL images; videos, audio and paths are refused."""
+    if visuals is None:
+        return []
+    visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    if not all(isinstance(v, Image.Image) for v in visuals):
+        kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
+        raise AtvPruneError(f"{where}: visuals of type {', '.join(kinds)} are not supported (images only)")
+    return [v.convert("RGB") for v in visuals]
+
+
+def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
+    """(max new tokens, stop strings) of a request; sampling settings are ignored (always greedy)."""
+    until = gen_kwargs.get("until") or ()
+    until = (until,) if isinstance(until, str) else tuple(until)
+    return int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), until
+
+
+def _cut(text: str, until: tuple[str, ...]) -> str:
+    """``text`` up to the first stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class InMemoryVLM(lmms):
+    """lmms-eval model class evaluating an in-memory image-text-to-text model (generate_until only).
+
+    ``model`` must already be on ``device`` (inputs are moved there). ``batch_size`` requests
+    with the same generation settings share one left-padded ``generate`` call.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, *, batch_size: int = 8, device: str = "cpu",
+                 progress: bool = False) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise AtvPruneError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.processor = processor
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.progress = progress
+        self.layout = resolve(model)
+
+    def _batch(self, requests: list[Instance], max_new_tokens: int, until: tuple[str, ...]) -> list[str]:
+        """Greedy answers to a batch of requests sharing generation settings."""
+        conversations = []
+        for request in requests:
+            context, _, doc_to_visual, doc_id, task, split = request.args
+            images = _images(doc_to_visual(self.task_dict[task][split][doc_id]), f"task {task} document {doc_id}")
+            conversations.append([{"role": "user", "content": user_content(context, images)}])
+        inputs = self.processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
+        )
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v
+                  for k, v in self.layout.prepare_inputs(inputs).items()}
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [_cut(text, until) for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """One greedy answer per request, in request order; raises :class:`GenerationError` on failure."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[json.dumps(_generation_settings(request.args[1]))].append(index)
+        answers: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate", disable=not self.progress)
+        for key, indices in groups.items():
+            max_new_tokens, until = json.loads(key)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start: start + self.batch_size]
+                batch = [requests[i] for i in chunk]
+                try:
+                    texts = self._batch(batch, max_new_tokens, tuple(until))
+                except AtvPruneError:
+                    raise
+                except Exception as error:
+                    docs = ", ".join(f"{r.args[4]}/{r.args[3]}" for r in batch)
+                    raise GenerationError(f"generation failed for documents {docs}: "
+                                          f"{type(error).__name__}: {error}") from error
+                for i, text in zip(chunk, texts):
+                    answers[i] = text
+                bar.update(len(chunk))
+        bar.close()
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError(
+            "InMemoryVLM answers generate_until tasks only; loglikelihood / multiple_choice tasks are not supported"
+        )
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError(
+            "InMemoryVLM answers single-round generate_until tasks only; multi-round tasks are not supported"
+        )
+
+    def clean(self) -> None:
+        """Keep the model: lmms-eval's default deletes every nn.Module attribute, but the caller owns it."""

@@ -1,0 +1,150 @@
+"""The built-in benchmark's test split as lmms-eval tasks over local files.
+
+A benchmark folder ``BENCH`` holds ``BENCH/test/<task>.jsonl``, one record a line::
+
+    {"id": str, "task": str, "image": "images/x.png" | null, "question": str, "answer": str,
+     "choices": [str, ...] (optional; the answer is then a letter), "chance": float}
+
+with image paths relative to ``BENCH``. :func:`write_builtin_tasks` checks every record, writes a
+normalised copy (absolute image paths, every key present) and an lmms-eval task YAML per task
+(``atvbench_<task>``, the local ``json`` dataset builder) plus a ``utils.py`` pointing at
+:mod:`atv_prune.eval.hooks`, into a folder that is then a TaskManager ``include_path``.
+Nothing is downloaded: the YAMLs name only local files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import AtvPruneError
+from .hooks import LETTERS, METRIC
+
+TASK_PREFIX = "atvbench_"
+#: Answers are a word or two; 8 new tokens leave room for a tokenizer that splits words.
+MAX_NEW_TOKENS = 8
+
+_UTILS = (
+    '"""lmms-eval hooks of the atvbench tasks in this folder (written by atv_prune.eval.tasks)."""\n\n'
+    "from atv_prune.eval.hooks import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
+)
+_FUNCTIONS = (
+    "doc_to_visual: !function utils.doc_to_visual\n"
+    "doc_to_text: !function utils.doc_to_text\n"
+    "process_results: !function utils.process_results\n"
+)
+
+
+def default_bench_dir() -> Path | None:
+    """The benchmark shipped with the package (``atv_prune/builtin/benchmark``), if it is there."""
+    folder = Path(__file__).resolve().parent.parent / "builtin" / "benchmark"
+    return folder if (folder / "test").is_dir() else None
+
+
+def builtin_tasks(bench_dir: str | Path) -> list[str]:
+    """The task names of a benchmark folder's test split (the ``test/*.jsonl`` stems), sorted."""
+    test = Path(bench_dir) / "test"
+    if not test.is_dir():
+        raise AtvPruneError(f"no test split in {bench_dir} ({test} missing): pass a benchmark folder as --bench")
+    names = sorted(path.stem for path in test.glob("*.jsonl"))
+    if not names:
+        raise AtvPruneError(f"{test} holds no <task>.jsonl files: pass a generated benchmark folder")
+    return names
+
+
+def task_id(name: str) -> str:
+    """The lmms-eval task id of built-in task ``name``."""
+    return f"{TASK_PREFIX}{name}"
+
+
+def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
+    """One checked, normalised test record."""
+    if not isinstance(raw, dict):
+        raise AtvPruneError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("id", "question", "answer"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise AtvPruneError(f"{where}: '{key}' must be a non-empty string")
+    image = raw.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise AtvPruneError(f"{where}: 'image' must be a path relative to {bench} or null")
+        path = (bench / image).resolve()
+        if not path.is_file():
+            raise AtvPruneError(f"{where}: image {image} not found under {bench}")
+        image = str(path)
+    choices = raw.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) > len(LETTERS):
+        raise AtvPruneError(f"{where}: 'choices' must be a list of at most {len(LETTERS)} strings")
+    if choices and raw["answer"] not in LETTERS[: len(choices)]:
+        raise AtvPruneError(f"{where}: answer '{raw['answer']}' is not one of the letters of its {len(choices)} choices")
+    chance = raw.get("chance")
+    if chance is not None and (not isinstance(chance, (int, float)) or not math.isfinite(chance)):
+        raise AtvPruneError(f"{where}: 'chance' must be a number")
+    return {"id": raw["id"], "task": str(raw.get("task", "")), "image": image, "question": raw["question"],
+            "answer": raw["answer"], "choices": choices, "chance": None if chance is None else float(chance)}
+
+
+def read_records(jsonl: Path, bench: Path) -> list[dict[str, Any]]:
+    """All records of one task file, checked; raises :class:`AtvPruneError` naming file and line."""
+    records = []
+    try:
+        lines = jsonl.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise AtvPruneError(f"cannot read {jsonl}: {error.strerror or error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except ValueError as error:
+            raise AtvPruneError(f"{jsonl}:{number}: not valid JSON ({error})") from None
+        records.append(_record(raw, bench, f"{jsonl}:{number}"))
+    if not records:
+        raise AtvPruneError(f"{jsonl} holds no records")
+    return records
+
+
+def task_config(name: str, data_file: Path, cache_dir: Path, bench: Path) -> dict[str, Any]:
+    """The lmms-eval task config of built-in task ``name`` (without the ``!function`` hooks)."""
+    return {
+        "task": task_id(name),
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_target": "answer",
+        "generation_kwargs": {"max_new_tokens": MAX_NEW_TOKENS, "until": ["\n"], "do_sample": False,
+                              "temperature": 0.0, "num_beams": 1},
+        "metric_list": [{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1, "benchmark": str(bench)},
+    }
+
+
+def write_builtin_tasks(bench_dir: str | Path, dest: str | Path, names: list[str] | None = None) -> dict[str, str]:
+    """Write lmms-eval tasks for the test split of ``bench_dir`` into folder ``dest``.
+
+    ``names`` limits the tasks (default: all). Returns built-in name -> lmms-eval task id. Every
+    record is checked first, so a bad benchmark fails here with one line, not inside lmms-eval.
+    """
+    bench = Path(bench_dir).resolve()
+    available = builtin_tasks(bench)
+    names = available if names is None else names
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise AtvPruneError(f"no task {', '.join(unknown)} in {bench}/test; built-in tasks: {', '.join(available)}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "utils.py").write_text(_UTILS, encoding="utf-8")
+    ids = {}
+    for name in names:
+        records = read_records(bench / "test" / f"{name}.jsonl", bench)
+        data_file = dest / f"{task_id(name)}.jsonl"
+        data_file.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+        config = yaml.safe_dump(task_config(name, data_file, dest / "hf_datasets", bench), sort_keys=False)
+        (dest / f"{task_id(name)}.yaml").write_text(config + _FUNCTIONS, encoding="utf-8")
+        ids[name] = task_id(name)
+    return ids

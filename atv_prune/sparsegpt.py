@@ -1,0 +1,100 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023): prune with an optimal-brain-surgeon weight update.
+
+Pure tensor functions. ``H = (2/N) Σ X Xᵀ`` over the calibration pool's tokens (fp32) is turned
+into the upper Cholesky factor of its damped inverse; columns are processed in blocks of 128: in
+each block the weights with the lowest ``w² / [H⁻¹]_jj²`` are pruned (adaptively per block for
+unstructured sparsity, per group of M for N:M) and the error of every pruned column is spread over
+the columns not yet processed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import ConfigError, NumericalError
+
+
+def hessian_update(rows: torch.Tensor) -> torch.Tensor:
+    """``Σ x xᵀ`` over the token rows, in fp32 (one sample's contribution before the 2/N scale)."""
+    x = rows.reshape(-1, rows.shape[-1]).float()
+    return x.T @ x
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
+
+    Dead inputs (``H_jj = 0``) get ``H_jj = 1``. When the factorisation fails the damping is raised
+    tenfold (with a warning) and the factorisation retried.
+    """
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    mean_diag = torch.diag(h).mean()
+    index = torch.arange(h.shape[0], device=h.device)
+    for attempt in range(max_tries):
+        damped = h.clone()
+        damped[index, index] += damp * mean_diag
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+        warnings.warn(f"SparseGPT: Cholesky factorisation failed with damping {damp:g}; retrying with {damp * 10:g}")
+        damp *= 10
+    raise NumericalError(f"SparseGPT: the input Hessian stays singular after damping {damp:g}: "
+                         "use more calibration samples or another method")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(new_weight, mask)``: the OBS-updated fp32 weight with pruned entries at 0, and the
+    boolean mask (``True`` = pruned). ``hessian`` is ``(in, in)`` fp32."""
+    if (sparsity is None) == (pattern is None):
+        raise ValueError("give exactly one of sparsity or pattern")
+    rows, cols = weight.shape
+    if pattern is not None and cols % pattern[1]:
+        raise ConfigError(f"N:M pattern {pattern[0]}:{pattern[1]} needs in_features divisible by {pattern[1]}, "
+                          f"got {cols}: choose another M")
+    w = weight.detach().float().clone()
+    w[:, torch.diag(hessian) == 0] = 0
+    hinv = inverse_hessian_factor(hessian.float(), damp)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = w[:, start:end].clone()
+        block_hinv = hinv[start:end, start:end]
+        diag = torch.diag(block_hinv)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        if sparsity is not None:
+            saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
+            n_prune = int(saliency.numel() * sparsity)
+            if n_prune:
+                order = torch.sort(saliency.flatten(), stable=True).indices[:n_prune]
+                block_mask.view(-1)[order] = True
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            if pattern is not None and i % pattern[1] == 0:
+                n, m = pattern
+                group = block[:, i : i + m].pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
+                lowest = torch.sort(group, dim=1, stable=True).indices[:, :n]
+                block_mask[:, i : i + m].scatter_(1, lowest, True)
+            column = block[:, i]
+            pruned = torch.where(block_mask[:, i], torch.zeros_like(column), column)
+            error = (column - pruned) / diag[i]
+            block[:, i:] -= error.unsqueeze(1) * block_hinv[i, i:].unsqueeze(0)
+            block[:, i] = pruned
+            errors[:, i] = error
+        w[:, start:end] = block
+        w[:, end:] -= errors @ hinv[start:end, end:]
+        mask[:, start:end] = block_mask
+    w[mask] = 0
+    return w, mask
