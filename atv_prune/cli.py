@@ -45,7 +45,7 @@ def main() -> None:
 @click.option("--pattern", default=None, help="N:M semi-structured pattern (N of every M weights pruned), e.g. 2:4.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="ATV visual budget scale.")
 @click.option("--visual-ratio", type=float, default=0.1, show_default=True,
-              help="Fraction of visual tokens for the drift-fixed pool.")
+              help="Fraction of visual tokens kept by the *-fixed pools.")
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration samples drawn.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")

@@ -8,11 +8,10 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import METHODS, Method
-#: Pools that only reweight text/visual tokens, usable with any activation-aware method.
-PLAIN_POOLS = ("mixed", "text", "visual")
-#: Pools that add a per-block subset of visual tokens to all text tokens (the ATV family).
-VISUAL_SUBSET_POOLS = ("atv", "random", "drift-fixed")
-POOLS = PLAIN_POOLS + VISUAL_SUBSET_POOLS
+from .pools import POOLS
+
+#: Pools that only select by modality, usable with any activation-aware method.
+PLAIN_POOLS = tuple(name for name, pool in POOLS.items() if pool.budget == "none")
 
 
 def parse_pattern(text: str) -> tuple[int, int]:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from .capture import CapturedSample, module_device, next_input, run_block
 from .config import PruneConfig
 from .errors import NumericalError, UnsupportedModelError
-from .pools import POOLS, PoolChoice, PoolParams, SampleView, adaptive_budget, visual_drift
+from .attention import recording_attention
+from .pools import POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, fixed_budget, visual_drift
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,6 @@ class LayerwisePruner:
         start = time.perf_counter()
         pool = POOLS[self.config.resolved_pool]
         statistic = self.config.method_spec.statistic
-        params = PoolParams(alpha=self.config.alpha, visual_ratio=self.config.visual_ratio)
         recorder = _InputRecorder(targets)
         sums: dict[str, torch.Tensor] = {}
         choices: list[PoolChoice] = []
@@ -202,34 +202,44 @@ class LayerwisePruner:
             for sample_index, sample in enumerate(samples):
                 recorder.start_sample()
                 hidden = sample.hidden.to(self.device)
-                output = run_block(block, sample, index, hidden)
+                visual = sample.visual.to(self.device)
+                if pool.needs_attention:
+                    with recording_attention(block, ~visual) as attention:
+                        output = run_block(block, sample, index, hidden)
+                    received = dict(attention_from_text=attention.from_text, attention_from_last=attention.from_last)
+                else:
+                    output, received = run_block(block, sample, index, hidden), {}
                 _check_finite(output, f"activations at block {index} for sample {sample.source}")
-                view = SampleView(sample.visual.to(self.device), hidden[0], output[0],
-                                  _generator(self.config.seed, index, sample_index))
-                choice = pool(view, params)
+                view = SampleView(visual, hidden[0], output[0], _generator(self.config.seed, index, sample_index),
+                                  **received)
+                choice = pool.select(view)
                 drift = visual_drift(view)
                 drift_sum, visual_count = drift_sum + float(drift.sum()), visual_count + drift.numel()
-                seq_len = view.visual.numel()
+                cap = budget_cap(pool, choice, self.config.visual_ratio)
                 kept = {}
                 for leader, x in recorder.inputs.items():
-                    rows = _token_rows(x, seq_len, leader)
+                    rows = _token_rows(x, visual.numel(), leader)
                     total = statistic(rows[choice.fixed])
                     sums[leader] = total if leader not in sums else sums[leader] + total
-                    if choice.ranked is not None:
-                        kept[leader] = rows[choice.ranked[: choice.candidate_cap]]
+                    if cap:
+                        kept[leader] = rows[choice.ranked[:cap]]
                 choices.append(choice)
                 candidates.append(kept)
                 bar.update(1)
         finally:
             recorder.remove()
         visual_selected = [c.visual_selected for c in choices]
-        if any(c.ranked is not None for c in choices):
+        if pool.budget != "none":
             saliency = sum(c.saliency_sum for c in choices) / max(1, sum(c.n_visual for c in choices))
             for position, (choice, kept) in enumerate(zip(choices, candidates)):
-                budget = adaptive_budget(choice.n_visual, choice.n_text, saliency, self.config.alpha)
+                if pool.budget == "adaptive":
+                    budget = adaptive_budget(choice.n_visual, choice.n_text, saliency, self.config.alpha)
+                else:
+                    budget = fixed_budget(choice.n_visual, self.config.visual_ratio)
                 visual_selected[position] += budget
                 for leader, rows in kept.items():
-                    sums[leader] += statistic(rows[:budget])
+                    if budget:
+                        sums[leader] += statistic(rows[:budget])
         scale = self.config.method_spec.scale / len(samples)
         results = {leader: total * scale for leader, total in sums.items()}
         for leader, result in results.items():

@@ -1,14 +1,17 @@
 """Calibration pools: which tokens of a sample feed a block's statistics.
 
-Each pool is a small pure function of one sample's view of one block (its modality mask,
-the block's input and dense output hidden states) returning a :class:`PoolChoice`:
+Each pool is a small pure function of one sample's view of one block (its modality mask, the
+block's input and dense output hidden states, and, when the pool asks for it, the attention each
+token received) returning a :class:`PoolChoice`:
 
 * ``fixed`` tokens join the statistics at once;
-* ``ranked`` visual candidates (most salient first) join later: once every sample has been
-  seen, the block-level budget rule of ATV-Pruning decides how long a prefix of each sample's
-  ranking is used. Ranking orders are prefix-consistent, so one forward per sample suffices.
+* ``ranked`` visual candidates (best first) join later, up to a per-sample budget decided once
+  every sample has been seen: ATV's adaptive budget (from the block's mean visual saliency) or a
+  fixed fraction of the sample's visual tokens. Rankings are prefix-consistent, so one forward
+  per sample suffices.
 
-Add a pool by writing a function and registering it in :data:`POOLS`.
+A pool is registered in :data:`POOLS` as a :class:`Pool`: the function, its budget rule, and
+whether it needs attention probabilities. Adding a pool is one function and one line.
 """
 
 from __future__ import annotations
@@ -28,12 +31,8 @@ class SampleView:
     hidden_in: torch.Tensor  # (seq, d) block input
     hidden_out: torch.Tensor  # (seq, d) dense block output
     generator: torch.Generator  # seeded per (seed, block, sample), on the CPU
-
-
-@dataclass(frozen=True)
-class PoolParams:
-    alpha: float = 1.0
-    visual_ratio: float = 0.1
+    attention_from_text: torch.Tensor | None = None  # (seq,) mean attention received from text queries
+    attention_from_last: torch.Tensor | None = None  # (seq,) attention received from the last query
 
 
 @dataclass(frozen=True)
@@ -44,13 +43,21 @@ class PoolChoice:
     n_text: int
     n_visual: int
     ranked: torch.Tensor | None = None  # long positions of visual candidates, best first
-    saliency_sum: float = 0.0  # summed saliency over the sample's visual tokens (block mean)
+    saliency_sum: float = 0.0  # summed saliency over the sample's visual tokens (for the block mean)
     visual_selected: int = 0  # visual tokens in ``fixed``
 
-    @property
-    def candidate_cap(self) -> int:
-        """Most ranked tokens any budget can take: K_j <= min(n_visual, n_text)."""
-        return 0 if self.ranked is None else min(len(self.ranked), self.n_text)
+
+PoolFunction = Callable[[SampleView], PoolChoice]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A registered pool: its function, its budget rule for ranked candidates, what it needs."""
+
+    select: PoolFunction
+    budget: str = "none"  # "none" (no ranked candidates), "adaptive" or "fixed"
+    needs_attention: bool = False
+    summary: str = ""
 
 
 def visual_drift(view: SampleView) -> torch.Tensor:
@@ -69,64 +76,122 @@ def _descending(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, descending=True, stable=True).indices
 
 
-def mixed_pool(view: SampleView, params: PoolParams) -> PoolChoice:
+def _counts(view: SampleView) -> tuple[int, int]:
+    n_visual = int(view.visual.sum())
+    return view.visual.numel() - n_visual, n_visual
+
+
+def mixed_pool(view: SampleView) -> PoolChoice:
     """All tokens (Wanda's default on VLMs)."""
-    n_vis = int(view.visual.sum())
-    return PoolChoice(torch.arange(view.visual.numel(), device=view.visual.device),
-                      n_text=view.visual.numel() - n_vis, n_visual=n_vis, visual_selected=n_vis)
+    n_text, n_visual = _counts(view)
+    return PoolChoice(torch.arange(view.visual.numel(), device=view.visual.device), n_text, n_visual,
+                      visual_selected=n_visual)
 
 
-def text_pool(view: SampleView, params: PoolParams) -> PoolChoice:
+def text_pool(view: SampleView) -> PoolChoice:
     """Text tokens only."""
-    n_vis = int(view.visual.sum())
-    return PoolChoice(_positions(~view.visual), n_text=view.visual.numel() - n_vis, n_visual=n_vis)
+    return PoolChoice(_positions(~view.visual), *_counts(view))
 
 
-def visual_pool(view: SampleView, params: PoolParams) -> PoolChoice:
+def visual_pool(view: SampleView) -> PoolChoice:
     """Visual tokens only."""
-    n_vis = int(view.visual.sum())
-    return PoolChoice(_positions(view.visual), n_text=view.visual.numel() - n_vis, n_visual=n_vis,
-                      visual_selected=n_vis)
+    n_text, n_visual = _counts(view)
+    return PoolChoice(_positions(view.visual), n_text, n_visual, visual_selected=n_visual)
 
 
-def atv_pool(view: SampleView, params: PoolParams) -> PoolChoice:
-    """ATV: all text tokens plus the visual tokens of largest drift, adaptive budget."""
+def _text_plus_ranked(view: SampleView, saliency: torch.Tensor, order: torch.Tensor) -> PoolChoice:
+    """All text tokens fixed; visual tokens ranked by ``order`` (indices into the visual tokens)."""
+    n_text, n_visual = _counts(view)
+    return PoolChoice(_positions(~view.visual), n_text, n_visual, ranked=_positions(view.visual)[order],
+                      saliency_sum=float(saliency.sum()))
+
+
+def drift_pool(view: SampleView) -> PoolChoice:
+    """ATV: visual tokens ranked by drift ``1 - cos(h_in, h_out)``."""
     drift = visual_drift(view)
-    visual_positions = _positions(view.visual)
-    return PoolChoice(_positions(~view.visual), n_text=int((~view.visual).sum()), n_visual=len(visual_positions),
-                      ranked=visual_positions[_descending(drift)], saliency_sum=float(drift.sum()))
+    return _text_plus_ranked(view, drift, _descending(drift))
 
 
-def random_pool(view: SampleView, params: PoolParams) -> PoolChoice:
-    """Ablation: ATV's adaptive budget, visual tokens drawn at random (seeded)."""
+def random_pool(view: SampleView) -> PoolChoice:
+    """Ablation: visual tokens in a seeded random order; the drift still sets the adaptive budget."""
     drift = visual_drift(view)
-    visual_positions = _positions(view.visual)
-    order = torch.randperm(len(visual_positions), generator=view.generator).to(visual_positions.device)
-    return PoolChoice(_positions(~view.visual), n_text=int((~view.visual).sum()), n_visual=len(visual_positions),
-                      ranked=visual_positions[order], saliency_sum=float(drift.sum()))
+    order = torch.randperm(drift.numel(), generator=view.generator).to(drift.device)
+    return _text_plus_ranked(view, drift, order)
 
 
-def drift_fixed_pool(view: SampleView, params: PoolParams) -> PoolChoice:
-    """Ablation: all text tokens plus the top ``visual_ratio`` of visual tokens by drift (no adaptivity)."""
-    drift = visual_drift(view)
-    visual_positions = _positions(view.visual)
-    k = round(params.visual_ratio * len(visual_positions))
-    chosen = visual_positions[_descending(drift)[:k]]
-    text = _positions(~view.visual)
-    return PoolChoice(torch.cat([text, chosen]), n_text=len(text), n_visual=len(visual_positions),
-                      saliency_sum=float(drift.sum()), visual_selected=k)
+def attention_pool(view: SampleView) -> PoolChoice:
+    """ABS: visual tokens ranked by the mean attention they receive from the text tokens."""
+    if view.attention_from_text is None:
+        raise RuntimeError("the attention-based pool needs the block's attention probabilities")
+    received = view.attention_from_text[view.visual].float()
+    return _text_plus_ranked(view, received, _descending(received))
 
 
-POOLS: dict[str, Callable[[SampleView, PoolParams], PoolChoice]] = {
-    "mixed": mixed_pool,
-    "text": text_pool,
-    "visual": visual_pool,
-    "atv": atv_pool,
-    "random": random_pool,
-    "drift-fixed": drift_fixed_pool,
+def diverse_order(features: torch.Tensor, first: int) -> torch.Tensor:
+    """Max-min (farthest-point) order of rows under cosine distance, starting at ``first``.
+
+    Prefix-consistent: the first K entries are the greedy max-min diverse subset of size K.
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    n = unit.shape[0]
+    order = torch.empty(n, dtype=torch.long, device=unit.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    nearest = torch.full((n,), float("inf"), device=unit.device)
+    current = first
+    for step in range(n):
+        order[step] = current
+        chosen[current] = True
+        nearest = torch.minimum(nearest, 1.0 - unit @ unit[current])
+        if step + 1 < n:
+            current = int(torch.where(chosen, float("-inf"), nearest).argmax())
+    return order
+
+
+def diversity_pool(view: SampleView) -> PoolChoice:
+    """DBS: the mean cosine distance of each visual token to the others (its input states) sets the
+    budget; tokens are taken in max-min diverse order starting from the most diverse one."""
+    features = view.hidden_in[view.visual].float()
+    n_visual = features.shape[0]
+    unit = F.normalize(features, dim=-1)
+    distance = 1.0 - unit @ unit.T
+    diversity = distance.sum(dim=1) / max(1, n_visual - 1)
+    first = int(_descending(diversity)[0]) if n_visual else 0
+    order = diverse_order(features, first) if n_visual else torch.empty(0, dtype=torch.long)
+    return _text_plus_ranked(view, diversity, order)
+
+
+POOLS: dict[str, Pool] = {
+    "mixed": Pool(mixed_pool, summary="all tokens"),
+    "text": Pool(text_pool, summary="text tokens only"),
+    "visual": Pool(visual_pool, summary="visual tokens only"),
+    "atv": Pool(drift_pool, "adaptive", summary="text + visual tokens of largest drift, adaptive budget"),
+    "drift-fixed": Pool(drift_pool, "fixed", summary="text + top visual_ratio of visual tokens by drift"),
+    "random": Pool(random_pool, "adaptive", summary="text + random visual tokens, ATV's budget"),
+    "random-fixed": Pool(random_pool, "fixed", summary="text + random visual_ratio of visual tokens"),
+    "abs": Pool(attention_pool, "adaptive", needs_attention=True,
+                summary="text + visual tokens most attended by text, adaptive budget"),
+    "abs-fixed": Pool(attention_pool, "fixed", needs_attention=True,
+                      summary="text + top visual_ratio of visual tokens by text attention"),
+    "dbs": Pool(diversity_pool, "adaptive", summary="text + max-min diverse visual tokens, adaptive budget"),
+    "dbs-fixed": Pool(diversity_pool, "fixed", summary="text + visual_ratio of visual tokens, max-min diverse"),
 }
 
 
 def adaptive_budget(n_visual: int, n_text: int, block_saliency: float, alpha: float) -> int:
     """ATV's per-sample visual budget ``K_j = min(n_vis, round(min(1, alpha * s_bar) * n_text))``."""
     return min(n_visual, round(min(1.0, alpha * block_saliency) * n_text))
+
+
+def fixed_budget(n_visual: int, ratio: float) -> int:
+    """A fixed fraction of the sample's visual tokens."""
+    return min(n_visual, round(ratio * n_visual))
+
+
+def budget_cap(pool: Pool, choice: PoolChoice, ratio: float) -> int:
+    """The most ranked candidates any budget can take, known before the block mean:
+    ``min(n_vis, n_text)`` for the adaptive rule (since min(1, alpha * s_bar) <= 1)."""
+    if choice.ranked is None:
+        return 0
+    if pool.budget == "fixed":
+        return fixed_budget(choice.n_visual, ratio)
+    return min(choice.n_visual, choice.n_text)

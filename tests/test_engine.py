@@ -287,3 +287,19 @@ def test_sparsegpt_reconstructs_block_outputs_better_than_wanda() -> None:
         pruned, _ = _pruned(model, calibration, method=method, sparsity=0.5)
         errors[method] = sum(float((a - b).pow(2).sum()) for a, b in zip(block0_outputs(pruned), dense))
     assert errors["sparsegpt"] < errors["wanda"], errors
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("pool", ["random-fixed", "abs", "abs-fixed", "dbs", "dbs-fixed", "drift-fixed"])
+def test_every_visual_subset_pool_prunes_and_reports_its_budget(name: str, pool: str) -> None:
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    pruned, report = _pruned(model, calibration, method="atv", pool=pool, sparsity=0.5, visual_ratio=0.25)
+    assert report.sparsity["overall"] == 0.5
+    n_visual = [int(torch.isin(s.inputs["input_ids"], torch.tensor(resolve(model).visual_token_ids)).sum())
+                for s in calibration.samples]
+    for block in report.blocks:
+        if pool.endswith("-fixed"):
+            assert block["visual_tokens_per_sample"] == sum(round(0.25 * n) for n in n_visual) / len(n_visual)
+        else:
+            assert 0 <= block["visual_tokens_per_sample"] <= block["text_tokens_per_sample"]

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from atv_prune.pools import POOLS, PoolParams, SampleView, adaptive_budget, visual_drift
+from atv_prune.pools import (POOLS, SampleView, adaptive_budget, budget_cap, diverse_order, fixed_budget,
+                             visual_drift)
 
 
 def _view(seed: int = 0, seq: int = 20, n_visual: int = 12) -> SampleView:
@@ -12,7 +13,9 @@ def _view(seed: int = 0, seq: int = 20, n_visual: int = 12) -> SampleView:
     visual[3 : 3 + n_visual] = True
     hidden_in = torch.randn(seq, 8, generator=g)
     hidden_out = hidden_in + torch.randn(seq, 8, generator=g) * torch.linspace(0.1, 2, seq).unsqueeze(1)
-    return SampleView(visual, hidden_in, hidden_out, torch.Generator().manual_seed(seed))
+    attention = torch.rand(seq, generator=g)
+    return SampleView(visual, hidden_in, hidden_out, torch.Generator().manual_seed(seed),
+                      attention_from_text=attention / attention.sum())
 
 
 def test_drift_is_one_minus_cosine_of_visual_tokens() -> None:
@@ -23,43 +26,62 @@ def test_drift_is_one_minus_cosine_of_visual_tokens() -> None:
 
 def test_plain_pools_select_by_modality() -> None:
     view = _view()
-    params = PoolParams()
-    assert POOLS["mixed"](view, params).fixed.tolist() == list(range(20))
-    assert POOLS["text"](view, params).fixed.tolist() == [0, 1, 2] + list(range(15, 20))
-    assert POOLS["visual"](view, params).fixed.tolist() == list(range(3, 15))
+    assert POOLS["mixed"].select(view).fixed.tolist() == list(range(20))
+    assert POOLS["text"].select(view).fixed.tolist() == [0, 1, 2] + list(range(15, 20))
+    assert POOLS["visual"].select(view).fixed.tolist() == list(range(3, 15))
+    assert all(POOLS[name].budget == "none" for name in ("mixed", "text", "visual"))
 
 
 def test_atv_ranks_visual_tokens_by_drift() -> None:
     view = _view()
-    choice = POOLS["atv"](view, PoolParams())
+    choice = POOLS["atv"].select(view)
     drift = visual_drift(view)
-    assert choice.fixed.tolist() == POOLS["text"](view, PoolParams()).fixed.tolist()
+    assert choice.fixed.tolist() == POOLS["text"].select(view).fixed.tolist()
     ranked_drift = drift[choice.ranked - 3]
     assert (ranked_drift[:-1] >= ranked_drift[1:]).all()
     assert abs(choice.saliency_sum - float(drift.sum())) < 1e-5
-    assert choice.candidate_cap == min(12, 8)
+    assert budget_cap(POOLS["atv"], choice, ratio=0.1) == min(12, 8)
+    assert budget_cap(POOLS["drift-fixed"], choice, ratio=0.25) == 3
 
 
 def test_random_pool_is_seeded_and_keeps_the_atv_saliency() -> None:
-    first = POOLS["random"](_view(seed=4), PoolParams())
-    again = POOLS["random"](_view(seed=4), PoolParams())
-    other = POOLS["random"](_view(seed=5), PoolParams())
+    first = POOLS["random"].select(_view(seed=4))
+    again = POOLS["random"].select(_view(seed=4))
+    other = POOLS["random"].select(_view(seed=5))
     assert first.ranked.tolist() == again.ranked.tolist()
     assert first.ranked.tolist() != other.ranked.tolist()
     assert sorted(first.ranked.tolist()) == list(range(3, 15))
-    assert first.saliency_sum == POOLS["atv"](_view(seed=4), PoolParams()).saliency_sum
+    assert first.saliency_sum == POOLS["atv"].select(_view(seed=4)).saliency_sum
 
 
-def test_drift_fixed_takes_a_fixed_fraction_of_the_top_drift() -> None:
+def test_attention_pool_ranks_by_attention_from_text() -> None:
     view = _view()
-    choice = POOLS["drift-fixed"](view, PoolParams(visual_ratio=0.25))
-    top = POOLS["atv"](view, PoolParams()).ranked[:3]
-    assert choice.visual_selected == 3
-    assert set(choice.fixed.tolist()) == {0, 1, 2, 15, 16, 17, 18, 19} | set(top.tolist())
+    choice = POOLS["abs"].select(view)
+    received = view.attention_from_text[3:15]
+    assert choice.ranked.tolist() == (torch.argsort(received, descending=True, stable=True) + 3).tolist()
+    assert abs(choice.saliency_sum - float(received.sum())) < 1e-6
+    assert POOLS["abs"].needs_attention and not POOLS["atv"].needs_attention
 
 
-def test_adaptive_budget_rule() -> None:
+def test_diverse_order_is_greedy_max_min() -> None:
+    points = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.05], [0.7, 0.7]])
+    order = diverse_order(points, first=0)
+    assert order.tolist()[:3] == [0, 3, 2]
+    assert sorted(order.tolist()) == list(range(5))
+
+
+def test_diversity_pool_budget_saliency_is_mean_cosine_distance() -> None:
+    view = _view()
+    choice = POOLS["dbs"].select(view)
+    unit = F.normalize(view.hidden_in[3:15], dim=-1)
+    diversity = (1 - unit @ unit.T).sum(1) / 11
+    assert abs(choice.saliency_sum - float(diversity.sum())) < 1e-4
+    assert int(choice.ranked[0]) == int(diversity.argmax()) + 3
+
+
+def test_budget_rules() -> None:
     assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=1.0) == 10
     assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=0.0) == 0
     assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=8.0) == 40
     assert adaptive_budget(n_visual=5, n_text=40, block_saliency=0.9, alpha=1.0) == 5
+    assert fixed_budget(n_visual=200, ratio=0.1) == 20 and fixed_budget(n_visual=7, ratio=1.0) == 7
