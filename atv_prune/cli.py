@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
+from .cli_support import one_line_errors
 from .config import METHODS, POOLS, PruneConfig, parse_pattern
 from .errors import AtvPruneError
 
-
-def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an :class:`AtvPruneError` into ``error: ...`` on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except AtvPruneError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-    return wrapper
+_one_line_errors = one_line_errors  # the name cli_eval imports
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,3 +93,14 @@ def families() -> None:
 
     for family in FAMILIES:
         click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {family.notes}")
+
+
+def _register() -> None:
+    from .cli_eval import eval_command
+    from .cli_study import compare, sweep
+
+    for command in (eval_command, compare, sweep):
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,153 @@
+"""``atv-prune compare`` and ``atv-prune sweep``: resumable method tables and budget sweeps."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_support import ListOptionsCommand, one_line_errors
+from .config import PruneConfig, parse_pattern
+from .errors import AtvPruneError, ConfigError
+
+
+def _study_options(function: Any) -> Any:
+    options = [
+        click.option("--model", "model_path", required=True, type=click.Path(path_type=Path)),
+        click.option("--calib", "calib_path", required=True, type=click.Path(path_type=Path)),
+        click.option("--tasks", multiple=True, required=True, help="Built-in task names or lmms-eval task ids."),
+        click.option("--bench", "bench_dir", type=click.Path(path_type=Path), default=None,
+                     help="Benchmark folder for built-in tasks [default: the shipped one]."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="First N documents per task."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--samples", type=int, default=128, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default=None),
+        click.option("--image-root", type=click.Path(path_type=Path), default=None),
+        click.option("--max-pixels", type=int, default=None),
+        click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+                     help="Study folder; re-running the same study there resumes it."),
+        click.option("--overwrite", is_flag=True, help="Discard the cells already in --out."),
+        click.option("--trust-remote-code", is_flag=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _settings(kw: dict[str, Any]):
+    from .study import StudySettings
+
+    if not kw["calib_path"].is_file():
+        raise AtvPruneError(f"calibration file {kw['calib_path']} not found: pass an existing --calib FILE")
+    return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=[t for v in kw["tasks"] for t in
+                                                                                   v.replace(",", " ").split()],
+                         bench_dir=str(kw["bench_dir"]) if kw["bench_dir"] else None, limit=kw["limit"],
+                         batch_size=kw["batch_size"], device=kw["device"], image_root=kw["image_root"],
+                         max_pixels=kw["max_pixels"], trust_remote_code=kw["trust_remote_code"])
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return stream.getvalue()
+
+
+def _method_spec(text: str) -> tuple[str, str | None]:
+    method, _, pool = text.partition(":")
+    return method, pool or None
+
+
+@click.command("compare", cls=ListOptionsCommand)
+@_study_options
+@click.option("--methods", multiple=True, default=("magnitude", "wanda", "wanda:text", "atv"), show_default=True,
+              help="METHOD or METHOD:POOL, e.g. wanda wanda:text atv sparsegpt sparsegpt:atv.")
+@click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
+@click.option("--pattern", "patterns", multiple=True, help="N:M targets, e.g. 2:4 4:8.")
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@one_line_errors
+def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: tuple[str, ...], alpha: float,
+             **kw: Any) -> None:
+    """A Table-2-style retention table: methods x sparsity targets, with wall time and peak memory."""
+    from .export import write_json_atomic, write_text_atomic
+    from .plots import retention_bars
+    from .study import Cell, Study, cell_summary, markdown_table, retention_rows
+
+    if not sparsities and not patterns:
+        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
+    targets = [dict(sparsity=s, pattern=None) for s in sparsities] + [
+        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
+    cells = []
+    for spec in [m for value in methods for m in value.replace(",", " ").split()]:
+        method, pool = _method_spec(spec)
+        for target in targets:
+            config = PruneConfig(method=method, pool=pool, alpha=alpha, samples=kw["samples"], seed=kw["seed"],
+                                 device=kw["device"], progress=False, **target)
+            cells.append(Cell(f"{spec} {config.target_label}", config))
+    study = Study(kw["out_dir"], _settings(kw), "compare", kw["overwrite"])
+    dense = study.dense()
+    records = []
+    for number, cell in enumerate(cells, 1):
+        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
+        records.append(study.run(cell))
+    rows = retention_rows(records, dense)
+    for row, record in zip(rows[1:], records):
+        row["method"], row["target"] = record["label"].rsplit(" ", 1)
+    write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
+    table = [{k: v for k, v in row.items() if k not in ("method", "target")} for row in rows]
+    write_text_atomic(kw["out_dir"] / "table.md", markdown_table(table, dense))
+    write_text_atomic(kw["out_dir"] / "table.csv", _csv(table))
+    retention_bars(kw["out_dir"] / "retention.png", rows[1:], "mean retention by method and target")
+    click.echo(markdown_table(table, dense))
+
+
+@click.command("sweep", cls=ListOptionsCommand)
+@_study_options
+@click.option("--alpha", "alphas", type=float, multiple=True, default=(0, 0.5, 1, 2, 4, 8), show_default=True,
+              help="Adaptive-budget scales to try.")
+@click.option("--ratios", type=float, multiple=True, default=(0.05, 0.1, 0.2, 0.3), show_default=True,
+              help="Fixed visual ratios to try.")
+@click.option("--saliency", type=click.Choice(["drift", "random", "abs", "dbs"]), default="drift", show_default=True,
+              help="Which visual-token saliency the sweep uses.")
+@click.option("--method", type=click.Choice(["atv", "sparsegpt"]), default="atv", show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
+@click.option("--pattern", default=None, help="N:M target instead of --sparsity.")
+@one_line_errors
+def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, method: str,
+          sparsity: float | None, pattern: str | None, **kw: Any) -> None:
+    """Retention against visual tokens selected: alpha sweep (adaptive) and fixed visual ratios."""
+    from .export import write_json_atomic, write_text_atomic
+    from .plots import tokens_vs_retention
+    from .study import Cell, Study, cell_summary, markdown_table, retention_rows
+
+    adaptive = {"drift": "atv", "random": "random", "abs": "abs", "dbs": "dbs"}[saliency]
+    fixed = "drift-fixed" if saliency == "drift" else f"{adaptive}-fixed"
+    target = dict(sparsity=None, pattern=parse_pattern(pattern)) if pattern else dict(
+        sparsity=sparsity if sparsity is not None else 0.5, pattern=None)
+    common = dict(method=method, samples=kw["samples"], seed=kw["seed"], device=kw["device"], progress=False,
+                  **target)
+    cells = [Cell(f"alpha={a:g}", PruneConfig(pool=adaptive, alpha=a, **common)) for a in alphas]
+    cells += [Cell(f"ratio={r:g}", PruneConfig(pool=fixed, visual_ratio=r, **common)) for r in ratios]
+    study = Study(kw["out_dir"], _settings(kw), "sweep", kw["overwrite"])
+    dense = study.dense()
+    records = []
+    for number, cell in enumerate(cells, 1):
+        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
+        records.append(study.run(cell))
+    rows = retention_rows(records, dense)
+    write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
+    write_text_atomic(kw["out_dir"] / "sweep.md", markdown_table(rows, dense))
+    write_text_atomic(kw["out_dir"] / "sweep.csv", _csv(rows))
+    series = {f"adaptive ({adaptive}, alpha)": [], f"fixed ratio ({fixed})": []}
+    for record in records:
+        name = list(series)[0] if record["label"].startswith("alpha") else list(series)[1]
+        series[name].append((record["visual_tokens_per_sample"], record["retention"]["mean"],
+                             record["label"].split("=")[1]))
+    tokens_vs_retention(kw["out_dir"] / "sweep.png", series,
+                        f"{method} {PruneConfig(**common).target_label}: retention vs visual tokens")
+    click.echo(markdown_table(rows, dense))

@@ -1,0 +1,240 @@
+"""Resumable studies: a grid of pruning runs, each evaluated, compared with the dense model.
+
+A study is a list of :class:`Cell` (a label and a :class:`PruneConfig`, plus any extra settings
+such as the MoT pathway). Each cell loads the checkpoint afresh, prunes it, evaluates it through
+the lmms-eval bridge and stores ``cells/<key>.json`` atomically in the study folder; a re-run of
+the same study skips the cells already stored. The folder's ``study.json`` pins what the study is
+(model, calibration, tasks, evaluation settings), so a different study is never mixed into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .api import PruneReport, package_versions, prune
+from .calibration import CalibrationSet
+from .config import PruneConfig
+from .errors import AtvPruneError
+from .export import write_json_atomic
+
+PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, dict[str, Any]], PruneReport]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One pruning run of a study."""
+
+    label: str
+    config: PruneConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """Stable identifier of what decides this cell's result."""
+        payload = json.dumps({"config": self.config.to_dict(), "extra": self.extra}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+@dataclass
+class StudySettings:
+    """What every cell of a study shares."""
+
+    model: Path
+    calib: Path
+    tasks: list[str]
+    bench_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    device: str | None = None
+    image_root: Path | None = None
+    max_pixels: int | None = None
+    trust_remote_code: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": str(self.model.resolve()), "calib": str(self.calib.resolve()), "tasks": self.tasks,
+                "bench_dir": self.bench_dir, "limit": self.limit, "max_pixels": self.max_pixels}
+
+
+class PeakMemory:
+    """Peak memory used while the block runs: CUDA allocator peak, or the process's resident set
+    size sampled every 10 ms on the CPU (minus what was resident before)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as stream:
+            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            yield
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - before
+            return
+        before = self._rss()
+        peak = [before]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.01):
+                peak[0] = max(peak[0], self._rss())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.peak_bytes = max(peak[0], self._rss()) - before
+
+
+def _default_prune(model: nn.Module, processor: Any, calibration: CalibrationSet, config: PruneConfig,
+                   extra: dict[str, Any]) -> PruneReport:
+    return prune(model, processor, calibration, config)
+
+
+class Study:
+    """Runs cells into a study folder, resuming finished ones."""
+
+    def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.settings = settings
+        self.cells_dir = self.folder / "cells"
+        manifest = self.folder / "study.json"
+        identity = {"kind": kind, **settings.identity()}
+        if manifest.exists() and not overwrite:
+            stored = json.loads(manifest.read_text())
+            if stored.get("identity") != identity:
+                raise AtvPruneError(f"{self.folder} holds a different study ({stored.get('identity', {}).get('kind')}"
+                                    f" on other model/data/tasks): choose another --out or pass --overwrite")
+        elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
+            raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
+        if overwrite and self.cells_dir.exists():
+            for stale in self.cells_dir.glob("*.json"):
+                stale.unlink()
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(manifest, {"identity": identity, "versions": package_versions()})
+        self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
+
+    def _load(self) -> tuple[nn.Module, Any]:
+        from .loading import compute_dtype, load_model
+        from .processors import load_processor
+        from .api import resolve_device
+
+        device = resolve_device(self.settings.device)
+        model, _ = load_model(self.settings.model, compute_dtype("auto", device), self.settings.trust_remote_code)
+        return model, load_processor(self.settings.model, trust_remote_code=self.settings.trust_remote_code)
+
+    def _calibration_for(self, processor: Any, config: PruneConfig) -> CalibrationSet:
+        """The calibration draw for the cell's samples and seed (read once per draw)."""
+        from .calibration import load_calibration
+
+        key = (config.samples, config.seed)
+        if key not in self._calibrations:
+            self._calibrations[key] = load_calibration(
+                self.settings.calib, processor, image_root=self.settings.image_root, samples=config.samples,
+                seed=config.seed, max_pixels=self.settings.max_pixels)
+        return self._calibrations[key]
+
+    def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
+        from .api import resolve_device
+        from .eval.run import evaluate
+
+        device = resolve_device(self.settings.device)
+        model.to(device)
+        result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
+                          limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device))
+        return result.to_dict()
+
+    def dense(self) -> dict[str, Any]:
+        """The dense model's evaluation (computed once, then read back)."""
+        path = self.cells_dir / "dense.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        model, processor = self._load()
+        record = {"label": "dense", "evaluation": self._evaluate(model, processor)}
+        write_json_atomic(path, record)
+        return record
+
+    def run(self, cell: Cell, prune_function: PruneFunction = _default_prune) -> dict[str, Any]:
+        """Prune and evaluate one cell, or read its stored result."""
+        path = self.cells_dir / f"{cell.key()}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from .api import resolve_device
+        from .eval.run import EvalResult, retention
+
+        model, processor = self._load()
+        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
+        memory = PeakMemory(resolve_device(cell.config.device))
+        start = time.perf_counter()
+        with memory.measure():
+            report = prune_function(model, processor, calibration, cell.config, cell.extra)
+        seconds = time.perf_counter() - start
+        evaluation = self._evaluate(model, processor)
+        dense = EvalResult.from_dict(self.dense()["evaluation"])
+        record = {
+            "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra,
+            "prune_seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes,
+            "sparsity": report.sparsity["overall"], "blocks": report.blocks,
+            "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),
+            "evaluation": evaluation, "retention": retention(EvalResult.from_dict(evaluation), dense),
+        }
+        write_json_atomic(path, record)
+        return record
+
+
+def _mean_visual_tokens(blocks: list[dict[str, Any]]) -> float | None:
+    values = [b["visual_tokens_per_sample"] for b in blocks if b.get("visual_tokens_per_sample") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def retention_rows(records: list[dict[str, Any]], dense: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per cell: label, settings, per-task retention, mean, time and memory."""
+    tasks = list(dense["evaluation"]["scores"])
+    rows = [{"label": "dense", **{t: 100.0 for t in tasks}, "mean": 100.0, "prune_seconds": None,
+             "peak_memory_gib": None, "visual_tokens_per_sample": None}]
+    for record in records:
+        per_task = record["retention"]["tasks"]
+        rows.append({"label": record["label"], **{t: per_task.get(t) for t in tasks},
+                     "mean": record["retention"]["mean"], "prune_seconds": record["prune_seconds"],
+                     "peak_memory_gib": record["peak_memory_bytes"] / 2**30,
+                     "visual_tokens_per_sample": record["visual_tokens_per_sample"]})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
+    """The rows as a Table-2-style markdown table (retention %, dense scores in the header note)."""
+    columns = list(rows[0])
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    scores = ", ".join(f"{t} {s:.1f}" for t, s in dense["evaluation"]["scores"].items())
+    return "\n".join(lines) + f"\n\nRetention = pruned / dense × 100 per task. Dense scores: {scores}.\n"
+
+
+def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a cell record worth keeping in a study's summary file."""
+    return {k: record[k] for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
+                                   "visual_tokens_per_sample", "retention")} | {
+        "scores": record["evaluation"]["scores"]}
+

@@ -1,0 +1,156 @@
+"""The ``motprobe`` command line: modality-asymmetry diagnostics on a local checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from atv_prune.cli_support import one_line_errors as _one_line_errors
+from atv_prune.config import PruneConfig, parse_pattern
+from atv_prune.errors import AtvPruneError
+
+
+def _load(model_path: Path, trust_remote_code: bool):
+    from atv_prune.loading import load_model
+    from atv_prune.processors import load_processor
+
+    model, _ = load_model(model_path, trust_remote_code=trust_remote_code)
+    return model, load_processor(model_path, trust_remote_code=trust_remote_code)
+
+
+def _calibration(calib: Path, processor, samples: int, seed: int, image_root: Path | None, max_pixels: int | None):
+    from atv_prune.calibration import load_calibration
+
+    return load_calibration(calib, processor, image_root=image_root, samples=samples, seed=seed,
+                            max_pixels=max_pixels)
+
+
+_common = [
+    click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Local checkpoint."),
+    click.option("--calib", "calib_path", required=True, type=click.Path(path_type=Path), help="Calibration file."),
+    click.option("--samples", type=int, default=32, show_default=True, help="Calibration samples drawn."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--image-root", type=click.Path(path_type=Path), default=None),
+    click.option("--max-pixels", type=int, default=None),
+    click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+    click.option("--trust-remote-code", is_flag=True),
+]
+
+
+def common_options(function):
+    for option in reversed(_common):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Study how text and visual tokens behave under pruning (the paper's MoT probe and diagnostics)."""
+
+
+@main.command()
+@common_options
+@click.option("--method", type=click.Choice(["wanda", "sparsegpt"]), default="wanda", show_default=True)
+@click.option("--sparsity", type=float, default=0.5, show_default=True)
+@click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
+@click.option("--pools", nargs=2, default=("text", "visual"), show_default=True, help="The two pools compared.")
+@click.option("--device", default=None)
+@_one_line_errors
+def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
+        max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, method: str,
+        sparsity: float, pattern: str | None, pools: tuple[str, str], device: str | None) -> None:
+    """Mask IoU between two calibration pools for every pruned linear (table, summary, histogram)."""
+    from atv_prune.export import check_output_dir, write_dir_atomic, write_json_atomic
+
+    from .diagnostics import iou_summary, mask_iou, plot_iou_histogram, pruned_masks, write_csv
+
+    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else sparsity,
+                           pattern=parse_pattern(pattern) if pattern else None, samples=samples, seed=seed,
+                           device=device) for pool in pools]
+    check_output_dir(out_dir, overwrite, protected=[model_path])
+    masks = []
+    for config in configs:
+        model, processor = _load(model_path, trust_remote_code)
+        calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)
+        masks.append(pruned_masks(model, calibration, config))
+        del model
+    rows = mask_iou(*masks)
+    summary = {"pools": list(pools), "method": method, "target": configs[0].target_label, "samples": samples,
+               "seed": seed, **iou_summary(rows)}
+
+    def fill(folder: Path) -> None:
+        write_csv(folder / "iou.csv", rows)
+        write_json_atomic(folder / "iou_summary.json", summary)
+        plot_iou_histogram(rows, folder / "iou_hist.png",
+                           f"{method} {configs[0].target_label}: {pools[0]} vs {pools[1]} calibration")
+
+    write_dir_atomic(out_dir, fill, overwrite)
+    click.echo(f"mask IoU over {summary['linears']} linears: mean {summary['mean']:.3f}, "
+               f"min {summary['min']:.3f}, median {summary['quantiles']['0.5']:.3f}; written to {out_dir}")
+
+
+@main.command()
+@common_options
+@click.option("--blocks", "block_list", type=int, multiple=True, required=True, help="Blocks to embed (repeat).")
+@click.option("--tokens", type=int, default=400, show_default=True, help="Tokens per modality and block.")
+@click.option("--perplexity", type=float, default=30.0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@_one_line_errors
+def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
+         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+         block_list: tuple[int, ...], tokens: int, perplexity: float, device: str) -> None:
+    """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
+    from atv_prune.export import check_output_dir, write_dir_atomic
+
+    from .diagnostics import block_activations, plot_tsne, tsne_embedding, write_csv
+
+    check_output_dir(out_dir, overwrite, protected=[model_path])
+    model, processor = _load(model_path, trust_remote_code)
+    calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)
+    activations = block_activations(model, calibration, sorted(set(block_list)), device)
+    embeddings = {block: tsne_embedding(acts, visual, tokens, seed, perplexity)
+                  for block, (acts, visual) in activations.items()}
+    rows = [{"block": block, "x": float(x), "y": float(y), "modality": "visual" if v else "text"}
+            for block, (points, visual) in embeddings.items() for (x, y), v in zip(points, visual)]
+
+    def fill(folder: Path) -> None:
+        write_csv(folder / "tsne.csv", rows)
+        plot_tsne(embeddings, folder / "tsne.png")
+
+    write_dir_atomic(out_dir, fill, overwrite)
+    click.echo(f"t-SNE of {len(rows)} tokens at blocks {sorted(embeddings)} written to {out_dir}")
+
+
+@main.command()
+@click.option("--report", "report_path", required=True, type=click.Path(path_type=Path),
+              help="pruning_report.json of an ATV run (atv-prune prune --method atv).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@_one_line_errors
+def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
+    """Per-block mean visual drift and visual tokens selected (the paper's Fig. A1) from a report."""
+    from atv_prune.export import write_dir_atomic
+
+    from .diagnostics import plot_drift, write_csv
+
+    try:
+        report = json.loads(report_path.read_text())
+        blocks = report["blocks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AtvPruneError(f"{report_path} is not a pruning_report.json: pass the report atv-prune wrote") from None
+    if not blocks or any(b.get("mean_drift") is None for b in blocks):
+        raise AtvPruneError(f"{report_path} has no per-block drift: use the report of a calibrated run (e.g. atv)")
+    rows = [{k: b[k] for k in ("index", "mean_drift", "visual_tokens_per_sample", "text_tokens_per_sample")}
+            for b in blocks]
+    config = report.get("config", {})
+    title = f"{config.get('method')} pool {config.get('pool')}, alpha {config.get('alpha')}"
+
+    def fill(folder: Path) -> None:
+        write_csv(folder / "drift.csv", rows)
+        plot_drift(rows, folder / "drift.png", title)
+
+    write_dir_atomic(out_dir, fill, overwrite)
+    click.echo(f"drift of {len(rows)} blocks written to {out_dir}")

@@ -1,0 +1,96 @@
+"""``atv-prune compare`` / ``sweep``: cells, resume, tables and figures (the evaluation is scripted here;
+the lmms-eval bridge itself is tested in test_eval_bridge.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atv_prune.cli import main
+from atv_prune.eval.run import EvalResult
+from atv_prune.study import Study
+from tiny_checkpoints import make_calibration_files, make_checkpoint
+
+TASKS = ("exist", "count")
+
+
+def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
+    """Score = 100 x the fraction of non-zero decoder weights (dense 100, 50% pruned 50); ``count``
+    also rewards ATV-like text calibration by a deterministic weight checksum so methods differ."""
+    weights = [p.detach() for n, p in model.named_parameters() if "language_model.layers" in n and p.dim() == 2]
+    kept = float(sum((w != 0).sum() for w in weights) / sum(w.numel() for w in weights))
+    checksum = float(sum(w.abs().sum() for w in weights))
+    scores = {"exist": 100 * kept, "count": min(100.0, 100 * kept + checksum % 7)}
+    self.evaluations = getattr(self, "evaluations", 0) + 1
+    return EvalResult(scores=scores, mean=sum(scores.values()) / 2, samples={t: 4 for t in TASKS}, metrics={},
+                      scale={}, versions={}, seconds=0.0, limit=self.settings.limit).to_dict()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("study")
+    files = make_calibration_files(root / "calib")
+    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": files["json"]}
+
+
+def _invoke(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_compare_writes_a_table_and_resumes(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(Study, "_evaluate", lambda self, m, p: calls.append(1) or _scripted_evaluate(self, m, p))
+    out = workspace["root"] / "compare"
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
+            "--methods", "magnitude", "wanda", "atv", "--sparsity", "0.5", "0.6", "--pattern", "2:4",
+            "--samples", "4", "--out", out]
+    code, output = _invoke(*args)
+    assert code == 0, output
+    assert len(calls) == 1 + 3 * 3  # dense + 3 methods x 3 targets
+    results = json.loads((out / "results.json").read_text())
+    labels = [cell["label"] for cell in results["cells"]]
+    assert labels == [f"{m} {t}" for m in ("magnitude", "wanda", "atv") for t in ("50%", "60%", "2:4")]
+    for cell in results["cells"]:
+        target = 0.6 if "60%" in cell["label"] else 0.5
+        assert abs(cell["sparsity"] - target) < 0.01  # floor(p * in_features) per row
+        assert abs(cell["retention"]["tasks"]["exist"] - 100 * (1 - cell["sparsity"])) < 1e-4
+        assert cell["prune_seconds"] > 0 and cell["peak_memory_bytes"] >= 0
+    table = (out / "table.md").read_text()
+    assert "| label | exist | count | mean | prune_seconds | peak_memory_gib |" in table.splitlines()[0]
+    assert (out / "table.csv").read_text().count("\n") == 1 + 1 + 9 and (out / "retention.png").stat().st_size
+    calls.clear()
+    code, output = _invoke(*args)  # resume: nothing recomputed
+    assert code == 0 and calls == []
+    code, output = _invoke(*args[:-6], "--sparsity", "0.7", "--samples", "4", "--out", out)
+    assert code == 0 and len(calls) == 3  # only the new target's cells
+
+
+def test_sweep_reports_tokens_against_retention(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    out = workspace["root"] / "sweep"
+    code, output = _invoke("sweep", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
+                           *TASKS, "--alpha", "0", "4", "--ratios", "0.25", "1.0", "--samples", "4", "--out", out)
+    assert code == 0, output
+    cells = {c["label"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert set(cells) == {"alpha=0", "alpha=4", "ratio=0.25", "ratio=1"}
+    assert cells["alpha=0"]["visual_tokens_per_sample"] == 0
+    assert cells["ratio=1"]["visual_tokens_per_sample"] == 16  # every visual token of the tiny LLaVA
+    assert cells["ratio=0.25"]["visual_tokens_per_sample"] == 4
+    assert cells["alpha=4"]["config"]["pool"] == "atv" and cells["ratio=1"]["config"]["pool"] == "drift-fixed"
+    assert (out / "sweep.png").stat().st_size and (out / "sweep.md").exists()
+
+
+def test_a_different_study_is_not_mixed_in(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    out = workspace["root"] / "mixed-up"
+    base = ["--model", workspace["model"], "--calib", workspace["calib"], "--samples", "4", "--out", out]
+    assert _invoke("compare", *base, "--tasks", "exist", "--methods", "magnitude", "--sparsity", "0.5")[0] == 0
+    code, output = _invoke("compare", *base, "--tasks", "count", "--methods", "magnitude", "--sparsity", "0.5")
+    assert code == 2 and "holds a different study" in output
+    code, output = _invoke("compare", *base, "--tasks", "exist", "--methods", "magnitude")
+    assert code == 2 and "at least one target" in output
