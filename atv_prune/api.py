@@ -59,6 +59,7 @@ class PruneReport:
     blocks: list[dict[str, Any]]
     seconds: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,12 +78,9 @@ def _model_summary(model: nn.Module, layout: families.ModelLayout) -> dict[str, 
     }
 
 
-def _sparsity_summary(model: nn.Module, per_linear: dict[str, float]) -> dict[str, Any]:
-    modules = dict(model.named_parameters())
-    total = sum(modules[f"{name}.weight"].numel() for name in per_linear if f"{name}.weight" in modules)
-    zeros = sum(
-        per_linear[name] * modules[f"{name}.weight"].numel() for name in per_linear if f"{name}.weight" in modules
-    )
+def _sparsity_summary(per_linear: dict[str, float], sizes: dict[str, int]) -> dict[str, Any]:
+    total = sum(sizes.values())
+    zeros = sum(per_linear[name] * sizes[name] for name in per_linear)
     return {"overall": zeros / total if total else 0.0, "per_linear": per_linear}
 
 
@@ -170,7 +168,7 @@ def prune(
         model=_model_summary(model, layout),
         versions=package_versions(),
         calibration=calibration_summary,
-        sparsity=_sparsity_summary(model, result.sparsity),
+        sparsity=_sparsity_summary(result.sparsity, result.sizes),
         blocks=[asdict(block) for block in result.blocks],
         seconds={key: round(value, 4) for key, value in seconds.items()},
         warnings=warnings,

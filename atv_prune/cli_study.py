@@ -14,7 +14,8 @@ from .config import PruneConfig, parse_pattern
 from .errors import AtvPruneError, ConfigError
 
 
-def _study_options(function: Any) -> Any:
+def study_options(function: Any) -> Any:
+    """The options every study command shares (model, data, tasks, evaluation, output)."""
     options = [
         click.option("--model", "model_path", required=True, type=click.Path(path_type=Path)),
         click.option("--calib", "calib_path", required=True, type=click.Path(path_type=Path)),
@@ -38,7 +39,8 @@ def _study_options(function: Any) -> Any:
     return function
 
 
-def _settings(kw: dict[str, Any]):
+def study_settings(kw: dict[str, Any]):
+    """StudySettings from the shared options."""
     from .study import StudySettings
 
     if not kw["calib_path"].is_file():
@@ -50,7 +52,8 @@ def _settings(kw: dict[str, Any]):
                          max_pixels=kw["max_pixels"], trust_remote_code=kw["trust_remote_code"])
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows (dicts with the same keys) as CSV text."""
     stream = io.StringIO()
     writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -64,7 +67,7 @@ def _method_spec(text: str) -> tuple[str, str | None]:
 
 
 @click.command("compare", cls=ListOptionsCommand)
-@_study_options
+@study_options
 @click.option("--methods", multiple=True, default=("magnitude", "wanda", "wanda:text", "atv"), show_default=True,
               help="METHOD or METHOD:POOL, e.g. wanda wanda:text atv sparsegpt sparsegpt:atv.")
 @click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
@@ -89,7 +92,7 @@ def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: t
             config = PruneConfig(method=method, pool=pool, alpha=alpha, samples=kw["samples"], seed=kw["seed"],
                                  device=kw["device"], progress=False, **target)
             cells.append(Cell(f"{spec} {config.target_label}", config))
-    study = Study(kw["out_dir"], _settings(kw), "compare", kw["overwrite"])
+    study = Study(kw["out_dir"], study_settings(kw), "compare", kw["overwrite"])
     dense = study.dense()
     records = []
     for number, cell in enumerate(cells, 1):
@@ -101,13 +104,13 @@ def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: t
     write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
     table = [{k: v for k, v in row.items() if k not in ("method", "target")} for row in rows]
     write_text_atomic(kw["out_dir"] / "table.md", markdown_table(table, dense))
-    write_text_atomic(kw["out_dir"] / "table.csv", _csv(table))
+    write_text_atomic(kw["out_dir"] / "table.csv", csv_text(table))
     retention_bars(kw["out_dir"] / "retention.png", rows[1:], "mean retention by method and target")
     click.echo(markdown_table(table, dense))
 
 
 @click.command("sweep", cls=ListOptionsCommand)
-@_study_options
+@study_options
 @click.option("--alpha", "alphas", type=float, multiple=True, default=(0, 0.5, 1, 2, 4, 8), show_default=True,
               help="Adaptive-budget scales to try.")
 @click.option("--ratios", type=float, multiple=True, default=(0.05, 0.1, 0.2, 0.3), show_default=True,
@@ -133,7 +136,7 @@ def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, m
                   **target)
     cells = [Cell(f"alpha={a:g}", PruneConfig(pool=adaptive, alpha=a, **common)) for a in alphas]
     cells += [Cell(f"ratio={r:g}", PruneConfig(pool=fixed, visual_ratio=r, **common)) for r in ratios]
-    study = Study(kw["out_dir"], _settings(kw), "sweep", kw["overwrite"])
+    study = Study(kw["out_dir"], study_settings(kw), "sweep", kw["overwrite"])
     dense = study.dense()
     records = []
     for number, cell in enumerate(cells, 1):
@@ -142,7 +145,7 @@ def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, m
     rows = retention_rows(records, dense)
     write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
     write_text_atomic(kw["out_dir"] / "sweep.md", markdown_table(rows, dense))
-    write_text_atomic(kw["out_dir"] / "sweep.csv", _csv(rows))
+    write_text_atomic(kw["out_dir"] / "sweep.csv", csv_text(rows))
     series = {f"adaptive ({adaptive}, alpha)": [], f"fixed ratio ({fixed})": []}
     for record in records:
         name = list(series)[0] if record["label"].startswith("alpha") else list(series)[1]

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .allocation import ALLOCATIONS
 from .methods import METHODS, Method
 from .pools import POOLS
 
@@ -38,6 +39,7 @@ class PruneConfig:
     pool: str | None = None
     alpha: float = 1.0
     visual_ratio: float = 0.1
+    allocation: str | None = None
     samples: int = 128
     seed: int = 0
     device: str | None = None
@@ -64,6 +66,11 @@ class PruneConfig:
             raise ConfigError(f"{self.method} pruning uses no calibration data: drop --pool")
         if not method.plain_pools and self.pool in PLAIN_POOLS:
             raise ConfigError(f"--method {self.method} builds its own pool; for the '{self.pool}' pool use --method wanda")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation '{self.allocation}': choose one of {', '.join(ALLOCATIONS)}")
+        if self.resolved_allocation == "das" and (self.pattern is not None or not self.needs_calibration):
+            raise ConfigError("DAS allocation needs unstructured --sparsity and a calibrated method; "
+                              "use --allocation uniform with N:M patterns")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
             raise ConfigError(f"alpha {self.alpha} must be a finite number >= 0")
         if not (0 < self.visual_ratio <= 1):
@@ -82,6 +89,11 @@ class PruneConfig:
         return self.pool or METHODS[self.method].default_pool
 
     @property
+    def resolved_allocation(self) -> str:
+        """How sparsity is spread over a block's matrices: 'uniform' or 'das'."""
+        return self.allocation or METHODS[self.method].allocation
+
+    @property
     def needs_calibration(self) -> bool:
         return self.resolved_pool is not None
 
@@ -96,5 +108,6 @@ class PruneConfig:
         data = asdict(self)
         data["pattern"] = None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
         data["pool"] = self.resolved_pool
+        data["allocation"] = self.resolved_allocation
         del data["progress"]
         return data

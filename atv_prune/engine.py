@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .capture import CapturedSample, module_device, next_input, run_block
 from .config import PruneConfig
 from .errors import NumericalError, UnsupportedModelError
+from .allocation import allocate_sparsity, das_importance, output_similarity_sums
 from .attention import recording_attention
 from .pools import POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, fixed_budget, visual_drift
 
@@ -69,6 +70,7 @@ class BlockReport:
 class EngineResult:
     blocks: list[BlockReport] = field(default_factory=list)
     sparsity: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -106,6 +108,37 @@ class _InputRecorder:
     def start_sample(self) -> None:
         self.inputs.clear()
         self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _OutputDiversity:
+    """Forward hooks accumulating, per target, the similarity of its outputs among visual tokens,
+    among text tokens and between them (for DAS)."""
+
+    def __init__(self, targets: list[PruneTarget]) -> None:
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._samples = 0
+        self._handles = [t.input_module.register_forward_hook(self._hook(t.name)) for t in targets]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._outputs[name] = output
+
+        return hook
+
+    def finish_sample(self, visual: torch.Tensor) -> None:
+        for name, output in self._outputs.items():
+            similarity = output_similarity_sums(output, visual)
+            self._sums[name] = similarity if name not in self._sums else self._sums[name] + similarity
+        self._outputs.clear()
+        self._samples += 1
+
+    def importance(self) -> dict[str, float]:
+        return {name: das_importance(total / self._samples) for name, total in self._sums.items()}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -165,13 +198,13 @@ class LayerwisePruner:
                 for target in targets:
                     _check_finite(target.weight, f"weights in {target.name}")
                 bar.set_description(f"block {index + 1}/{len(blocks)} statistics")
-                statistics, group_of = self._statistics(block, index, targets, samples, bar)
+                statistics, group_of, sparsity = self._statistics(block, index, targets, samples, bar)
                 bar.set_description(f"block {index + 1}/{len(blocks)} masks")
                 start = time.perf_counter()
                 for target in targets:
                     if target.name not in group_of:
                         raise RuntimeError(f"{target.name} was never called during the block's forward")
-                    self._apply(target, statistics[group_of[target.name]])
+                    self._apply(target, statistics[group_of[target.name]], sparsity.get(target.name))
                 self.result.seconds["masks"] += time.perf_counter() - start
                 if index + 1 < len(blocks):
                     bar.set_description(f"block {index + 1}/{len(blocks)} propagation")
@@ -180,20 +213,25 @@ class LayerwisePruner:
         return self.result
 
     @torch.no_grad()
-    def _apply(self, target: PruneTarget, statistic: torch.Tensor | None) -> None:
+    def _apply(self, target: PruneTarget, statistic: torch.Tensor | None, sparsity: float | None = None) -> None:
         method = self.config.method_spec
-        pruned = method.prune_weight(target.weight.data, statistic, self.config.sparsity, self.config.pattern)
+        target_sparsity = self.config.sparsity if sparsity is None else sparsity
+        pruned = method.prune_weight(target.weight.data, statistic, target_sparsity, self.config.pattern)
         target.weight.data.copy_(pruned)
         self.result.sparsity[target.name] = float((target.weight == 0).float().mean())
+        self.result.sizes[target.name] = target.weight.numel()
 
     @torch.no_grad()
     def _statistics(
         self, block: nn.Module, index: int, targets: list[PruneTarget], samples: list[CapturedSample], bar: tqdm
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, float]]:
+        """Statistics pass: per input group, the method's statistic over the pool's tokens; also the
+        per-target sparsity when the allocation is not uniform."""
         start = time.perf_counter()
         pool = POOLS[self.config.resolved_pool]
         statistic = self.config.method_spec.statistic
         recorder = _InputRecorder(targets)
+        diversity = _OutputDiversity(targets) if self.config.resolved_allocation == "das" else None
         sums: dict[str, torch.Tensor] = {}
         choices: list[PoolChoice] = []
         candidates: list[dict[str, torch.Tensor]] = []
@@ -213,13 +251,18 @@ class LayerwisePruner:
                 view = SampleView(visual, hidden[0], output[0], _generator(self.config.seed, index, sample_index),
                                   **received)
                 choice = pool.select(view)
+                if diversity is not None:
+                    diversity.finish_sample(visual)
                 drift = visual_drift(view)
                 drift_sum, visual_count = drift_sum + float(drift.sum()), visual_count + drift.numel()
                 cap = budget_cap(pool, choice, self.config.visual_ratio)
                 kept = {}
                 for leader, x in recorder.inputs.items():
                     rows = _token_rows(x, visual.numel(), leader)
-                    total = statistic(rows[choice.fixed])
+                    picked = rows[choice.fixed]
+                    if choice.weights is not None:
+                        picked = picked.float() * choice.weights.sqrt().unsqueeze(1)
+                    total = statistic(picked)
                     sums[leader] = total if leader not in sums else sums[leader] + total
                     if cap:
                         kept[leader] = rows[choice.ranked[:cap]]
@@ -228,6 +271,8 @@ class LayerwisePruner:
                 bar.update(1)
         finally:
             recorder.remove()
+            if diversity is not None:
+                diversity.remove()
         visual_selected = [c.visual_selected for c in choices]
         if pool.budget != "none":
             saliency = sum(c.saliency_sum for c in choices) / max(1, sum(c.n_visual for c in choices))
@@ -251,7 +296,11 @@ class LayerwisePruner:
             text_tokens_per_sample=sum(c.n_text for c in choices) / len(samples),
         ))
         self.result.seconds["statistics"] += time.perf_counter() - start
-        return results, dict(recorder.group_of)
+        sparsity = {}
+        if diversity is not None:
+            sparsity = allocate_sparsity(diversity.importance(), {t.name: t.weight.numel() for t in targets},
+                                         self.config.sparsity)
+        return results, dict(recorder.group_of), sparsity
 
     @torch.no_grad()
     def _propagate(self, block: nn.Module, index: int, samples: list[CapturedSample], bar: tqdm) -> None:

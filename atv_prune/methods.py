@@ -42,6 +42,7 @@ class Method:
     statistic: Callable[[torch.Tensor], torch.Tensor] | None = None  # token rows -> additive statistic
     scale: float = 1.0  # the summed statistic is multiplied by scale / n_samples
     plain_pools: bool = True  # whether mixed/text/visual pools are allowed
+    allocation: str = "uniform"  # default per-matrix sparsity allocation (uniform or das)
     summary: str = ""
 
 
@@ -50,6 +51,8 @@ METHODS: dict[str, Method] = {
     "wanda": Method("wanda", "mixed", _wanda, squared_input_sum, summary="|W| * sqrt(mean sum x^2)"),
     "atv": Method("atv", "atv", _wanda, squared_input_sum, plain_pools=False,
                   summary="Wanda scores on all text tokens plus drift-selected visual tokens"),
+    "tamp": Method("tamp", "amia", _wanda, squared_input_sum, allocation="das",
+                   summary="TAMP: Wanda scores on AMIA-selected, attention-weighted tokens; DAS sparsity"),
     "sparsegpt": Method("sparsegpt", "mixed", _sparsegpt, hessian_update, scale=2.0,
                         summary="OBS update with H = (2/N) sum x x^T, any pool"),
 }

@@ -45,6 +45,7 @@ class PoolChoice:
     ranked: torch.Tensor | None = None  # long positions of visual candidates, best first
     saliency_sum: float = 0.0  # summed saliency over the sample's visual tokens (for the block mean)
     visual_selected: int = 0  # visual tokens in ``fixed``
+    weights: torch.Tensor | None = None  # per-token weights of ``fixed`` (token-weighted statistics)
 
 
 PoolFunction = Callable[[SampleView], PoolChoice]
@@ -160,6 +161,62 @@ def diversity_pool(view: SampleView) -> PoolChoice:
     return _text_plus_ranked(view, diversity, order)
 
 
+def amia_selection(features: torch.Tensor, attention: torch.Tensor, visual: torch.Tensor, neighbours: int = 3,
+                   mmd_factor: float = 0.1, rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """TAMP's attention- and diversity-guided selection (AMIA), vectorised.
+
+    On unit-normalised features, ``D = 1 - cos``; each token's score is its attention plus its
+    3 nearest neighbours' attention weighted by ``exp(-D)``. Tokens are taken greedily by score,
+    each pick lowering its neighbours' scores by ``exp(-0.2 D) * max(score, 0)``, until the RBF
+    (sigma = 1) MMD^2 between all tokens and the picked ones falls below
+    ``mmd_factor * sqrt(1 - rho)``, rho the mean of the visual-visual, text-text and visual-text
+    cosine similarities. Picks are made ``ceil(n / rounds)`` at a time (at most ``rounds``
+    iterations and stopping checks per sample, no per-token loop). Returns the picked positions and
+    their weights (attention, normalised to mean 1).
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    n = unit.shape[0]
+    cosine = unit @ unit.T
+    distance = 1.0 - cosine
+    k = min(neighbours, n - 1)
+    nearest_distance, nearest = torch.topk(distance + torch.eye(n, device=unit.device) * 4.0, k, largest=False)
+    a = attention.float()
+    score = a + (torch.exp(-nearest_distance) * a[nearest]).sum(dim=1)
+    groups = [cosine[m][:, m2] for m, m2 in ((visual, visual), (~visual, ~visual), (visual, ~visual))
+              if m.any() and m2.any()]
+    rho = float(torch.stack([g.mean() for g in groups]).mean())
+    threshold = mmd_factor * max(0.0, 1.0 - rho) ** 0.5
+    kernel = torch.exp(cosine - 1.0)  # RBF with sigma = 1 on unit vectors: exp(-|x - y|^2 / 2)
+    kernel_mean, to_all = kernel.mean(), kernel.mean(dim=0)
+    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    to_chosen = torch.zeros(n, device=unit.device)
+    step = -(-n // rounds)
+    while not chosen.all():
+        picks = torch.topk(score.masked_fill(chosen, float("-inf")), min(step, int((~chosen).sum()))).indices
+        chosen[picks] = True
+        to_chosen += kernel[:, picks].sum(dim=1)
+        lowered = torch.exp(-0.2 * nearest_distance[picks]) * score[picks].clamp(min=0).unsqueeze(1)
+        score = score.index_add(0, nearest[picks].flatten(), -lowered.flatten())
+        size = chosen.sum()
+        mmd = kernel_mean + to_chosen[chosen].sum() / size ** 2 - 2 * to_all[chosen].sum() / size
+        if float(mmd) < threshold:
+            break
+    positions = chosen.nonzero().squeeze(1)
+    weights = a[positions]
+    return positions, weights / weights.mean().clamp(min=1e-12)
+
+
+def amia_pool(view: SampleView) -> PoolChoice:
+    """TAMP (AMIA): tokens of either modality chosen by last-token attention and output diversity,
+    weighted by their attention."""
+    if view.attention_from_last is None:
+        raise RuntimeError("the AMIA pool needs the block's attention probabilities")
+    positions, weights = amia_selection(view.hidden_out, view.attention_from_last, view.visual)
+    n_text, n_visual = _counts(view)
+    return PoolChoice(positions, n_text, n_visual, visual_selected=int(view.visual[positions].sum()),
+                      weights=weights)
+
+
 POOLS: dict[str, Pool] = {
     "mixed": Pool(mixed_pool, summary="all tokens"),
     "text": Pool(text_pool, summary="text tokens only"),
@@ -174,6 +231,8 @@ POOLS: dict[str, Pool] = {
                       summary="text + top visual_ratio of visual tokens by text attention"),
     "dbs": Pool(diversity_pool, "adaptive", summary="text + max-min diverse visual tokens, adaptive budget"),
     "dbs-fixed": Pool(diversity_pool, "fixed", summary="text + visual_ratio of visual tokens, max-min diverse"),
+    "amia": Pool(amia_pool, needs_attention=True,
+                 summary="TAMP: attention- and diversity-guided tokens of both modalities, attention-weighted"),
 }
 
 

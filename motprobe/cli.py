@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from atv_prune.cli_support import one_line_errors as _one_line_errors
+from atv_prune.cli_study import study_options
+from atv_prune.cli_support import ListOptionsCommand, one_line_errors as _one_line_errors
 from atv_prune.config import PruneConfig, parse_pattern
 from atv_prune.errors import AtvPruneError
 
@@ -154,3 +155,67 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
 
     write_dir_atomic(out_dir, fill, overwrite)
     click.echo(f"drift of {len(rows)} blocks written to {out_dir}")
+
+
+@main.command(cls=ListOptionsCommand)
+@study_options
+@click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
+@click.option("--pattern", "patterns", multiple=True, help="N:M targets, e.g. 2:4.")
+@click.option("--pathway", "pathways", multiple=True, type=click.Choice(["text", "visual"]),
+              default=("text", "visual"), show_default=True)
+@click.option("--pool", "pools", multiple=True, default=("text", "visual", "mixed"), show_default=True,
+              help="Calibration pools to prune each pathway with.")
+@click.option("--method", type=click.Choice(["wanda", "sparsegpt", "magnitude"]), default="wanda",
+              show_default=True)
+@click.option("--include-o-proj", is_flag=True, help="Route o_proj by modality too.")
+@_one_line_errors
+def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathways: tuple[str, ...],
+                pools: tuple[str, ...], method: str, include_o_proj: bool, **kw) -> None:
+    """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
+    writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
+    from atv_prune.cli_study import csv_text, study_settings
+    from atv_prune.export import write_json_atomic, write_text_atomic
+    from atv_prune.study import Cell, Study, cell_summary
+
+    from .sensitivity import derive_recipe, prune_probe_pathway, table_rows
+
+    if not sparsities and not patterns:
+        raise AtvPruneError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4")
+    targets = [dict(sparsity=s, pattern=None) for s in sparsities] + [
+        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
+    pools = tuple(p for value in pools for p in value.replace(",", " ").split())
+    cells = []
+    for pathway in pathways:
+        for pool in pools:
+            for target in targets:
+                config = PruneConfig(method=method, pool=None if method == "magnitude" else pool,
+                                     samples=kw["samples"], seed=kw["seed"], device=kw["device"], progress=False,
+                                     **target)
+                cells.append(Cell(f"{pathway}:{pool} {config.target_label}", config,
+                                  {"pathway": pathway, "include_o_proj": include_o_proj}))
+    settings = study_settings(kw)
+    study = Study(kw["out_dir"], settings, "motprobe-sensitivity", kw["overwrite"])
+    dense = study.dense()
+    records = []
+    for number, cell in enumerate(cells, 1):
+        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
+        records.append(study.run(cell, prune_probe_pathway))
+    tasks = list(dense["evaluation"]["scores"])
+    rows = table_rows(records, tasks)
+    last_target = cells[-1].config.target_label
+    recipe = derive_recipe(records, last_target) if set(pathways) == {"text", "visual"} else None
+    write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "table": rows, "recipe": recipe,
+                                                       "cells": [cell_summary(r) for r in records]})
+    write_text_atomic(kw["out_dir"] / "results.csv", csv_text(rows))
+    if recipe is not None:
+        write_json_atomic(kw["out_dir"] / "recipe.json", recipe)
+    from .diagnostics import plot_sensitivity_heatmap
+
+    plot_sensitivity_heatmap(rows, kw["out_dir"] / "heatmap.png")
+    header = ["pathway", "calibration"] + [c for c in rows[0] if c.endswith(" mean")]
+    click.echo(" | ".join(header))
+    for row in rows:
+        click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in header))
+    if recipe is not None:
+        click.echo(f"recipe: --method {recipe['method']} --pool {recipe['pool']} --alpha {recipe['alpha']:g} "
+                   f"({recipe['rationale']})")

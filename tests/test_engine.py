@@ -303,3 +303,43 @@ def test_every_visual_subset_pool_prunes_and_reports_its_budget(name: str, pool:
             assert block["visual_tokens_per_sample"] == sum(round(0.25 * n) for n in n_visual) / len(n_visual)
         else:
             assert 0 <= block["visual_tokens_per_sample"] <= block["text_tokens_per_sample"]
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_amia_pool_runs_through_the_engine(name: str, method: str) -> None:
+    model = build_tiny_model(name)
+    pruned, report = _pruned(model, _calibration(model, name), method=method, pool="amia", sparsity=None,
+                             pattern=(2, 4))
+    assert report.config["pool"] == "amia"
+    assert all(0 < b["text_tokens_per_sample"] for b in report.blocks)
+
+
+def test_token_weights_enter_the_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atv_prune import pools
+
+    def text_weighted(view: pools.SampleView) -> pools.PoolChoice:
+        everything = pools.mixed_pool(view)
+        return pools.PoolChoice(everything.fixed, everything.n_text, everything.n_visual,
+                                weights=(~view.visual).float() * 3.0)
+
+    monkeypatch.setitem(pools.POOLS, "text-by-weight", pools.Pool(text_weighted))
+    monkeypatch.setattr("atv_prune.config.POOLS", pools.POOLS)
+    name = "qwen2_vl"
+    model = build_tiny_model(name)
+    calibration = _calibration(model, name)
+    weighted, _ = _pruned(model, calibration, method="wanda", pool="text-by-weight", sparsity=0.5)
+    text, _ = _pruned(model, calibration, method="wanda", pool="text", sparsity=0.5)
+    for (key, a), b in zip(_linear_weights(weighted).items(), _linear_weights(text).values()):
+        assert torch.equal(a == 0, b == 0), key
+
+
+def test_tamp_allocates_sparsity_per_matrix_around_the_target() -> None:
+    name = "qwen2_vl"
+    model = build_tiny_model(name)
+    _, report = _pruned(model, _calibration(model, name), method="tamp", sparsity=0.5)
+    per_linear = report.sparsity["per_linear"]
+    assert report.config["allocation"] == "das" and report.config["pool"] == "amia"
+    assert abs(report.sparsity["overall"] - 0.5) < 0.02  # floor(p * in) per row on 32-64 inputs
+    assert all(s <= 0.6 + 1e-9 for s in per_linear.values())
+    assert len({round(s, 3) for s in per_linear.values()}) > 2  # not uniform

@@ -85,3 +85,43 @@ def test_budget_rules() -> None:
     assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=8.0) == 40
     assert adaptive_budget(n_visual=5, n_text=40, block_saliency=0.9, alpha=1.0) == 5
     assert fixed_budget(n_visual=200, ratio=0.1) == 20 and fixed_budget(n_visual=7, ratio=1.0) == 7
+
+
+def _mmd(kernel: torch.Tensor, chosen: torch.Tensor) -> float:
+    return float(kernel.mean() + kernel[chosen][:, chosen].mean() - 2 * kernel[:, chosen].mean())
+
+
+def test_amia_stops_once_the_selection_matches_all_tokens() -> None:
+    from atv_prune.pools import amia_selection
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, 16, generator=g) * 3
+    features = centres[torch.arange(200) % 4] + 0.3 * torch.randn(200, 16, generator=g)  # 4 clusters
+    visual = torch.arange(200) >= 50
+    attention = torch.softmax(torch.randn(200, generator=g), 0)
+    positions, weights = amia_selection(features, attention, visual)
+    assert 0 < len(positions) < 200 and torch.equal(positions, positions.sort().values)
+    assert abs(float(weights.mean()) - 1) < 1e-5
+    torch.testing.assert_close(weights, attention[positions] / attention[positions].mean())
+    unit = F.normalize(features, dim=-1)
+    cosine = unit @ unit.T
+    kernel = torch.exp(cosine - 1)
+    rho = float(torch.stack([cosine[visual][:, visual].mean(), cosine[~visual][:, ~visual].mean(),
+                             cosine[visual][:, ~visual].mean()]).mean())
+    chosen = torch.zeros(200, dtype=torch.bool)
+    chosen[positions] = True
+    assert _mmd(kernel, chosen) < 0.1 * (1 - rho) ** 0.5
+    clusters = set((positions % 4).tolist())
+    assert clusters == {0, 1, 2, 3}  # diverse: every cluster represented
+    again, _ = amia_selection(features, attention, visual)
+    assert torch.equal(positions, again)
+
+
+def test_amia_pool_needs_attention_and_weights_its_tokens() -> None:
+    view = _view()
+    view = SampleView(view.visual, view.hidden_in, view.hidden_out, view.generator,
+                      attention_from_last=view.attention_from_text)
+    choice = POOLS["amia"].select(view)
+    assert POOLS["amia"].needs_attention and POOLS["amia"].budget == "none"
+    assert choice.weights is not None and len(choice.weights) == len(choice.fixed)
+    assert choice.visual_selected == int(view.visual[choice.fixed].sum())

@@ -1,0 +1,104 @@
+"""motprobe sensitivity: the Table-1 grid on the probe, its recipe, and atv-prune prune --recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atv_prune.cli import main as atv_main
+from atv_prune.eval.run import EvalResult
+from atv_prune.study import Study
+from motprobe.cli import main
+from motprobe.sensitivity import derive_recipe
+from tiny_checkpoints import make_calibration_files, make_checkpoint
+
+
+def _record(pathway: str, pool: str, target: str, mean: float) -> dict:
+    return {"label": f"{pathway}:{pool} {target}", "extra": {"pathway": pathway}, "config": {"pool": pool},
+            "retention": {"mean": mean, "tasks": {"t": mean}}}
+
+
+def test_recipe_follows_the_papers_asymmetry() -> None:
+    table_1 = {("text", "text"): 84.65, ("text", "visual"): 50.92, ("text", "mixed"): 64.97,
+               ("visual", "text"): 100.05, ("visual", "visual"): 99.25, ("visual", "mixed"): 99.57}
+    records = [_record(p, c, "60%", v) for (p, c), v in table_1.items()]
+    recipe = derive_recipe(records, "60%")
+    assert (recipe["method"], recipe["pool"], recipe["alpha"]) == ("atv", "atv", 1.0)
+    assert recipe["evidence"]["sensitive_pathway"] == "text"
+    assert recipe["evidence"]["best_pool"] == {"text": "text", "visual": "text"}
+
+
+def test_recipe_when_visual_calibration_helps_or_text_prefers_mixed() -> None:
+    records = [_record("text", "text", "50%", 90), _record("text", "mixed", "50%", 85),
+               _record("visual", "text", "50%", 80), _record("visual", "visual", "50%", 95)]
+    assert derive_recipe(records, "50%")["alpha"] == 4.0
+    records = [_record("text", "text", "50%", 80), _record("text", "mixed", "50%", 85),
+               _record("visual", "text", "50%", 99), _record("visual", "visual", "50%", 99)]
+    recipe = derive_recipe(records, "50%")
+    assert (recipe["method"], recipe["pool"]) == ("wanda", "mixed")
+
+
+def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
+    """Score = 100 x the kept fraction of the text-pathway weights (visual copies count a tenth):
+    the text pathway is the sensitive one, as in the paper."""
+    kept, total = 0.0, 0.0
+    for name, param in model.state_dict().items():
+        if ".layers." in name and name.endswith("weight") and param.dim() == 2 and "language_model" in name:
+            weight = 0.1 if ".visual." in name else 1.0
+            kept += weight * float((param != 0).sum())
+            total += weight * param.numel()
+    score = 100.0 * kept / total
+    return EvalResult(scores={"exist": score}, mean=score, samples={"exist": 4}, metrics={}, scale={}, versions={},
+                      seconds=0.0, limit=self.settings.limit).to_dict()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sensitivity")
+    files = make_calibration_files(root / "calib")
+    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": files["json"]}
+
+
+def test_sensitivity_grid_writes_table_heatmap_recipe_and_resumes(workspace, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(Study, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
+    out = workspace["root"] / "study"
+    args = ["sensitivity", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
+            "--sparsity", "0.5", "0.6", "--samples", "4", "--out", out]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 + 2 * 3 * 2
+    rows = list(json.loads((out / "results.json").read_text())["table"])
+    assert [(r["pathway"], r["calibration"]) for r in rows] == [
+        (p, c) for p in ("text", "visual") for c in ("text", "visual", "mixed")]
+    text_rows = [r for r in rows if r["pathway"] == "text"]
+    visual_rows = [r for r in rows if r["pathway"] == "visual"]
+    assert max(r["60% mean"] for r in text_rows) < min(r["60% mean"] for r in visual_rows)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["format"] == "atv-prune-recipe/1" and recipe["evidence"]["sensitive_pathway"] == "text"
+    assert (out / "heatmap.png").stat().st_size and (out / "results.csv").read_text().startswith("pathway,")
+    calls.clear()
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 0 and calls == []
+
+    pruned = workspace["root"] / "from-recipe"
+    result = CliRunner().invoke(atv_main, ["prune", "--quiet", "--model", str(workspace["model"]), "--calib",
+                                           str(workspace["calib"]), "--recipe", str(out / "recipe.json"),
+                                           "--samples", "4", "--sparsity", "0.5", "--alpha", "2",
+                                           "--out", str(pruned)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((pruned / "pruning_report.json").read_text())
+    assert report["config"]["method"] == recipe["method"] and report["config"]["pool"] == recipe["pool"]
+    assert report["config"]["alpha"] == 2.0  # given explicitly: wins over the recipe
+    assert report["extra"]["recipe"].endswith("recipe.json")
+
+
+def test_a_bad_recipe_is_one_line(workspace, tmp_path: Path) -> None:
+    (tmp_path / "r.json").write_text('{"method": "atv"}')
+    result = CliRunner().invoke(atv_main, ["prune", "--model", str(workspace["model"]), "--recipe",
+                                           str(tmp_path / "r.json"), "--sparsity", "0.5", "--out",
+                                           str(tmp_path / "o")])
+    assert result.exit_code == 2 and "is not a recipe" in result.output
