@@ -81,7 +81,7 @@ def _move_outside(module: nn.Module, keep: set[int], device: torch.device | str)
             _move_outside(child, keep, device)
         else:
             child.to(device)
-    for name, param in module.named_parameters(recurse=False):
+    for param in module.parameters(recurse=False):
         param.data = param.data.to(device)
     for name, buf in module.named_buffers(recurse=False):
         module._buffers[name] = buf.to(device)

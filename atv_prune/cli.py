@@ -11,8 +11,6 @@ from .cli_support import one_line_errors
 from .config import METHODS, POOLS, PruneConfig, parse_pattern
 from .errors import AtvPruneError
 
-_one_line_errors = one_line_errors  # the name cli_eval imports
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="atv-prune")
@@ -51,7 +49,7 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-@_one_line_errors
+@one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str, pool: str | None, sparsity: float | None,
           pattern: str | None, alpha: float, visual_ratio: float, allocation: str | None, samples: int, seed: int, device: str | None,
           offload_device: str, dtype: str, image_root: Path | None, max_pixels: int | None, out_dir: Path,

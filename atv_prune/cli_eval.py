@@ -8,18 +8,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import _one_line_errors
+from .cli_support import ListOptionsCommand, one_line_errors
 from .errors import AtvPruneError
 
 if TYPE_CHECKING:
     from .eval.run import EvalResult
 
 RESULTS_FILE = "eval_results.json"
-
-
-def _task_names(values: tuple[str, ...]) -> list[str]:
-    """Task names from ``--tasks a b``, ``--tasks a,b`` or repeated ``--tasks``."""
-    return [name for value in values for name in value.replace(",", " ").split()]
 
 
 def _read_result(path: Path) -> EvalResult:
@@ -33,32 +28,36 @@ def _read_result(path: Path) -> EvalResult:
     return EvalResult.from_dict(data.get("result", data))
 
 
-@click.command("eval")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Local checkpoint folder.")
-@click.option("--tasks", "task_options", required=True, multiple=True,
-              help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, mme, ...): "
-                   "--tasks exist count, --tasks exist,count or --tasks repeated.")
-@click.argument("more_tasks", nargs=-1, metavar="[TASK]...")
+@click.command("eval", cls=ListOptionsCommand)
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Local checkpoint folder.")
+@click.option("--tasks", required=True, multiple=True,
+              help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, mme, ...), "
+                   "e.g. --tasks exist count pope.")
 @click.option("--bench", "bench_dir", type=click.Path(path_type=Path), default=None,
-              help="Benchmark folder with test/<task>.jsonl [default: atv_prune/builtin/benchmark if present].")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N documents of each task.")
+              help="Benchmark folder with test/<task>.jsonl "
+                   "[default: atv_prune/builtin/benchmark if present].")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate the first N documents of each task.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Documents per generate call (batch size > 1 can change some scores slightly).")
 @click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @click.option("--dtype", default="auto", show_default=True,
-              help="Compute dtype: auto (float32 on CPU, checkpoint dtype on GPU), float32, bfloat16, float16.")
+              help="Compute dtype: auto (float32 on CPU, checkpoint dtype on GPU), "
+                   "float32, bfloat16, float16.")
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
-              help="eval_results.json of the dense model: adds retention (pruned / dense) per task and its mean.")
+              help="eval_results.json of the dense model: adds retention (pruned / dense) "
+                   "per task and its mean.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help=f"Folder to write {RESULTS_FILE} into (created if missing).")
 @click.option("--overwrite", is_flag=True, help=f"Replace an existing {RESULTS_FILE} in --out.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow custom model code shipped with the checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_one_line_errors
-def eval_command(model_path: Path, task_options: tuple[str, ...], more_tasks: tuple[str, ...],
-                 bench_dir: Path | None, limit: int | None, batch_size: int, device: str | None, dtype: str,
-                 baseline_path: Path | None, out_dir: Path | None, overwrite: bool, trust_remote_code: bool,
-                 quiet: bool) -> None:
+@one_line_errors
+def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | None, limit: int | None,
+                 batch_size: int, device: str | None, dtype: str, baseline_path: Path | None,
+                 out_dir: Path | None, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from .api import resolve_device
     from .eval.env import require_lmms_eval
@@ -66,7 +65,6 @@ def eval_command(model_path: Path, task_options: tuple[str, ...], more_tasks: tu
     from .loading import compute_dtype, load_model
     from .processors import load_processor
 
-    tasks = _task_names(task_options + more_tasks)
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
     if out_file is not None and out_file.exists() and not overwrite:
         raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
@@ -77,7 +75,7 @@ def eval_command(model_path: Path, task_options: tuple[str, ...], more_tasks: tu
     from .eval.tasks import default_bench_dir
 
     # Everything checkable is checked before the (possibly long) model load and evaluation.
-    task_ids = resolve_tasks(tasks, bench_dir if bench_dir is not None else default_bench_dir())
+    task_ids = resolve_tasks(list(tasks), bench_dir if bench_dir is not None else default_bench_dir())
     baseline = _read_result(baseline_path) if baseline_path is not None else None
     if baseline is not None:
         check_comparable(task_ids.values(), limit, baseline)
@@ -85,17 +83,19 @@ def eval_command(model_path: Path, task_options: tuple[str, ...], more_tasks: tu
     model, _ = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     model.to(compute)
-    result = evaluate(model, processor, tasks, bench_dir=bench_dir, limit=limit, batch_size=batch_size,
+    result = evaluate(model, processor, list(tasks), bench_dir=bench_dir, limit=limit, batch_size=batch_size,
                       device=str(compute), progress=not quiet)
     kept = retention(result, baseline) if baseline is not None else None
 
-    click.echo(f"{'task':28s} {'lmms-eval id':28s} {'docs':>6s} {'score':>8s}" + ("  retention" if kept else ""))
+    header = f"{'task':28s} {'lmms-eval id':28s} {'docs':>6s} {'score':>8s}"
+    click.echo(header + ("  retention" if kept else ""))
     for name, task in result.task_ids.items():
         line = f"{name:28s} {task:28s} {result.samples[task]:6d} {result.scores[task]:8.2f}"
         if kept:
             line += f"  {kept['tasks'][task]:9.2f}" if task in kept["tasks"] else "  (dense 0)"
         click.echo(line)
-    click.echo(f"{'mean':28s} {'':28s} {'':6s} {result.mean:8.2f}" + (f"  {kept['mean']:9.2f}" if kept else ""))
+    footer = f"{'mean':28s} {'':28s} {'':6s} {result.mean:8.2f}"
+    click.echo(footer + (f"  {kept['mean']:9.2f}" if kept else ""))
     click.echo(f"lmms-eval {result.versions['lmms_eval']}, transformers {result.versions['transformers']}, "
                f"torch {result.versions['torch']}; {result.seconds:.1f}s")
     if out_file is not None:

@@ -93,11 +93,7 @@ def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: t
                                  device=kw["device"], progress=False, **target)
             cells.append(Cell(f"{spec} {config.target_label}", config))
     study = Study(kw["out_dir"], study_settings(kw), "compare", kw["overwrite"])
-    dense = study.dense()
-    records = []
-    for number, cell in enumerate(cells, 1):
-        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
-        records.append(study.run(cell))
+    dense, records = study.run_all(cells)
     rows = retention_rows(records, dense)
     for row, record in zip(rows[1:], records):
         row["method"], row["target"] = record["label"].rsplit(" ", 1)
@@ -137,11 +133,7 @@ def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, m
     cells = [Cell(f"alpha={a:g}", PruneConfig(pool=adaptive, alpha=a, **common)) for a in alphas]
     cells += [Cell(f"ratio={r:g}", PruneConfig(pool=fixed, visual_ratio=r, **common)) for r in ratios]
     study = Study(kw["out_dir"], study_settings(kw), "sweep", kw["overwrite"])
-    dense = study.dense()
-    records = []
-    for number, cell in enumerate(cells, 1):
-        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
-        records.append(study.run(cell))
+    dense, records = study.run_all(cells)
     rows = retention_rows(records, dense)
     write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
     write_text_atomic(kw["out_dir"] / "sweep.md", markdown_table(rows, dense))

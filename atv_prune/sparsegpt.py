@@ -33,7 +33,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, max_tries:
     h[dead, dead] = 1
     mean_diag = torch.diag(h).mean()
     index = torch.arange(h.shape[0], device=h.device)
-    for attempt in range(max_tries):
+    for _ in range(max_tries):
         damped = h.clone()
         damped[index, index] += damp * mean_diag
         lower, info = torch.linalg.cholesky_ex(damped)
@@ -42,7 +42,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, max_tries:
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 return upper
-        warnings.warn(f"SparseGPT: Cholesky factorisation failed with damping {damp:g}; retrying with {damp * 10:g}")
+        warnings.warn(f"SparseGPT: Cholesky factorisation failed with damping {damp:g}; retrying with {damp * 10:g}",
+                      stacklevel=3)
         damp *= 10
     raise NumericalError(f"SparseGPT: the input Hessian stays singular after damping {damp:g}: "
                          "use more calibration samples or another method")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -198,6 +199,17 @@ class Study:
         }
         write_json_atomic(path, record)
         return record
+
+
+    def run_all(self, cells: list[Cell], prune_function: PruneFunction = _default_prune
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The dense evaluation and every cell's record, computing only what is not stored yet."""
+        dense = self.dense()
+        records = []
+        for number, cell in enumerate(cells, 1):
+            print(f"[{number}/{len(cells)}] {cell.label}", file=sys.stderr, flush=True)
+            records.append(self.run(cell, prune_function))
+        return dense, records
 
 
 def _mean_visual_tokens(blocks: list[dict[str, Any]]) -> float | None:

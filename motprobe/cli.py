@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from atv_prune.cli_study import study_options
-from atv_prune.cli_support import ListOptionsCommand, one_line_errors as _one_line_errors
+from atv_prune.cli_support import ListOptionsCommand, one_line_errors
 from atv_prune.config import PruneConfig, parse_pattern
 from atv_prune.errors import AtvPruneError
 
@@ -59,7 +59,7 @@ def main() -> None:
 @click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
 @click.option("--pools", nargs=2, default=("text", "visual"), show_default=True, help="The two pools compared.")
 @click.option("--device", default=None)
-@_one_line_errors
+@one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, method: str,
         sparsity: float, pattern: str | None, pools: tuple[str, str], device: str | None) -> None:
@@ -99,7 +99,7 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
 @click.option("--tokens", type=int, default=400, show_default=True, help="Tokens per modality and block.")
 @click.option("--perplexity", type=float, default=30.0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@_one_line_errors
+@one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
          max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
          block_list: tuple[int, ...], tokens: int, perplexity: float, device: str) -> None:
@@ -130,7 +130,7 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
               help="pruning_report.json of an ATV run (atv-prune prune --method atv).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
-@_one_line_errors
+@one_line_errors
 def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
     """Per-block mean visual drift and visual tokens selected (the paper's Fig. A1) from a report."""
     from atv_prune.export import write_dir_atomic
@@ -168,7 +168,7 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
 @click.option("--method", type=click.Choice(["wanda", "sparsegpt", "magnitude"]), default="wanda",
               show_default=True)
 @click.option("--include-o-proj", is_flag=True, help="Route o_proj by modality too.")
-@_one_line_errors
+@one_line_errors
 def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathways: tuple[str, ...],
                 pools: tuple[str, ...], method: str, include_o_proj: bool, **kw) -> None:
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
@@ -195,11 +195,7 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
                                   {"pathway": pathway, "include_o_proj": include_o_proj}))
     settings = study_settings(kw)
     study = Study(kw["out_dir"], settings, "motprobe-sensitivity", kw["overwrite"])
-    dense = study.dense()
-    records = []
-    for number, cell in enumerate(cells, 1):
-        click.echo(f"[{number}/{len(cells)}] {cell.label}", err=True)
-        records.append(study.run(cell, prune_probe_pathway))
+    dense, records = study.run_all(cells, prune_probe_pathway)
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
     last_target = cells[-1].config.target_label

@@ -1,8 +1,8 @@
 """The pinned lmms-eval, the versions recorded with every result, and offline mode.
 
-lmms-eval is optional (``pip install --no-deps lmms-eval==0.7.3`` plus a few requirements, see
-docs): nothing outside ``atv_prune.eval`` imports it, and everything here fails with one line
-naming the fix when it is missing or another version is installed.
+lmms-eval is optional (``pip install --no-deps lmms-eval==0.7.3`` plus the few requirements in
+:data:`INSTALL_HINT`): nothing outside ``atv_prune.eval`` imports it, and everything here fails
+with one line naming the fix when it is missing or another version is installed.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from importlib import metadata
-from typing import Iterator
 
 from ..errors import AtvPruneError
 
@@ -20,8 +20,8 @@ LMMS_EVAL_VERSION = "0.7.3"
 
 INSTALL_HINT = (
     f"pip install --no-deps lmms-eval=={LMMS_EVAL_VERSION} && "
-    "pip install loguru sacrebleu evaluate pytz tenacity (see docs/usage.md: a plain "
-    "'pip install lmms-eval' replaces the CPU torch with a CUDA build)"
+    "pip install loguru sacrebleu evaluate pytz tenacity openpyxl (not a plain "
+    "'pip install lmms-eval': it replaces the CPU torch with a CUDA build)"
 )
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -23,10 +23,12 @@ from ..errors import AtvPruneError
 from ..families import resolve
 from .env import require_lmms_eval
 
-require_lmms_eval()
-
-from lmms_eval.api.instance import Instance  # noqa: E402
-from lmms_eval.api.model import lmms  # noqa: E402
+try:
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.model import lmms
+except ImportError:
+    require_lmms_eval()  # raises the one-line install hint when lmms-eval is missing
+    raise
 
 #: Placeholder lmms-eval task prompts use where an image goes (e.g. MMMU's interleaved images).
 IMAGE_MARKER = "<image>"
@@ -89,6 +91,7 @@ class InMemoryVLM(lmms):
 
     def __init__(self, model: nn.Module, processor: Any, *, batch_size: int = 8, device: str = "cpu",
                  progress: bool = False) -> None:
+        require_lmms_eval()
         super().__init__()
         if batch_size < 1:
             raise AtvPruneError(f"batch size must be at least 1, got {batch_size}")
@@ -104,7 +107,8 @@ class InMemoryVLM(lmms):
         conversations = []
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
-            images = _images(doc_to_visual(self.task_dict[task][split][doc_id]), f"task {task} document {doc_id}")
+            doc = self.task_dict[task][split][doc_id]
+            images = _images(doc_to_visual(doc), f"task {task} document {doc_id}")
             conversations.append([{"role": "user", "content": user_content(context, images)}])
         inputs = self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
@@ -113,9 +117,11 @@ class InMemoryVLM(lmms):
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v
                   for k, v in self.layout.prepare_inputs(inputs).items()}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [_cut(text, until) for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         num_beams=1)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends here
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [_cut(text, until) for text in texts]
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """One greedy answer per request, in request order; raises :class:`GenerationError` on failure."""
@@ -145,7 +151,8 @@ class InMemoryVLM(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(
-            "InMemoryVLM answers generate_until tasks only; loglikelihood / multiple_choice tasks are not supported"
+            "InMemoryVLM answers generate_until tasks only; "
+            "loglikelihood / multiple_choice tasks are not supported"
         )
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:

@@ -14,9 +14,11 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from types import SimpleNamespace
+from typing import Any
 
 from torch import nn
 
@@ -86,7 +88,7 @@ def resolve_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, s
     available = builtin_tasks(bench_dir) if bench_dir is not None else []
     ids: dict[str, str] = {}
     for name in names:
-        short = name[len(TASK_PREFIX):] if name.startswith(TASK_PREFIX) else name
+        short = name.removeprefix(TASK_PREFIX)
         if short in available:
             task = task_id(short)
         elif name.startswith(TASK_PREFIX):
@@ -122,14 +124,15 @@ def _load_task(name: str, task_manager: Any, builtin_hint: str) -> Any:
         close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AtvPruneError(f"unknown task '{name}': not an lmms-eval task id and {builtin_hint}{hint}")
-    if name not in task_manager.all_subtasks:
+    if task_manager.task_index[name]["type"] not in ("task", "python_task"):
         raise AtvPruneError(f"'{name}' is an lmms-eval group or tag, not a task: pass its tasks by name")
     try:
         with offline():
             loaded = get_task_dict([name], task_manager)
     except Exception as error:
         raise AtvPruneError(f"task '{name}' cannot be loaded offline: {_one_line(_root_cause(error))}; "
-                            "its dataset must be in this machine's Hugging Face cache (HF_HOME)") from None
+                            "its data must be in this machine's datasets cache "
+                            "(LMMS_EVAL_DATASETS_CACHE, HF_DATASETS_CACHE or HF_HOME/datasets)") from None
     task = loaded.get(name)
     if not isinstance(task, Task):
         raise AtvPruneError(f"lmms-eval did not return task '{name}' (got {sorted(map(str, loaded))})")
@@ -154,7 +157,8 @@ def _score(name: str, row: dict[str, Any], config: dict[str, Any]) -> tuple[floa
     elif name in PRIMARY_METRICS:
         metrics, divisor = PRIMARY_METRICS[name]
     else:
-        listed = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m, dict) and "metric" in m]
+        listed = [m["metric"] for m in config.get("metric_list") or []
+                  if isinstance(m, dict) and "metric" in m]
         if not listed:
             raise AtvPruneError(f"task '{name}' lists no metric in its config")
         metrics, divisor = (listed[0],), 1.0 if listed[0] in FRACTION_METRICS else 100.0
@@ -190,7 +194,7 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
     bench_dir = bench_dir if bench_dir is not None else default_bench_dir()
     task_ids = resolve_tasks(list(tasks), bench_dir)
     ids = list(task_ids.values())
-    builtin = [task[len(TASK_PREFIX):] for task in ids if task.startswith(TASK_PREFIX)]
+    builtin = [task.removeprefix(TASK_PREFIX) for task in ids if task.startswith(TASK_PREFIX)]
     wrapper = InMemoryVLM(model, processor, batch_size=batch_size, device=device, progress=progress)
     with tempfile.TemporaryDirectory(prefix="atv-eval-tasks-") as include:
         if builtin:
@@ -201,12 +205,16 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
         hint = (f"not a task of {bench_dir}" if bench_dir is not None
                 else "no benchmark folder for built-in tasks (pass --bench)")
         loaded = [_load_task(name, task_manager, hint) for name in ids]
+        # Without cli_args, tasks such as textvqa and mmbench write submission files into the
+        # working directory; output_path sends them to the temporary folder instead.
+        cli_args = SimpleNamespace(output_path=include, process_with_media=True)
         with offline():
             results = simple_evaluate(model=wrapper, tasks=loaded, task_manager=task_manager, limit=limit,
                                       batch_size=batch_size, device=device, bootstrap_iters=0,
-                                      log_samples=False, process_docs_parallel=1, verbosity="WARNING")
+                                      log_samples=False, process_docs_parallel=1, verbosity="WARNING",
+                                      cli_args=cli_args)
     if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
-        raise AtvPruneError("lmms-eval returned no results (is RANK set to a non-zero rank in the environment?)")
+        raise AtvPruneError("lmms-eval returned no results (is RANK set to a non-zero rank here?)")
     missing = [name for name in ids if name not in results["results"]]
     if missing:
         raise AtvPruneError(f"lmms-eval returned no result for task {', '.join(missing)}")
@@ -216,10 +224,11 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
         scores[name], scale[name] = _score(name, row, results.get("configs", {}).get(name, {}))
         metrics[name] = {k: v for k, v in row.items() if k != "alias" and "_stderr" not in k}
         samples[name] = int(results.get("n-samples", {}).get(name, {}).get("effective", 0))
-    return EvalResult(scores=scores, mean=sum(scores.values()) / len(scores), samples=samples, metrics=metrics,
-                      scale=scale, versions=versions(), seconds=round(time.perf_counter() - started, 3),
-                      limit=limit, batch_size=batch_size, device=str(device),
-                      bench_dir=str(Path(bench_dir).resolve()) if builtin else None, task_ids=task_ids)
+    return EvalResult(scores=scores, mean=sum(scores.values()) / len(scores), samples=samples,
+                      metrics=metrics, scale=scale, versions=versions(),
+                      seconds=round(time.perf_counter() - started, 3), limit=limit, batch_size=batch_size,
+                      device=str(device), bench_dir=str(Path(bench_dir).resolve()) if builtin else None,
+                      task_ids=task_ids)
 
 
 def check_comparable(tasks: Iterable[str], limit: int | None, dense: EvalResult) -> None:
@@ -229,7 +238,8 @@ def check_comparable(tasks: Iterable[str], limit: int | None, dense: EvalResult)
         raise AtvPruneError(f"retention needs the same tasks: {', '.join(sorted(tasks))} here, "
                             f"{', '.join(sorted(dense.scores))} in the dense result")
     if limit != dense.limit:
-        raise AtvPruneError(f"retention needs the same documents: limit {limit} here, {dense.limit} in the dense result")
+        raise AtvPruneError(f"retention needs the same documents: limit {limit} here, "
+                            f"{dense.limit} in the dense result")
     if not any(dense.scores.values()):
         raise AtvPruneError("the dense model scores 0 on every task: retention is undefined")
 
@@ -249,5 +259,6 @@ def retention(pruned: EvalResult, dense: EvalResult) -> dict[str, Any]:
         else:
             per_task[name] = 100.0 * pruned.scores[name] / base
     if excluded:
-        warnings.warn(f"dense score is 0 on {', '.join(excluded)}: left out of the mean retention", stacklevel=2)
+        warnings.warn(f"dense score is 0 on {', '.join(excluded)}: left out of the mean retention",
+                      stacklevel=2)
     return {"tasks": per_task, "mean": sum(per_task.values()) / len(per_task), "excluded": excluded}

@@ -49,7 +49,8 @@ def builtin_tasks(bench_dir: str | Path) -> list[str]:
     """The task names of a benchmark folder's test split (the ``test/*.jsonl`` stems), sorted."""
     test = Path(bench_dir) / "test"
     if not test.is_dir():
-        raise AtvPruneError(f"no test split in {bench_dir} ({test} missing): pass a benchmark folder as --bench")
+        raise AtvPruneError(f"no test split in {bench_dir} ({test} missing): "
+                            "pass a benchmark folder as --bench")
     names = sorted(path.stem for path in test.glob("*.jsonl"))
     if not names:
         raise AtvPruneError(f"{test} holds no <task>.jsonl files: pass a generated benchmark folder")
@@ -77,10 +78,12 @@ def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
             raise AtvPruneError(f"{where}: image {image} not found under {bench}")
         image = str(path)
     choices = raw.get("choices") or []
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) > len(LETTERS):
+    if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
+            or len(choices) > len(LETTERS)):
         raise AtvPruneError(f"{where}: 'choices' must be a list of at most {len(LETTERS)} strings")
     if choices and raw["answer"] not in LETTERS[: len(choices)]:
-        raise AtvPruneError(f"{where}: answer '{raw['answer']}' is not one of the letters of its {len(choices)} choices")
+        raise AtvPruneError(f"{where}: answer '{raw['answer']}' is not one of the letters "
+                            f"of its {len(choices)} choices")
     chance = raw.get("chance")
     if chance is not None and (not isinstance(chance, (int, float)) or not math.isfinite(chance)):
         raise AtvPruneError(f"{where}: 'chance' must be a number")
@@ -124,7 +127,8 @@ def task_config(name: str, data_file: Path, cache_dir: Path, bench: Path) -> dic
     }
 
 
-def write_builtin_tasks(bench_dir: str | Path, dest: str | Path, names: list[str] | None = None) -> dict[str, str]:
+def write_builtin_tasks(bench_dir: str | Path, dest: str | Path,
+                        names: list[str] | None = None) -> dict[str, str]:
     """Write lmms-eval tasks for the test split of ``bench_dir`` into folder ``dest``.
 
     ``names`` limits the tasks (default: all). Returns built-in name -> lmms-eval task id. Every
@@ -135,7 +139,8 @@ def write_builtin_tasks(bench_dir: str | Path, dest: str | Path, names: list[str
     names = available if names is None else names
     unknown = [name for name in names if name not in available]
     if unknown:
-        raise AtvPruneError(f"no task {', '.join(unknown)} in {bench}/test; built-in tasks: {', '.join(available)}")
+        raise AtvPruneError(f"no task {', '.join(unknown)} in {bench}/test; "
+                            f"built-in tasks: {', '.join(available)}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "utils.py").write_text(_UTILS, encoding="utf-8")
