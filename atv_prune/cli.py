@@ -124,8 +124,9 @@ def families() -> None:
 def _register() -> None:
     from .cli_eval import eval_command
     from .cli_study import compare, sweep
+    from .demo import demo
 
-    for command in (eval_command, compare, sweep):
+    for command in (demo, eval_command, compare, sweep):
         main.add_command(command)
 
 

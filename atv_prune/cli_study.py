@@ -66,6 +66,42 @@ def _method_spec(text: str) -> tuple[str, str | None]:
     return method, pool or None
 
 
+def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[str, Any]], alpha: float, kind: str,
+                   names: dict[str, str]) -> str:
+    """Run methods x targets as a resumable study in ``kw["out_dir"]``; write the JSON, markdown and
+    CSV tables and the chart under ``names`` (keys json, md, csv, png); return the markdown table."""
+    from .export import write_json_atomic, write_text_atomic
+    from .plots import retention_bars
+    from .study import Cell, Study, cell_summary, markdown_table, retention_rows
+
+    cells = []
+    for spec in methods:
+        method, pool = _method_spec(spec)
+        for target in targets:
+            config = PruneConfig(method=method, pool=pool, alpha=alpha, samples=kw["samples"], seed=kw["seed"],
+                                 device=kw["device"], progress=False, **target)
+            cells.append(Cell(f"{spec} {config.target_label}", config))
+    study = Study(kw["out_dir"], study_settings(kw), kind, kw["overwrite"])
+    dense, records = study.run_all(cells)
+    rows = retention_rows(records, dense)
+    for row, record in zip(rows[1:], records):
+        row["method"], row["target"] = record["label"].rsplit(" ", 1)
+    table = [{k: v for k, v in row.items() if k not in ("method", "target")} for row in rows]
+    markdown = markdown_table(table, dense)
+    write_json_atomic(kw["out_dir"] / names["json"], {"dense": dense, "cells": [cell_summary(r) for r in records]})
+    write_text_atomic(kw["out_dir"] / names["md"], markdown)
+    write_text_atomic(kw["out_dir"] / names["csv"], csv_text(table))
+    retention_bars(kw["out_dir"] / names["png"], rows[1:], "mean retention by method and target")
+    return markdown
+
+
+def _targets(sparsities: tuple[float, ...], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
+    if not sparsities and not patterns:
+        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
+    return [dict(sparsity=s, pattern=None) for s in sparsities] + [
+        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
+
+
 @click.command("compare", cls=ListOptionsCommand)
 @study_options
 @click.option("--methods", multiple=True, default=("magnitude", "wanda", "wanda:text", "atv"), show_default=True,
@@ -75,34 +111,11 @@ def _method_spec(text: str) -> tuple[str, str | None]:
 @click.option("--alpha", type=float, default=1.0, show_default=True)
 @one_line_errors
 def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: tuple[str, ...], alpha: float,
-             **kw: Any) -> None:
+            **kw: Any) -> None:
     """A Table-2-style retention table: methods x sparsity targets, with wall time and peak memory."""
-    from .export import write_json_atomic, write_text_atomic
-    from .plots import retention_bars
-    from .study import Cell, Study, cell_summary, markdown_table, retention_rows
-
-    if not sparsities and not patterns:
-        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
-    targets = [dict(sparsity=s, pattern=None) for s in sparsities] + [
-        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
-    cells = []
-    for spec in [m for value in methods for m in value.replace(",", " ").split()]:
-        method, pool = _method_spec(spec)
-        for target in targets:
-            config = PruneConfig(method=method, pool=pool, alpha=alpha, samples=kw["samples"], seed=kw["seed"],
-                                 device=kw["device"], progress=False, **target)
-            cells.append(Cell(f"{spec} {config.target_label}", config))
-    study = Study(kw["out_dir"], study_settings(kw), "compare", kw["overwrite"])
-    dense, records = study.run_all(cells)
-    rows = retention_rows(records, dense)
-    for row, record in zip(rows[1:], records):
-        row["method"], row["target"] = record["label"].rsplit(" ", 1)
-    write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "cells": [cell_summary(r) for r in records]})
-    table = [{k: v for k, v in row.items() if k not in ("method", "target")} for row in rows]
-    write_text_atomic(kw["out_dir"] / "table.md", markdown_table(table, dense))
-    write_text_atomic(kw["out_dir"] / "table.csv", csv_text(table))
-    retention_bars(kw["out_dir"] / "retention.png", rows[1:], "mean retention by method and target")
-    click.echo(markdown_table(table, dense))
+    specs = [m for value in methods for m in value.replace(",", " ").split()]
+    names = {"json": "results.json", "md": "table.md", "csv": "table.csv", "png": "retention.png"}
+    click.echo(run_comparison(kw, specs, _targets(sparsities, patterns), alpha, "compare", names))
 
 
 @click.command("sweep", cls=ListOptionsCommand)

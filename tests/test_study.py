@@ -94,3 +94,33 @@ def test_a_different_study_is_not_mixed_in(workspace, monkeypatch: pytest.Monkey
     assert code == 2 and "holds a different study" in output
     code, output = _invoke("compare", *base, "--tasks", "exist", "--methods", "magnitude")
     assert code == 2 and "at least one target" in output
+
+
+def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from atv_prune import demo
+
+    builtin = tmp_path / "builtin"
+    shutil.copytree(workspace["model"], builtin / "checkpoint")
+    bench = builtin / "benchmark"
+    shutil.copytree(workspace["calib"].parent, bench)
+    shutil.copy(workspace["calib"], bench / "calib.json")
+    (bench / "test").mkdir()
+    for task in TASKS:
+        (bench / "test" / f"{task}.jsonl").write_text(json.dumps(
+            {"id": f"{task}-0", "task": task, "image": None, "question": "q?", "answer": "a", "chance": 0.5}) + "\n")
+    monkeypatch.setattr(demo, "BUILTIN", builtin)
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    code, output = _invoke("demo", "--samples", "4", "--out", tmp_path / "demo")
+    assert code == 0, output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert [c["label"] for c in report["cells"]] == [
+        f"{m} {t}" for m in ("magnitude", "wanda", "wanda:text", "atv") for t in ("50%", "60%", "2:4")]
+    assert set(report["dense"]["evaluation"]["scores"]) == set(TASKS)
+    assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"report.json", "report.md", "report.csv",
+                                                               "retention.png"}
+    monkeypatch.setattr(demo, "BUILTIN", tmp_path / "nowhere")
+    code, output = _invoke("demo", "--out", tmp_path / "demo2")
+    assert code == 2 and "built-in model is not in" in output

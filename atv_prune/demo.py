@@ -1,0 +1,65 @@
+"""``atv-prune demo``: the paper's main comparison on the built-in trained model, out of the box.
+
+Prunes the shipped LLaVA (``atv_prune/builtin/checkpoint``) with magnitude, Wanda (mixed pool),
+Wanda (text pool) and ATV at 50% and 60% unstructured and 2:4, evaluates the dense model and each
+pruned one on the built-in benchmark's test split through lmms-eval, and writes a Table-2-style
+retention table (``report.md``), ``report.json``, ``report.csv`` and ``retention.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_support import one_line_errors
+from .errors import AtvPruneError
+
+BUILTIN = Path(__file__).resolve().parent / "builtin"
+DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
+DEMO_TARGETS = [dict(sparsity=0.5, pattern=None), dict(sparsity=0.6, pattern=None), dict(sparsity=None, pattern=(2, 4))]
+
+
+def builtin_checkpoint() -> Path:
+    """The shipped trained model, or a one-line error saying how to get it."""
+    folder = BUILTIN / "checkpoint"
+    if not (folder / "config.json").is_file():
+        raise AtvPruneError(f"the built-in model is not in {folder}: train it with "
+                            "'python -m atv_prune.builtin.train' (see atv_prune/builtin/README.md)")
+    return folder
+
+
+def builtin_benchmark() -> Path:
+    """The shipped benchmark (test split and calibration captions), or a one-line error."""
+    folder = BUILTIN / "benchmark"
+    if not (folder / "test").is_dir() or not (folder / "calib.json").is_file():
+        raise AtvPruneError(f"the built-in benchmark is not in {folder}: regenerate it with "
+                            "'python -m atv_prune.builtin.train --benchmark-only' (see atv_prune/builtin/README.md)")
+    return folder
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("atv-demo"), show_default=True,
+              help="Output folder; re-running resumes it.")
+@click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N test items per task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Recompute everything in --out.")
+@one_line_errors
+def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device: str | None, seed: int,
+         overwrite: bool) -> None:
+    """Prune the built-in model with magnitude, Wanda, Wanda (text) and ATV; print the retention table."""
+    from .cli_study import run_comparison
+    from .eval.tasks import builtin_tasks
+
+    model, bench = builtin_checkpoint(), builtin_benchmark()
+    kw: dict[str, Any] = dict(model_path=model, calib_path=bench / "calib.json", tasks=tuple(builtin_tasks(bench)),
+                              bench_dir=bench, limit=limit, batch_size=batch_size, samples=samples, seed=seed,
+                              device=device, image_root=None, max_pixels=None, out_dir=out_dir, overwrite=overwrite,
+                              trust_remote_code=False)
+    names = {"json": "report.json", "md": "report.md", "csv": "report.csv", "png": "retention.png"}
+    click.echo(run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names))
+    click.echo(f"written to {out_dir}: report.md, report.json, report.csv, retention.png")
