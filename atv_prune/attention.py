@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 RECORDING_IMPLEMENTATION = "atv_prune_recording"
+_INTERNAL = "_attn_implementation_internal"  # where PreTrainedConfig stores _attn_implementation
 
 
 @dataclass
@@ -44,7 +45,12 @@ def _key_mask(attention_mask: torch.Tensor | None, rows: torch.Tensor, q_len: in
         keys = torch.arange(k_len, device=device)
         allowed = keys.unsqueeze(0) <= (rows + k_len - q_len).unsqueeze(1)
         return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-    mask = attention_mask[0, 0][rows, :k_len]
+    if attention_mask.dim() == 2:  # (batch, keys) padding mask, as flash attention passes it
+        mask = attention_mask[0, :k_len].bool().unsqueeze(0).expand(len(rows), -1)
+        causal = torch.arange(k_len, device=device).unsqueeze(0) <= (rows + k_len - q_len).unsqueeze(1)
+        mask = mask & causal
+    else:
+        mask = attention_mask[0, 0][rows, :k_len]
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
     return mask.float()
@@ -88,7 +94,7 @@ def _attention_configs(block: nn.Module) -> list[Any]:
     configs: dict[int, Any] = {}
     for module in block.modules():
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
+        if config is not None and _INTERNAL in getattr(config, "__dict__", {}):
             configs[id(config)] = config
     return list(configs.values())
 
@@ -98,15 +104,16 @@ def recording_attention(block: nn.Module, text_queries: torch.Tensor) -> Iterato
     """Record the attention received by each token during the block forwards run inside."""
     record = AttentionRecord(text_queries)
     configs = _attention_configs(block)
-    saved = [config._attn_implementation for config in configs]
+    # The stored value is switched directly: the public setter would also rewrite sub-configs.
+    saved = [config.__dict__.get(_INTERNAL) for config in configs]
     token = _ACTIVE.set(record)
     for config in configs:
-        config._attn_implementation = RECORDING_IMPLEMENTATION
+        config.__dict__[_INTERNAL] = RECORDING_IMPLEMENTATION
     try:
         yield record
     finally:
         for config, implementation in zip(configs, saved):
-            config._attn_implementation = implementation
+            config.__dict__[_INTERNAL] = implementation
         _ACTIVE.reset(token)
     if record.calls > 1:
         record.from_last = record.from_last / record.calls

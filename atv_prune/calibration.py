@@ -356,6 +356,9 @@ def load_calibration(
         for record, text, image_path in prepared:
             source = f"{file.name}:{record.number}"
             kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+            bos = getattr(getattr(processor, "tokenizer", None), "bos_token", None)
+            if bos and text.startswith(bos):  # the template wrote BOS already (Llama-3, Gemma): no second one
+                kwargs["add_special_tokens"] = False
             if image_path is not None:
                 kwargs["images"] = [_open_image(image_path, max_pixels)]
             try:

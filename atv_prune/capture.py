@@ -52,7 +52,8 @@ class CapturedSample:
     hidden: torch.Tensor  # (1, seq, d): the input of the next block to run
     block_args: list[tuple[Any, ...]] = field(default_factory=list)
     block_kwargs: list[dict[str, Any]] = field(default_factory=list)
-    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # added to block l's output
+    deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # block l -> (token positions, values) added to block l's output (only the non-zero rows)
 
 
 def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
@@ -135,13 +136,17 @@ class _BlockRecorder:
 @contextmanager
 def _recording(blocks: nn.ModuleList) -> Iterator[_BlockRecorder]:
     recorder = _BlockRecorder(len(blocks))
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. an accelerate hook's wrapper
     for index, block in enumerate(blocks):
         block.forward = recorder.stand_in(index)
     try:
         yield recorder
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -191,8 +196,14 @@ def capture_sample(
         hidden=hidden.to(offload_device),
         block_args=[to_device(a, offload_device, memo) for a in recorder.args],
         block_kwargs=[to_device(k, offload_device, memo) for k in recorder.kwargs],
-        deltas={i: d.to(offload_device) for i, d in recorder.deltas.items()},
+        deltas={i: _sparse_rows(d, offload_device) for i, d in recorder.deltas.items()},
     )
+
+
+def _sparse_rows(delta: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero token rows of a (1, seq, d) delta: their positions and values."""
+    rows = delta[0].ne(0).any(dim=-1).nonzero().squeeze(1)
+    return rows.to(device), delta[0, rows].to(device)
 
 
 def run_block(block: nn.Module, sample: CapturedSample, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -210,4 +221,9 @@ def run_block(block: nn.Module, sample: CapturedSample, index: int, hidden: torc
 def next_input(sample: CapturedSample, index: int, block_output: torch.Tensor) -> torch.Tensor:
     """The input of block ``index + 1``: block ``index``'s output plus what the model adds between blocks."""
     delta = sample.deltas.get(index)
-    return block_output if delta is None else block_output + delta.to(block_output.device)
+    if delta is None:
+        return block_output
+    rows, values = (t.to(block_output.device) for t in delta)
+    updated = block_output.clone()
+    updated[0, rows] = updated[0, rows] + values
+    return updated

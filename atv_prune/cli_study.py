@@ -78,8 +78,10 @@ def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[st
     for spec in methods:
         method, pool = _method_spec(spec)
         for target in targets:
+            # DAS spreads unstructured sparsity; N:M fixes it per group, so such cells are uniform.
+            allocation = "uniform" if target["pattern"] is not None else None
             config = PruneConfig(method=method, pool=pool, alpha=alpha, samples=kw["samples"], seed=kw["seed"],
-                                 device=kw["device"], progress=False, **target)
+                                 device=kw["device"], progress=False, allocation=allocation, **target)
             cells.append(Cell(f"{spec} {config.target_label}", config))
     study = Study(kw["out_dir"], study_settings(kw), kind, kw["overwrite"])
     dense, records = study.run_all(cells)

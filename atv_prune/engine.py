@@ -11,9 +11,9 @@ For block l = 0..L-1 (blocks < l already pruned):
 3. propagation pass — the pruned block runs once per sample; its outputs are block l+1's inputs.
 
 Two forwards per sample per block, whatever the pool. Calibration activations live on the
-offload device; the compute device holds one block and one sample's activations (plus, for
-ATV-style pools, the inputs of each sample's visual candidates, at most as many as its text
-tokens, until the block-level budget is known).
+offload device; the compute device holds one block and one sample's activations. ATV-style pools
+park the linear inputs of each sample's visual candidates (at most as many as its text tokens) on
+the offload device until the block-level budget is known.
 """
 
 from __future__ import annotations
@@ -48,7 +48,18 @@ TargetFinder = Callable[[nn.Module, str], list[PruneTarget]]
 
 
 def linear_targets(block: nn.Module, prefix: str) -> list[PruneTarget]:
-    """Every ``nn.Linear`` inside a decoder block."""
+    """Every ``nn.Linear`` inside a decoder block.
+
+    Blocks holding other matrix weights (fused MoE experts, convolutions) are refused rather than
+    reported as pruned while those weights stay dense.
+    """
+    linear_weights = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+    other = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in linear_weights]
+    if other:
+        raise UnsupportedModelError(
+            f"{prefix} holds matrix weights outside nn.Linear ({', '.join(other[:3])}): mixture-of-experts "
+            "and other non-linear blocks are not supported; use a dense model"
+        )
     return [
         PruneTarget(f"{prefix}.{name}", module, module.weight)
         for name, module in block.named_modules()
@@ -84,7 +95,7 @@ class _InputRecorder:
     def __init__(self, targets: list[PruneTarget]) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, str] = {}
-        self._seen: dict[int, str] = {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # keeps each input alive so ids stay unique
         by_module: dict[int, list[str]] = defaultdict(list)
         modules: dict[int, nn.Module] = {}
         for target in targets:
@@ -97,7 +108,7 @@ class _InputRecorder:
     def _hook(self, names: list[str]):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            leader = self._seen.setdefault(id(x), names[0])
+            leader = self._seen.setdefault(id(x), (names[0], x))[0]
             if leader == names[0]:
                 self.inputs.setdefault(leader, x)
             for name in names:
@@ -179,11 +190,13 @@ class LayerwisePruner:
             home = module_device(block)
             block.to(self.device)
             start = time.perf_counter()
-            for target in self.find_targets(block, f"{prefix}.{index}"):
-                _check_finite(target.weight, f"weights in {target.name}")
-                self._apply(target, None)
+            try:
+                for target in self.find_targets(block, f"{prefix}.{index}"):
+                    _check_finite(target.weight, f"weights in {target.name}")
+                    self._apply(target, None)
+            finally:
+                block.to(home)
             self.result.seconds["masks"] += time.perf_counter() - start
-            block.to(home)
             self.result.blocks.append(BlockReport(index))
         return self.result
 
@@ -194,23 +207,30 @@ class LayerwisePruner:
             for index, block in enumerate(blocks):
                 home = module_device(block)
                 block.to(self.device)
-                targets = self.find_targets(block, f"{prefix}.{index}")
-                for target in targets:
-                    _check_finite(target.weight, f"weights in {target.name}")
-                bar.set_description(f"block {index + 1}/{len(blocks)} statistics")
-                statistics, group_of, sparsity = self._statistics(block, index, targets, samples, bar)
-                bar.set_description(f"block {index + 1}/{len(blocks)} masks")
-                start = time.perf_counter()
-                for target in targets:
-                    if target.name not in group_of:
-                        raise RuntimeError(f"{target.name} was never called during the block's forward")
-                    self._apply(target, statistics[group_of[target.name]], sparsity.get(target.name))
-                self.result.seconds["masks"] += time.perf_counter() - start
-                if index + 1 < len(blocks):
-                    bar.set_description(f"block {index + 1}/{len(blocks)} propagation")
-                    self._propagate(block, index, samples, bar)
-                block.to(home)
+                try:
+                    self._prune_block(block, index, len(blocks), prefix, samples, bar)
+                finally:
+                    block.to(home)
         return self.result
+
+    def _prune_block(self, block: nn.Module, index: int, n_blocks: int, prefix: str,
+                     samples: list[CapturedSample], bar: tqdm) -> None:
+        """Statistics pass, pruning and (except after the last block) propagation for one block."""
+        targets = self.find_targets(block, f"{prefix}.{index}")
+        for target in targets:
+            _check_finite(target.weight, f"weights in {target.name}")
+        bar.set_description(f"block {index + 1}/{n_blocks} statistics")
+        statistics, group_of, sparsity = self._statistics(block, index, targets, samples, bar)
+        bar.set_description(f"block {index + 1}/{n_blocks} masks")
+        start = time.perf_counter()
+        for target in targets:
+            if target.name not in group_of:
+                raise RuntimeError(f"{target.name} was never called during the block's forward")
+            self._apply(target, statistics[group_of[target.name]], sparsity.get(target.name))
+        self.result.seconds["masks"] += time.perf_counter() - start
+        if index + 1 < n_blocks:
+            bar.set_description(f"block {index + 1}/{n_blocks} propagation")
+            self._propagate(block, index, samples, bar)
 
     @torch.no_grad()
     def _apply(self, target: PruneTarget, statistic: torch.Tensor | None, sparsity: float | None = None) -> None:
@@ -264,8 +284,8 @@ class LayerwisePruner:
                         picked = picked.float() * choice.weights.sqrt().unsqueeze(1)
                     total = statistic(picked)
                     sums[leader] = total if leader not in sums else sums[leader] + total
-                    if cap:
-                        kept[leader] = rows[choice.ranked[:cap]]
+                    if cap:  # parked on the offload device until the block-level budget is known
+                        kept[leader] = rows[choice.ranked[:cap]].to(sample.hidden.device)
                 choices.append(choice)
                 candidates.append(kept)
                 bar.update(1)
@@ -284,7 +304,7 @@ class LayerwisePruner:
                 visual_selected[position] += budget
                 for leader, rows in kept.items():
                     if budget:
-                        sums[leader] += statistic(rows[:budget])
+                        sums[leader] += statistic(rows[:budget].to(self.device))
         scale = self.config.method_spec.scale / len(samples)
         results = {leader: total * scale for leader, total in sums.items()}
         for leader, result in results.items():

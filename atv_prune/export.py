@@ -13,6 +13,18 @@ from typing import Any, Callable, Iterator
 from .errors import AtvPruneError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the permissions a plain create would."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
     path = Path(path)
@@ -22,6 +34,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=2, sort_keys=False)
             stream.write("\n")
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -37,6 +50,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(tmp)
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -71,6 +85,7 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(staging)
+        _publish_mode(staging)
         if out.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, retired / out.name)

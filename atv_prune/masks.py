@@ -5,14 +5,21 @@ Ties are broken by position (stable sort), so a mask is a deterministic function
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
 
 
+def prune_count(sparsity: float, size: int) -> int:
+    """``floor(sparsity * size)``, robust to binary rounding (0.57 * 100 is 56.999...)."""
+    return math.floor(sparsity * size + 1e-9)
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune exactly ``floor(sparsity * in_features)`` lowest-scored weights in every row."""
-    n_prune = int(sparsity * scores.shape[1])
+    n_prune = prune_count(sparsity, scores.shape[1])
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if n_prune == 0:
         return mask

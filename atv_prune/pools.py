@@ -171,8 +171,10 @@ def amia_selection(features: torch.Tensor, attention: torch.Tensor, visual: torc
     (sigma = 1) MMD^2 between all tokens and the picked ones falls below
     ``mmd_factor * sqrt(1 - rho)``, rho the mean of the visual-visual, text-text and visual-text
     cosine similarities. Picks are made ``ceil(n / rounds)`` at a time (at most ``rounds``
-    iterations and stopping checks per sample, no per-token loop). Returns the picked positions and
-    their weights (attention, normalised to mean 1).
+    iterations per sample, no per-token loop); within a round the MMD of every prefix is computed
+    from cumulative sums, so the selection stops at exactly the first token that meets the
+    criterion (neighbour scores are lowered once per round). Returns the picked positions and their
+    weights (attention, normalised to mean 1).
     """
     unit = F.normalize(features.float(), dim=-1)
     n = unit.shape[0]
@@ -189,17 +191,25 @@ def amia_selection(features: torch.Tensor, attention: torch.Tensor, visual: torc
     kernel = torch.exp(cosine - 1.0)  # RBF with sigma = 1 on unit vectors: exp(-|x - y|^2 / 2)
     kernel_mean, to_all = kernel.mean(), kernel.mean(dim=0)
     chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    to_chosen = torch.zeros(n, device=unit.device)
+    to_chosen = torch.zeros(n, device=unit.device)  # sum of the kernel to the chosen tokens
+    pair_sum, all_sum, size = torch.zeros((), device=unit.device), torch.zeros((), device=unit.device), 0
     step = -(-n // rounds)
     while not chosen.all():
         picks = torch.topk(score.masked_fill(chosen, float("-inf")), min(step, int((~chosen).sum()))).indices
+        # MMD^2 after each prefix of this round's picks, to stop exactly where it first drops below
+        within = kernel[picks][:, picks].cumsum(0).cumsum(1).diagonal()
+        pairs = pair_sum + 2 * to_chosen[picks].cumsum(0) + within
+        alls = all_sum + to_all[picks].cumsum(0)
+        sizes = size + torch.arange(1, len(picks) + 1, device=unit.device)
+        below = (kernel_mean + pairs / sizes ** 2 - 2 * alls / sizes < threshold).nonzero()
+        take = int(below[0]) + 1 if len(below) else len(picks)
+        picks = picks[:take]
+        pair_sum, all_sum, size = pairs[take - 1], alls[take - 1], size + take
         chosen[picks] = True
         to_chosen += kernel[:, picks].sum(dim=1)
         lowered = torch.exp(-0.2 * nearest_distance[picks]) * score[picks].clamp(min=0).unsqueeze(1)
         score = score.index_add(0, nearest[picks].flatten(), -lowered.flatten())
-        size = chosen.sum()
-        mmd = kernel_mean + to_chosen[chosen].sum() / size ** 2 - 2 * to_all[chosen].sum() / size
-        if float(mmd) < threshold:
+        if len(below):
             break
     positions = chosen.nonzero().squeeze(1)
     weights = a[positions]

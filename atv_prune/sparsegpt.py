@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from .errors import ConfigError, NumericalError
+from .masks import prune_count
 
 
 def hessian_update(rows: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,8 @@ def sparsegpt_prune(
     if pattern is not None and cols % pattern[1]:
         raise ConfigError(f"N:M pattern {pattern[0]}:{pattern[1]} needs in_features divisible by {pattern[1]}, "
                           f"got {cols}: choose another M")
+    if pattern is not None:
+        block_size = max(pattern[1], block_size - block_size % pattern[1])  # N:M groups never straddle blocks
     w = weight.detach().float().clone()
     w[:, torch.diag(hessian) == 0] = 0
     hinv = inverse_hessian_factor(hessian.float(), damp)
@@ -77,7 +80,7 @@ def sparsegpt_prune(
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         if sparsity is not None:
             saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
-            n_prune = int(saliency.numel() * sparsity)
+            n_prune = prune_count(sparsity, saliency.numel())
             if n_prune:
                 order = torch.sort(saliency.flatten(), stable=True).indices[:n_prune]
                 block_mask.view(-1)[order] = True

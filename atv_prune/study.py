@@ -62,8 +62,32 @@ class StudySettings:
     trust_remote_code: bool = False
 
     def identity(self) -> dict[str, Any]:
-        return {"model": str(self.model.resolve()), "calib": str(self.calib.resolve()), "tasks": self.tasks,
-                "bench_dir": self.bench_dir, "limit": self.limit, "max_pixels": self.max_pixels}
+        """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
+        return {"model": str(self.model.resolve()), "model_fingerprint": _fingerprint(self.model),
+                "calib": str(self.calib.resolve()), "calib_sha1": _file_sha1(self.calib), "tasks": self.tasks,
+                "bench_dir": self.bench_dir, "limit": self.limit, "batch_size": self.batch_size,
+                "image_root": str(self.image_root) if self.image_root else None, "max_pixels": self.max_pixels,
+                "device": self.device}
+
+
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(folder: Path) -> str:
+    """config.json's content and the weight files' names and sizes (hashing gigabytes of weights
+    would cost more than the check is worth)."""
+    digest = hashlib.sha1()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()
 
 
 class PeakMemory:
@@ -118,19 +142,22 @@ class Study:
         self.settings = settings
         self.cells_dir = self.folder / "cells"
         manifest = self.folder / "study.json"
-        identity = {"kind": kind, **settings.identity()}
+        versions = package_versions()
+        identity = {"kind": kind, **settings.identity(),
+                    "versions": {k: versions[k] for k in ("atv-prune", "torch", "transformers")}}
         if manifest.exists() and not overwrite:
             stored = json.loads(manifest.read_text())
             if stored.get("identity") != identity:
-                raise AtvPruneError(f"{self.folder} holds a different study ({stored.get('identity', {}).get('kind')}"
-                                    f" on other model/data/tasks): choose another --out or pass --overwrite")
+                changed = sorted(k for k in identity if stored.get("identity", {}).get(k) != identity[k])
+                raise AtvPruneError(f"{self.folder} holds a different study (differs in {', '.join(changed)}): "
+                                    "choose another --out or pass --overwrite")
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
             raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
         if overwrite and self.cells_dir.exists():
             for stale in self.cells_dir.glob("*.json"):
                 stale.unlink()
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(manifest, {"identity": identity, "versions": package_versions()})
+        write_json_atomic(manifest, {"identity": identity, "versions": versions})
         self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
 
     def _load(self) -> tuple[nn.Module, Any]:
@@ -195,6 +222,7 @@ class Study:
             "prune_seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes,
             "sparsity": report.sparsity["overall"], "blocks": report.blocks,
             "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),
+            "calibration": report.calibration, "warnings": report.warnings, "versions": report.versions,
             "evaluation": evaluation, "retention": retention(EvalResult.from_dict(evaluation), dense),
         }
         write_json_atomic(path, record)

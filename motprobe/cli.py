@@ -198,8 +198,9 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     dense, records = study.run_all(cells, prune_probe_pathway)
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
-    last_target = cells[-1].config.target_label
-    recipe = derive_recipe(records, last_target) if set(pathways) == {"text", "visual"} else None
+    unstructured = [c.config for c in cells if c.config.sparsity is not None]
+    hardest = (max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config).target_label
+    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} else None
     write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "table": rows, "recipe": recipe,
                                                        "cells": [cell_summary(r) for r in records]})
     write_text_atomic(kw["out_dir"] / "results.csv", csv_text(rows))

@@ -272,3 +272,19 @@ def test_error_corrupt_image(tmp_path, llava):
     _write(tmp_path / "broken.png", b"\x89PNG garbage bytes, not an image")
     path = _write(tmp_path / "c.jsonl", json.dumps({"image": "broken.png", "text": "x"}) + "\n")
     assert "broken.png" in _one_line_error("cannot read image", load_calibration, path, llava)
+
+
+def test_a_template_that_writes_bos_gets_no_second_bos(checkpoints, files):
+    from tokenizers.processors import TemplateProcessing
+
+    proc = load_processor(checkpoints["llava"])
+    bos = proc.tokenizer.bos_token
+    bos_id = proc.tokenizer.convert_tokens_to_ids(bos)
+    proc.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A",
+                                                                         special_tokens=[(bos, bos_id)])
+    assert proc.tokenizer("x")["input_ids"][0] == bos_id  # this tokenizer adds BOS itself, like Llama-3's
+    proc.chat_template = bos + proc.chat_template
+    calib = load_calibration(files["json"], proc, samples=2, seed=0)
+    for sample in calib.samples:
+        ids = sample.inputs["input_ids"][0].tolist()
+        assert ids[0] == bos_id and ids[1] != bos_id

@@ -191,3 +191,14 @@ def test_non_finite_weights_are_refused(workspace, tmp_path: Path) -> None:
 def test_families_lists_the_registry() -> None:
     result = CliRunner().invoke(main, ["families"])
     assert result.exit_code == 0 and "qwen3_vl" in result.output and "smolvlm" in result.output
+
+
+def test_outputs_get_the_usual_permissions(workspace) -> None:
+    import os
+
+    out = workspace["root"] / "modes"
+    assert _run("--model", workspace["llava"], "--method", "magnitude", "--sparsity", "0.5", "--out", out)[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "pruning_report.json").stat().st_mode & 0o777 == 0o666 & ~umask

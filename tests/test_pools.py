@@ -125,3 +125,23 @@ def test_amia_pool_needs_attention_and_weights_its_tokens() -> None:
     assert POOLS["amia"].needs_attention and POOLS["amia"].budget == "none"
     assert choice.weights is not None and len(choice.weights) == len(choice.fixed)
     assert choice.visual_selected == int(view.visual[choice.fixed].sum())
+
+
+def test_amia_stops_at_the_first_prefix_that_meets_the_criterion() -> None:
+    from atv_prune.pools import amia_selection
+
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(300, 12, generator=g)
+    visual = torch.arange(300) >= 40
+    attention = torch.softmax(torch.randn(300, generator=g), 0)
+    positions, _ = amia_selection(features, attention, visual, rounds=4)
+    unit = F.normalize(features, dim=-1)
+    cosine = unit @ unit.T
+    kernel = torch.exp(cosine - 1)
+    rho = float(torch.stack([cosine[visual][:, visual].mean(), cosine[~visual][:, ~visual].mean(),
+                             cosine[visual][:, ~visual].mean()]).mean())
+    threshold = 0.1 * (1 - rho) ** 0.5
+    chosen = torch.zeros(300, dtype=torch.bool)
+    chosen[positions] = True
+    assert _mmd(kernel, chosen) < threshold
+    assert len(positions) < 75  # far fewer than a whole round of 75 picks

@@ -124,3 +124,15 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
     monkeypatch.setattr(demo, "BUILTIN", tmp_path / "nowhere")
     code, output = _invoke("demo", "--out", tmp_path / "demo2")
     assert code == 2 and "built-in model is not in" in output
+
+
+def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    out = workspace["root"] / "tamp"
+    code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
+                           "exist", "--methods", "tamp", "wanda:amia", "--sparsity", "0.5", "--pattern", "2:4",
+                           "--samples", "4", "--out", out)
+    assert code == 0, output
+    cells = {c["label"]: c["config"] for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert cells["tamp 50%"]["allocation"] == "das" and cells["tamp 2:4"]["allocation"] == "uniform"
+    assert cells["wanda:amia 50%"]["allocation"] == "uniform" and cells["wanda:amia 50%"]["pool"] == "amia"
