@@ -26,7 +26,7 @@ def builtin_checkpoint() -> Path:
     folder = BUILTIN / "checkpoint"
     if not (folder / "config.json").is_file():
         raise AtvPruneError(f"the built-in model is not in {folder}: train it with "
-                            "'python -m atv_prune.builtin.train' (see atv_prune/builtin/README.md)")
+                            f"'python -m atv_prune.builtin.train --out {folder}' (no trained recipe ships yet)")
     return folder
 
 
@@ -34,8 +34,8 @@ def builtin_benchmark() -> Path:
     """The shipped benchmark (test split and calibration captions), or a one-line error."""
     folder = BUILTIN / "benchmark"
     if not (folder / "test").is_dir() or not (folder / "calib.json").is_file():
-        raise AtvPruneError(f"the built-in benchmark is not in {folder}: regenerate it with "
-                            "'python -m atv_prune.builtin.train --benchmark-only' (see atv_prune/builtin/README.md)")
+        raise AtvPruneError(f"the built-in benchmark is not in {folder}: generate it with "
+                            f"atv_prune.builtin.scenes.generate_benchmark('{folder}', n_train=0)")
     return folder
 
 

@@ -145,6 +145,86 @@ class Encoder:
         return out
 
 
+def cell_labels(scene: scenes.Scene) -> torch.Tensor:
+    """Per grid cell (row-major): colour, shape, size and word class, 0 where the cell has none."""
+    labels = torch.zeros(scenes.GRID * scenes.GRID, 4, dtype=torch.long)
+    for o in scene["objects"]:
+        cell = o["row"] * scenes.GRID + o["col"]
+        labels[cell, 0] = list(scenes.COLORS).index(o["color"]) + 1
+        labels[cell, 1] = scenes.SHAPES.index(o["shape"]) + 1
+        labels[cell, 2] = list(scenes.SIZES).index(o["size"]) + 1
+    word = scene["word"]
+    if word is not None:
+        labels[word["row"] * scenes.GRID + word["col"], 3] = scenes.WORDS.index(word["text"]) + 1
+    return labels
+
+
+def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene], steps: int,
+                    batch_size: int, lr: float, rng: random.Random, log_every: int) -> list[dict[str, float]]:
+    """Short supervised pretraining of the vision tower: classify every grid cell's contents.
+
+    Patch features pooled to the 3 x 3 grid feed linear heads (colour, shape, size, word); the
+    heads are thrown away afterwards. This grounds the tower far faster than the answer loss does,
+    which reaches the tower only through the projector and the whole decoder.
+    """
+    tower = model.model.vision_tower
+    dim = tower.config.hidden_size
+    classes = (len(scenes.COLORS), len(scenes.SHAPES), len(scenes.SIZES), len(scenes.WORDS))
+    heads = torch.nn.ModuleList(torch.nn.Linear(dim, n + 1) for n in classes)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    side = scenes.IMAGE_SIZE // tower.config.patch_size
+    curve = []
+    correct, total = 0.0, 0
+    for step in range(steps):
+        chosen = [scene_list[rng.randrange(len(scene_list))] for _ in range(batch_size)]
+        pixels = torch.stack([Encoder.pixels(sc) for sc in chosen])
+        labels = torch.stack([cell_labels(sc) for sc in chosen])  # (B, 9, 4)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, lr, min(50, steps // 10 + 1))
+        hidden = tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS
+        grid = hidden.transpose(1, 2).reshape(len(chosen), dim, side, side)
+        cells = torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+        logits = [head(cells) for head in heads]
+        loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
+                   for i, lg in enumerate(logits))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        predicted = torch.stack([lg.argmax(-1) for lg in logits], -1)
+        correct += (predicted == labels).all(-1).float().sum().item()
+        total += labels.shape[0] * labels.shape[1]
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "loss": loss.item(), "cell_accuracy": 100.0 * correct / total})
+            print(f"vision step {step + 1} loss {loss.item():.4f} cell accuracy {100.0 * correct / total:.1f}",
+                  flush=True)
+            correct, total = 0.0, 0
+    return curve
+
+
+@torch.no_grad()
+def standardize_projector(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene],
+                          target_norm: float = 1.0, n: int = 256) -> None:
+    """Fold feature standardisation into the projector and scale its output to ``target_norm``.
+
+    A pretrained tower's features have norms ~100x the word embeddings; this exact affine
+    re-parameterisation (per-dimension mean/std into ``linear_1``, a scale on ``linear_2``) starts
+    the decoder with visual tokens on the scale of text tokens, without changing the architecture.
+    """
+    pixels = torch.stack([Encoder.pixels(sc) for sc in scene_list[:n]])
+    layer = model.config.vision_feature_layer
+    hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
+    projector = model.model.multi_modal_projector
+    projector.linear_1.bias -= projector.linear_1.weight @ (mean / std)
+    projector.linear_1.weight /= std
+    norm = projector(hidden).norm(dim=-1).mean()
+    projector.linear_2.weight *= target_norm / norm
+    projector.linear_2.bias *= target_norm / norm
+
+
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, encoder: Encoder, items: list[dict[str, Any]],
              batch_size: int = 64) -> dict[str, float]:
@@ -174,6 +254,9 @@ def evaluate(model: LlavaForConditionalGeneration, encoder: Encoder, items: list
     return accuracy
 
 
+SUBSET_PER_TASK = 20  # the fixed test subset whose accuracy the checkpoint test re-measures
+
+
 def load_split(data: Path, split: str, per_task: int | None = None) -> list[dict[str, Any]]:
     """The items of a val/test split, the first ``per_task`` of every task (all when None)."""
     items = []
@@ -187,7 +270,9 @@ def chance_levels(items: list[dict[str, Any]]) -> dict[str, float]:
     by_task: dict[str, list[float]] = defaultdict(list)
     for item in items:
         by_task[item["task"]].append(item["chance"])
-    return {task: 100.0 * sum(v) / len(v) for task, v in sorted(by_task.items())}
+    chance = {task: 100.0 * sum(v) / len(v) for task, v in sorted(by_task.items())}
+    chance["mean"] = sum(chance.values()) / len(chance)
+    return chance
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -205,7 +290,8 @@ def _format(acc: dict[str, float]) -> str:
 def write_card(out: Path, args: argparse.Namespace, shape: ModelShape, n_params: int,
                results: dict[str, Any]) -> None:
     """MODEL_CARD.md: how to reproduce the checkpoint and its dense accuracy per task."""
-    chance, val, test = results["chance"], results["val"], results["test"]
+    chance, val, test, data = results["chance"], results["val"], results["test"], results["data"]
+    data_call = ", ".join(f"{k}={data[k]}" for k in ("seed", "n_train", "n_val", "n_test", "n_calib", "max_turns"))
     rows = "\n".join(f"| {t} | {chance.get(t, float('nan')):.1f} | {val.get(t, float('nan')):.1f} | "
                      f"{test.get(t, float('nan')):.1f} |" for t in [*scenes.TASKS, "mean"])
     card = f"""# Built-in LLaVA scene model
@@ -218,19 +304,22 @@ pruning methods can be compared without downloading anything.
   {scenes.IMAGE_SIZE} px images, {(scenes.IMAGE_SIZE // shape.patch_size) ** 2} visual tokens;
   decoder {shape.text_layers} x {shape.text_hidden}, {shape.text_heads} heads, MLP {shape.text_intermediate}).
 - Tokenizer: closed word-level vocabulary ({results['vocab_size']} tokens) with a chat template.
-- Training command (2 CPU threads, fp32):
+- Training command ({args.threads} CPU thread(s), fp32):
 
       {results['command']}
 
+- Vision tower first pretrained {args.vision_steps} steps (batch {args.vision_batch_size}, lr {args.vision_lr}) to
+  classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
+  its learning rate is {args.vision_lr_scale} x the rest.
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
-- Data: `generate_benchmark(seed={args.seed}, n_train={args.n_train}, n_val={args.n_val},
-  n_test={args.n_test}, n_calib={args.n_calib})`; splits disjoint by scene.
+- Data: `generate_benchmark({data_call})`, training mix {data['weights']};
+  splits disjoint by scene.
 
 ## Dense accuracy (%; greedy, exact match after normalisation)
 
-| task | chance | val ({args.n_val}/task) | test ({args.n_test}/task) |
+| task | chance | val ({data['n_val']}/task) | test ({data['n_test']}/task) |
 |---|---|---|---|
 {rows}
 """
@@ -254,6 +343,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--task-weights", default="", help="training mix overrides, e.g. reading=2,textonly=0.6")
+    p.add_argument("--vision-steps", type=int, default=0, help="steps of cell-classification pretraining")
+    p.add_argument("--vision-batch-size", type=int, default=64)
+    p.add_argument("--vision-lr", type=float, default=1e-3)
+    p.add_argument("--standardize-projector", action="store_true",
+                   help="start visual tokens on the scale of text embeddings (see standardize_projector)")
+    p.add_argument("--vision-lr-scale", type=float, default=1.0, help="tower lr / --lr after pretraining")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -269,8 +365,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data or args.out / "data"
     if not (data / "manifest.json").exists():
+        weights = dict(scenes.DEFAULT_TASK_WEIGHTS)
+        for pair in filter(None, args.task_weights.split(",")):
+            task, _, value = pair.partition("=")
+            weights[task] = float(value)
         scenes.generate_benchmark(data, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                                  n_test=args.n_test, n_calib=args.n_calib, max_turns=args.max_turns)
+                                  n_test=args.n_test, n_calib=args.n_calib, weights=weights,
+                                  max_turns=args.max_turns)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
     processor = build_processor(shape.patch_size)
@@ -280,18 +381,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoder = Encoder(processor, shape.patch_size)
     probe = load_split(data, "val", args.eval_items)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        groups[("vision_tower" in name, param.dim() >= 2 and "embed" not in name)].append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "weight_decay": args.weight_decay if decays else 0.0,
+          "lr_scale": args.vision_lr_scale if vision else 1.0} for (vision, decays), params in groups.items()],
+        lr=args.lr, betas=(0.9, 0.98))
     order_rng = random.Random(args.seed)
+    vision_start = time.time()
+    vision_curve = pretrain_vision(model, [r["scene"] for r in train if r["scene"] is not None],
+                                   args.vision_steps, args.vision_batch_size, args.vision_lr,
+                                   random.Random(f"{args.seed}-vision"), args.log_every)
+    if args.standardize_projector:
+        standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
+    vision_minutes = (time.time() - vision_start) / 60
     order: list[int] = []
     curve: list[dict[str, Any]] = []
     model.train()
     start = time.time()
     train_time, step, loss_sum = 0.0, 0, 0.0
     while step < args.steps:
-        if args.minutes is not None and train_time > 60 * args.minutes:
+        if args.minutes is not None and train_time + 60 * vision_minutes > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
             break
         t0 = time.time()
@@ -302,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = encoder.batch([train[i] for i in order[: args.batch_size]])
         del order[: args.batch_size]
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, args.steps, args.lr, args.warmup)
+            group["lr"] = group["lr_scale"] * _lr(step, args.steps, args.lr, args.warmup)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -327,7 +438,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "samples_per_s": step * args.batch_size / max(train_time, 1e-9), "n_params": n_params,
         "vocab_size": len(processor.tokenizer), "chance": chance_levels(test_items),
         "val": evaluate(model, encoder, val_items), "test": evaluate(model, encoder, test_items),
-        "curve": curve, "wall_minutes": (time.time() - start) / 60, "shape": asdict(shape),
+        "subset_per_task": SUBSET_PER_TASK,
+        "test_subset": evaluate(model, encoder, load_split(data, "test", SUBSET_PER_TASK)),
+        "curve": curve, "wall_minutes": (time.time() - start) / 60, "shape": asdict(shape), "seed": args.seed,
+        "data": json.loads((data / "manifest.json").read_text()), "vision_curve": vision_curve, "vision_minutes": vision_minutes,
     }
     print(f"final val: {_format(results['val'])}\nfinal test: {_format(results['test'])}", flush=True)
     model.save_pretrained(args.out)

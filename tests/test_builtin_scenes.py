@@ -1,0 +1,215 @@
+"""The built-in scene benchmark, tokenizer and processor: determinism, disjoint splits, exact answers,
+and agreement between the processor, the trainer's fast encoder and the model's visual tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from atv_prune.builtin import scenes
+from atv_prune.builtin.tokenizer import build_processor, build_tokenizer
+from atv_prune.builtin.train import Encoder, ModelShape, build_model
+from atv_prune.calibration import load_calibration
+
+SIZES = {"n_train": 60, "n_val": 6, "n_test": 12, "n_calib": 6}
+SMALL_SHAPE = ModelShape(patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+                         text_layers=1, text_heads=2, text_intermediate=64)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    scenes.generate_benchmark(out, seed=3, **SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(SMALL_SHAPE.patch_size)
+
+
+def _items(bench: Path, split: str) -> list[dict]:
+    return [item for task in scenes.TASKS for item in scenes.read_jsonl(bench / split / f"{task}.jsonl")]
+
+
+def test_generator_is_deterministic(bench: Path, tmp_path: Path) -> None:
+    scenes.generate_benchmark(tmp_path / "same", seed=3, **SIZES)
+    assert _digest(tmp_path / "same") == _digest(bench)
+    scenes.generate_benchmark(tmp_path / "other", seed=4, **SIZES)
+    other = _digest(tmp_path / "other")
+    assert other["test/count.jsonl"] != _digest(bench)["test/count.jsonl"]
+
+
+def test_test_items_do_not_depend_on_other_split_sizes(bench: Path, tmp_path: Path) -> None:
+    scenes.generate_benchmark(tmp_path, seed=3, n_train=5, n_val=2, n_test=4, n_calib=1)
+    for task in scenes.TASKS:
+        small = scenes.read_jsonl(tmp_path / "test" / f"{task}.jsonl")
+        assert small == scenes.read_jsonl(bench / "test" / f"{task}.jsonl")[:4]
+
+
+def test_splits_are_disjoint_by_scene(bench: Path) -> None:
+    test = {i["scene_hash"] for i in _items(bench, "test") if i["scene"]}
+    val = {i["scene_hash"] for i in _items(bench, "val") if i["scene"]}
+    train = {scenes.scene_hash(r["scene"]) for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]}
+    calib = {Path(r["image"]).stem for r in json.loads((bench / "calib.json").read_text())}
+    assert test and val and train and calib
+    assert not test & val and not test & train and not test & calib and not val & train and not calib & train
+
+
+def _objects(scene: dict, color: str | None = None, shape: str | None = None) -> list[dict]:
+    return [o for o in scene["objects"] if (color is None or o["color"] == color)
+            and (shape is None or o["shape"] == shape)]
+
+
+def _check(item: dict) -> None:
+    """Recompute the answer of an item from its scene metadata."""
+    scene, q, a = item["scene"], item["question"], item["answer"]
+    if item["task"] == "textonly":
+        m = re.fullmatch(r"what is (\d) plus (\d)\?", q)
+        expected = int(m[1]) + int(m[2]) if m else int(re.fullmatch(r"what number comes after (\d)\?", q)[1]) + 1
+        assert a == str(expected)
+    elif item["task"] == "exist":
+        color, shape = re.fullmatch(r"is there a (\w+) (\w+)\?", q).groups()
+        assert a == ("yes" if _objects(scene, color, shape) else "no")
+        assert item["negative"] in scenes.NEGATIVES
+    elif item["task"] == "count":
+        if q == "how many shapes are there?":
+            expected = len(scene["objects"])
+        else:
+            word = re.fullmatch(r"how many (\w+)(?: shapes)? are there\?", q)[1]
+            expected = len(_objects(scene, color=word) if word in scenes.COLORS else _objects(scene, shape=word[:-1]))
+        assert a == str(expected)
+    elif item["task"] == "reading":
+        assert a == scene["word"]["text"]
+    elif item["task"] == "spatial":
+        c1, s1, rel, c2, s2 = re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?",
+                                           q).groups()
+        (o1,), (o2,) = _objects(scene, c1, s1), _objects(scene, c2, s2)
+        axis, sign = scenes.RELATIONS[rel]
+        key = "row" if axis == 0 else "col"
+        assert a == ("yes" if (o1[key] - o2[key]) * sign > 0 else "no")
+    elif item["task"] == "mcq":
+        assert item["choices"][scenes.LETTERS.index(a)] in {o["color"] for o in scene["objects"]} | {
+            o["shape"] for o in scene["objects"]} | {str(len(scene["objects"]))} | {str(i) for i in range(6)}
+    elif item["task"] == "attribute":
+        m = re.fullmatch(r"what color is the (\w+)\?", q)
+        if m:
+            (obj,) = _objects(scene, shape=m[1])
+            assert a == obj["color"]
+        else:
+            assert a in scenes.SHAPES or a in scenes.SIZES
+    else:
+        assert item["task"] == "rule"
+        rule = re.search(r"when (.+)\. is this", q)[1]
+        colors = {o["color"] for o in scene["objects"]}
+        if m := re.fullmatch(r"it has a (\w+) (\w+)", rule):
+            holds = bool(_objects(scene, m[1], m[2]))
+        elif m := re.fullmatch(r"it has more than (\d) shapes", rule):
+            holds = len(scene["objects"]) > int(m[1])
+        elif m := re.fullmatch(r"every (\w+) in it is (\w+)", rule):
+            holds = all(o["color"] == m[2] for o in _objects(scene, shape=m[1]))
+        elif m := re.fullmatch(r"it has no (\w+) shapes", rule):
+            holds = m[1] not in colors
+        else:
+            holds = scene["word"]["text"] == re.fullmatch(r"the word (\w+) is written in it", rule)[1]
+        assert a == ("yes" if holds else "no")
+
+
+def test_every_task_present_and_answers_follow_the_scene(bench: Path) -> None:
+    for split, n in (("test", SIZES["n_test"]), ("val", SIZES["n_val"])):
+        items = _items(bench, split)
+        assert sorted({i["task"] for i in items}) == sorted(scenes.TASKS)
+        assert len(items) == n * len(scenes.TASKS)
+        for item in items:
+            assert set(item) >= {"id", "task", "image", "question", "answer", "chance"}
+            assert 0 < item["chance"] < 1
+            assert (item["image"] is None) == (item["task"] == "textonly")
+            _check(item)
+    item = next(i for i in _items(bench, "test") if i["image"])
+    saved = np.asarray(Image.open(bench / item["image"]).convert("RGB"))
+    assert np.array_equal(saved, np.asarray(scenes.render(item["scene"])))
+
+
+def test_answer_matches() -> None:
+    assert scenes.answer_matches("Yes.", "yes")
+    assert scenes.answer_matches(" a ", "A")
+    assert scenes.answer_matches("three", "3")
+    assert not scenes.answer_matches("no", "yes")
+    assert not scenes.answer_matches("red circle", "red")
+
+
+def test_tokenizer_round_trip_and_closed_vocabulary(bench: Path) -> None:
+    tok = build_tokenizer()
+    texts = [t[k] for r in scenes.read_jsonl(bench / "train.jsonl") for t in r["turns"] for k in ("question", "answer")]
+    texts += [i["question"] for i in _items(bench, "test")]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert tok.decode(ids).split() == re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def test_calibration_file_loads(bench: Path, processor) -> None:
+    calib = load_calibration(bench / "calib.json", processor, samples=4)
+    assert len(calib.samples) == 4 and not calib.warnings
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    n_visual = (scenes.IMAGE_SIZE // SMALL_SHAPE.patch_size) ** 2
+    assert all(int((s.inputs["input_ids"] == image_id).sum()) == n_visual for s in calib.samples)
+
+
+def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(SMALL_SHAPE, processor).eval()
+    item = scenes.read_jsonl(bench / "test" / "spatial.jsonl")[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(bench / item["image"])], return_tensors="pt")
+    encoder = Encoder(processor, SMALL_SHAPE.patch_size)
+    ids, labels = encoder.conversation([item], with_image=True)
+    assert inputs["input_ids"][0].tolist() == ids
+    assert torch.allclose(inputs["pixel_values"][0], encoder.pixels(item["scene"]), atol=1e-6)
+    answer = [t for t in labels if t != -100]
+    assert processor.tokenizer.decode(answer, skip_special_tokens=True) == item["answer"]
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        logits = model(**inputs).logits
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    n_features = sum(f.shape[0] for f in features) if isinstance(features, (list, tuple)) else features.shape[1]
+    assert n_features == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert logits.shape[:2] == inputs["input_ids"].shape
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    again = reloaded(text=[text], images=[Image.open(bench / item["image"])], return_tensors="pt")
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+
+
+CHECKPOINT = Path(scenes.__file__).parent / "checkpoint"
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
+def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    from atv_prune.builtin.train import evaluate, load_split
+
+    record = json.loads((CHECKPOINT / "training.json").read_text())
+    n = record["subset_per_task"]
+    scenes.generate_benchmark(tmp_path, seed=record["seed"], n_train=0, n_val=0, n_test=n, n_calib=0)
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"]), load_split(tmp_path, "test"))
+    for task, expected in record["test_subset"].items():
+        assert accuracy[task] == pytest.approx(expected, abs=100 / n + 1e-6), task
