@@ -52,10 +52,14 @@ def build_qwen2_vl(size: dict, dtype: torch.dtype):
         image_token_id=size["vocab"] - 3, video_token_id=size["vocab"] - 2, vision_start_token_id=size["vocab"] - 4,
         vision_end_token_id=size["vocab"] - 5,
     )
-    with torch.device("cpu"):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: a 7B model in fp32 needs 30 GB
+    try:
         torch.manual_seed(0)
         model = Qwen2VLForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def qwen2_vl_samples(model, n: int, n_text: int, grid: int) -> CalibrationSet:
