@@ -13,22 +13,27 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
-SETUP = """import json, os
-from pathlib import Path
-import numpy as np
-import pandas as pd
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import seaborn as sns
-"""
+IMPORTS = {
+    "json": "import json",
+    "np": "import numpy as np",
+    "plt": "import matplotlib.pyplot as plt",
+    "sns": "import seaborn as sns",
+}
+
+
+def setup(*names: str) -> str:
+    """The first cell's imports: always os, Path, pandas and the Agg backend, plus ``names``."""
+    lines = ["import os", "from pathlib import Path", "", "import matplotlib", "import pandas as pd"]
+    lines += [IMPORTS[name] for name in names]
+    return "\n".join(lines) + '\n\nmatplotlib.use("Agg")\n'
+
 
 NOTEBOOKS = {
     "mask_iou.ipynb": [
         new_markdown_cell("# Mask IoU between text-only and visual-only calibration\n\n"
                           "Reads the folder written by `motprobe iou` (`MOTPROBE_IOU_DIR`, default `iou/`). "
                           "The paper's LLaVA-NeXT-8B IoU spans about 0.60-1.00 with most linears at 0.90-0.95."),
-        new_code_cell(SETUP + 'folder = Path(os.environ.get("MOTPROBE_IOU_DIR", "iou"))\n'
+        new_code_cell(setup("json", "plt", "sns") + 'folder = Path(os.environ.get("MOTPROBE_IOU_DIR", "iou"))\n'
                       'table = pd.read_csv(folder / "iou.csv")\n'
                       'summary = json.loads((folder / "iou_summary.json").read_text())\n'
                       'print({k: summary[k] for k in ("pools", "method", "target", "linears", "mean", "min", "max")})\n'
@@ -53,7 +58,7 @@ NOTEBOOKS = {
         new_markdown_cell("# Text and visual token activations (t-SNE)\n\n"
                           "Reads `motprobe tsne` output (`MOTPROBE_TSNE_DIR`, default `tsne/`). The paper finds "
                           "text and visual activations in distinct regions."),
-        new_code_cell(SETUP + 'from sklearn.metrics import silhouette_score\n'
+        new_code_cell(setup("plt", "sns") + 'from sklearn.metrics import silhouette_score\n'
                       'folder = Path(os.environ.get("MOTPROBE_TSNE_DIR", "tsne"))\n'
                       'points = pd.read_csv(folder / "tsne.csv")\n'
                       'points.groupby(["block", "modality"]).size()'),
@@ -73,12 +78,13 @@ NOTEBOOKS = {
     "drift.ipynb": [
         new_markdown_cell("# ATV's per-block visual drift and budget (the paper's Fig. A1)\n\n"
                           "Reads `motprobe drift` output (`MOTPROBE_DRIFT_DIR`, default `drift/`)."),
-        new_code_cell(SETUP + 'folder = Path(os.environ.get("MOTPROBE_DRIFT_DIR", "drift"))\n'
+        new_code_cell(setup("np", "plt") + 'folder = Path(os.environ.get("MOTPROBE_DRIFT_DIR", "drift"))\n'
                       'blocks = pd.read_csv(folder / "drift.csv")\n'
                       'blocks'),
         new_code_cell('fig, axis = plt.subplots(figsize=(7, 4))\n'
                       'axis.plot(blocks["index"], blocks["mean_drift"], marker="o", label="mean visual drift")\n'
-                      'axis.set_xlabel("block"); axis.set_ylabel("mean drift")\n'
+                      'axis.set_xlabel("block")\n'
+                      'axis.set_ylabel("mean drift")\n'
                       'twin = axis.twinx()\n'
                       'twin.bar(blocks["index"], blocks["visual_tokens_per_sample"], alpha=0.3, color="tab:orange")\n'
                       'twin.set_ylabel("visual tokens selected per sample")\n'
@@ -94,7 +100,7 @@ NOTEBOOKS = {
                           "Reads `motprobe sensitivity` output (`MOTPROBE_STUDY_DIR`, default `study/`). "
                           "Paper, LLaVA-NeXT-8B at 60%: text pathway 84.65 / 50.92 / 64.97 (text / visual / "
                           "mixed calibration), visual pathway 100.05 / 99.25 / 99.57."),
-        new_code_cell(SETUP + 'folder = Path(os.environ.get("MOTPROBE_STUDY_DIR", "study"))\n'
+        new_code_cell(setup("json", "sns") + 'folder = Path(os.environ.get("MOTPROBE_STUDY_DIR", "study"))\n'
                       'table = pd.read_csv(folder / "results.csv")\n'
                       'results = json.loads((folder / "results.json").read_text())\n'
                       'print("dense scores:", results["dense"]["evaluation"]["scores"])\n'
