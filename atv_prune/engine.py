@@ -32,7 +32,8 @@ from .config import PruneConfig
 from .errors import NumericalError, UnsupportedModelError
 from .allocation import allocate_sparsity, das_importance, output_similarity_sums
 from .attention import recording_attention
-from .pools import POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, fixed_budget, visual_drift
+from .pools import (POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, fixed_budget, ranking_limit,
+                    visual_drift)
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,10 @@ class LayerwisePruner:
                 else:
                     output, received = run_block(block, sample, index, hidden), {}
                 _check_finite(output, f"activations at block {index} for sample {sample.source}")
+                n_visual = int(visual.sum())
+                limit = ranking_limit(pool, n_visual, visual.numel() - n_visual, self.config.visual_ratio)
                 view = SampleView(visual, hidden[0], output[0], _generator(self.config.seed, index, sample_index),
-                                  **received)
+                                  rank_limit=limit, **received)
                 choice = pool.select(view)
                 if diversity is not None:
                     diversity.finish_sample(visual)

@@ -33,6 +33,7 @@ class SampleView:
     generator: torch.Generator  # seeded per (seed, block, sample), on the CPU
     attention_from_text: torch.Tensor | None = None  # (seq,) mean attention received from text queries
     attention_from_last: torch.Tensor | None = None  # (seq,) attention received from the last query
+    rank_limit: int | None = None  # ranked candidates beyond this are never used (None: rank all)
 
 
 @dataclass(frozen=True)
@@ -128,16 +129,17 @@ def attention_pool(view: SampleView) -> PoolChoice:
     return _text_plus_ranked(view, received, _descending(received))
 
 
-def diverse_order(features: torch.Tensor, first: int) -> torch.Tensor:
-    """Max-min (farthest-point) order of rows under cosine distance, starting at ``first``.
+def diverse_order(features: torch.Tensor, first: int, limit: int | None = None) -> torch.Tensor:
+    """Max-min (farthest-point) order of rows under cosine distance, starting at ``first``; only the
+    first ``limit`` entries are computed (a sequential step each).
 
     Prefix-consistent: the first K entries are the greedy max-min diverse subset of size K.
     """
     unit = F.normalize(features.float(), dim=-1)
-    n = unit.shape[0]
+    n = unit.shape[0] if limit is None else min(limit, unit.shape[0])
     order = torch.empty(n, dtype=torch.long, device=unit.device)
-    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    nearest = torch.full((n,), float("inf"), device=unit.device)
+    chosen = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
+    nearest = torch.full((unit.shape[0],), float("inf"), device=unit.device)
     current = first
     for step in range(n):
         order[step] = current
@@ -157,7 +159,9 @@ def diversity_pool(view: SampleView) -> PoolChoice:
     distance = 1.0 - unit @ unit.T
     diversity = distance.sum(dim=1) / max(1, n_visual - 1)
     first = int(_descending(diversity)[0]) if n_visual else 0
-    order = diverse_order(features, first) if n_visual else torch.empty(0, dtype=torch.long)
+    limit = n_visual if view.rank_limit is None else min(n_visual, view.rank_limit)
+    order = diverse_order(features, first, limit) if limit else torch.empty(0, dtype=torch.long,
+                                                                             device=features.device)
     return _text_plus_ranked(view, diversity, order)
 
 
@@ -256,11 +260,16 @@ def fixed_budget(n_visual: int, ratio: float) -> int:
     return min(n_visual, round(ratio * n_visual))
 
 
-def budget_cap(pool: Pool, choice: PoolChoice, ratio: float) -> int:
+def ranking_limit(pool: Pool, n_visual: int, n_text: int, ratio: float) -> int:
     """The most ranked candidates any budget can take, known before the block mean:
     ``min(n_vis, n_text)`` for the adaptive rule (since min(1, alpha * s_bar) <= 1)."""
+    if pool.budget == "fixed":
+        return fixed_budget(n_visual, ratio)
+    return min(n_visual, n_text) if pool.budget == "adaptive" else 0
+
+
+def budget_cap(pool: Pool, choice: PoolChoice, ratio: float) -> int:
+    """How many of a choice's ranked candidates to keep until the block-level budget is known."""
     if choice.ranked is None:
         return 0
-    if pool.budget == "fixed":
-        return fixed_budget(choice.n_visual, ratio)
-    return min(choice.n_visual, choice.n_text)
+    return min(len(choice.ranked), ranking_limit(pool, choice.n_visual, choice.n_text, ratio))

@@ -145,3 +145,12 @@ def test_amia_stops_at_the_first_prefix_that_meets_the_criterion() -> None:
     chosen[positions] = True
     assert _mmd(kernel, chosen) < threshold
     assert len(positions) < 75  # far fewer than a whole round of 75 picks
+
+
+def test_diverse_order_stops_at_its_limit_with_the_same_prefix() -> None:
+    features = torch.randn(30, 6, generator=torch.Generator().manual_seed(5))
+    full = diverse_order(features, first=2)
+    assert torch.equal(diverse_order(features, first=2, limit=7), full[:7])
+    view = _view()
+    limited = SampleView(view.visual, view.hidden_in, view.hidden_out, view.generator, rank_limit=4)
+    assert torch.equal(POOLS["dbs"].select(limited).ranked, POOLS["dbs"].select(view).ranked[:4])
