@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
-from .errors import CalibrationError
+from .errors import CalibrationError, one_line
 
 IMAGE_MARKER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -64,11 +64,6 @@ class _Record:
 def _fail(message: str) -> CalibrationError:
     """A CalibrationError whose message is one line, whatever the quoted exceptions contain."""
     return CalibrationError(" ".join(message.split()))
-
-
-def _brief(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _text_item(text: str) -> dict[str, str]:
@@ -226,7 +221,7 @@ def _open_image(path: Path, max_pixels: int | None) -> Image.Image:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except Exception as exc:
-        raise _fail(f"cannot read image {path} ({type(exc).__name__}: {_brief(exc)}): "
+        raise _fail(f"cannot read image {path} ({type(exc).__name__}: {one_line(exc, 200)}): "
                     "replace or remove the corrupt file or its record") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
@@ -347,7 +342,7 @@ def load_calibration(
                     record.messages, tokenize=False, add_generation_prompt=False
                 )
             except Exception as exc:
-                raise _fail(f"the chat template failed on {record.where}: {_brief(exc)}: check the record's "
+                raise _fail(f"the chat template failed on {record.where}: {one_line(exc, 200)}: check the record's "
                             "roles and turn order against the model's chat template") from None
         prepared.append((record, text, image_path))
 
@@ -364,7 +359,7 @@ def load_calibration(
             try:
                 encoded = processor(**kwargs)
             except Exception as exc:
-                raise _fail(f"the processor failed on {source}: {type(exc).__name__}: {_brief(exc)}: "
+                raise _fail(f"the processor failed on {source}: {type(exc).__name__}: {one_line(exc, 200)}: "
                             "check the record and that the processor belongs to the model") from None
             inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
             out.append(CalibrationSample(inputs, source, str(image_path) if image_path else None))

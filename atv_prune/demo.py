@@ -13,17 +13,17 @@ from typing import Any
 
 import click
 
+from . import builtin
 from .cli_support import one_line_errors
 from .errors import AtvPruneError
 
-BUILTIN = Path(__file__).resolve().parent / "builtin"
 DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
 DEMO_TARGETS = [dict(sparsity=0.5, pattern=None), dict(sparsity=0.6, pattern=None), dict(sparsity=None, pattern=(2, 4))]
 
 
 def builtin_checkpoint() -> Path:
     """The shipped trained model, or a one-line error saying how to get it."""
-    folder = BUILTIN / "checkpoint"
+    folder = builtin.CHECKPOINT_DIR
     if not (folder / "config.json").is_file():
         raise AtvPruneError(f"the built-in model is not in {folder}: train it with "
                             f"'python -m atv_prune.builtin.train --out {folder}' (no trained recipe ships yet)")
@@ -32,7 +32,7 @@ def builtin_checkpoint() -> Path:
 
 def builtin_benchmark() -> Path:
     """The shipped benchmark (test split and calibration captions), or a one-line error."""
-    folder = BUILTIN / "benchmark"
+    folder = builtin.BENCHMARK_DIR
     if not (folder / "test").is_dir() or not (folder / "calib.json").is_file():
         raise AtvPruneError(f"the built-in benchmark is not in {folder}: generate it with "
                             f"atv_prune.builtin.scenes.generate_benchmark('{folder}', n_train=0)")

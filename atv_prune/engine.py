@@ -32,8 +32,8 @@ from .config import PruneConfig
 from .errors import NumericalError, UnsupportedModelError
 from .allocation import allocate_sparsity, das_importance, output_similarity_sums
 from .attention import recording_attention
-from .pools import (POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, fixed_budget, ranking_limit,
-                    visual_drift)
+from .pools import (POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, drift_of, fixed_budget,
+                    ranking_limit)
 
 
 @dataclass(frozen=True)
@@ -271,12 +271,12 @@ class LayerwisePruner:
                 _check_finite(output, f"activations at block {index} for sample {sample.source}")
                 n_visual = int(visual.sum())
                 limit = ranking_limit(pool, n_visual, visual.numel() - n_visual, self.config.visual_ratio)
+                drift = drift_of(hidden[0], output[0], visual)
                 view = SampleView(visual, hidden[0], output[0], _generator(self.config.seed, index, sample_index),
-                                  rank_limit=limit, **received)
+                                  rank_limit=limit, drift=drift, **received)
                 choice = pool.select(view)
                 if diversity is not None:
                     diversity.finish_sample(visual)
-                drift = visual_drift(view)
                 drift_sum, visual_count = drift_sum + float(drift.sum()), visual_count + drift.numel()
                 cap = budget_cap(pool, choice, self.config.visual_ratio)
                 kept = {}

@@ -23,3 +23,12 @@ class UnsupportedModelError(AtvPruneError):
 
 class NumericalError(AtvPruneError):
     """Non-finite weights or activations met while pruning."""
+
+
+def one_line(error: BaseException, limit: int = 300, with_type: bool = False) -> str:
+    """An exception's message on one line, truncated, for quoting inside an error message."""
+    text = str(error)
+    if with_type or not text.strip():
+        text = f"{type(error).__name__}: {text}" if text.strip() else type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

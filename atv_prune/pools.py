@@ -34,6 +34,7 @@ class SampleView:
     attention_from_text: torch.Tensor | None = None  # (seq,) mean attention received from text queries
     attention_from_last: torch.Tensor | None = None  # (seq,) attention received from the last query
     rank_limit: int | None = None  # ranked candidates beyond this are never used (None: rank all)
+    drift: torch.Tensor | None = None  # visual drift when the caller computed it already
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,14 @@ class Pool:
     summary: str = ""
 
 
-def visual_drift(view: SampleView) -> torch.Tensor:
+def drift_of(hidden_in: torch.Tensor, hidden_out: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """``1 - cos(h_in, h_out)`` of each visual token, in fp32 (length n_visual)."""
-    h_in = view.hidden_in[view.visual].float()
-    h_out = view.hidden_out[view.visual].float()
-    return 1.0 - F.cosine_similarity(h_in, h_out, dim=-1)
+    return 1.0 - F.cosine_similarity(hidden_in[visual].float(), hidden_out[visual].float(), dim=-1)
+
+
+def visual_drift(view: SampleView) -> torch.Tensor:
+    """The view's visual drift (computed once per sample by the engine, else here)."""
+    return view.drift if view.drift is not None else drift_of(view.hidden_in, view.hidden_out, view.visual)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

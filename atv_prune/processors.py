@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
 
-from .errors import CalibrationError
+from .errors import CalibrationError, one_line
 
 #: Files in which transformers records the processor class, in AutoProcessor's lookup order.
 _CLASS_FILES = (
@@ -39,11 +39,6 @@ def torchvision_usable() -> bool:
     from transformers.utils import is_torchvision_available
 
     return bool(is_torchvision_available())
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _attributes(cls: type) -> list[str]:
@@ -203,7 +198,7 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
     try:
         cls = _resolve_class(folder, trust_remote_code)
     except Exception as exc:
-        raise CalibrationError(f"cannot resolve the processor class of {folder}: {_one_line(exc)}") from exc
+        raise CalibrationError(f"cannot resolve the processor class of {folder}: {one_line(exc)}") from exc
     video_free = without_video(cls) if cls is not None else None
 
     if video_free is None or video_free is cls or torchvision_usable():
@@ -213,7 +208,7 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
             )
         except Exception as exc:
             if video_free is None or video_free is cls:
-                raise CalibrationError(f"cannot load the processor in {folder}: {_one_line(exc)}") from exc
+                raise CalibrationError(f"cannot load the processor in {folder}: {one_line(exc)}") from exc
         else:
             return _with_working_image_processor(processor, folder)
     try:
@@ -222,6 +217,6 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
         )
     except Exception as exc:
         raise CalibrationError(
-            f"cannot load the {cls.__name__} processor in {folder}: {_one_line(exc)}"
+            f"cannot load the {cls.__name__} processor in {folder}: {one_line(exc)}"
         ) from exc
     return _with_working_image_processor(processor, folder)

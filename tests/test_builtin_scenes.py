@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from atv_prune.builtin import scenes
+from atv_prune.builtin import CHECKPOINT_DIR, scenes
 from atv_prune.builtin.tokenizer import build_processor, build_tokenizer
 from atv_prune.builtin.train import Encoder, ModelShape, build_model
 from atv_prune.calibration import load_calibration
@@ -196,7 +196,7 @@ def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp
     assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
-CHECKPOINT = Path(scenes.__file__).parent / "checkpoint"
+CHECKPOINT = CHECKPOINT_DIR
 
 
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")

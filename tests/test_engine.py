@@ -94,43 +94,59 @@ def test_exact_sparsity_and_untouched_modules(family_model, method: str, target:
             assert torch.equal(value, before[key]), f"{key} changed outside the decoder blocks"
 
 
-def _reference_block0_stats(model: nn.Module, calibration: CalibrationSet, pool: str) -> dict[str, torch.Tensor]:
-    """Plain Wanda statistics of block 0, from the model's own forward (no engine code)."""
+def _reference_block0_stats(model: nn.Module, calibration: CalibrationSet, pool: str,
+                            alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    """Plain Wanda statistics of block 0 from the model's own forward (no engine code); for ``atv``,
+    METHOD.md's pool: all text tokens plus, per sample, the K_j visual tokens of largest drift."""
     layout = resolve(model)
     block0 = layout.blocks(model)[0]
-    sums: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
+    per_sample = []
 
     def keep(name):
-        return lambda m, args: current.__setitem__(name, args[0].detach())
+        return lambda m, args: current.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]).double())
 
     hooks = [mod.register_forward_pre_hook(keep(n)) for n, mod in block0.named_modules() if isinstance(mod, nn.Linear)]
+    block_io = []
+    hooks.append(block0.register_forward_hook(lambda m, args, kwargs, out: block_io.append((args[0][0], out[0])),
+                                              with_kwargs=True))
     with torch.no_grad():
         for sample in calibration.samples:
             inputs = layout.prepare_inputs(sample.inputs)
             current.clear()
+            block_io.clear()
             model(**inputs, use_cache=False)
-            ids = inputs["input_ids"][0]
-            visual = torch.zeros_like(ids, dtype=torch.bool)
-            for token in layout.visual_token_ids:
-                visual |= ids == token
-            keep_rows = {"mixed": torch.ones_like(visual), "text": ~visual, "visual": visual}[pool]
-            for n, x in current.items():
-                rows = x.reshape(-1, x.shape[-1])[keep_rows].double()
-                sums[n] = sums.get(n, 0) + (rows ** 2).sum(0)
+            visual = torch.isin(inputs["input_ids"][0], torch.tensor(layout.visual_token_ids))
+            h_in, h_out = block_io[0]
+            drift = 1 - torch.nn.functional.cosine_similarity(h_in[visual].double(), h_out[visual].double(), dim=-1)
+            per_sample.append((dict(current), visual, drift))
     for hook in hooks:
         hook.remove()
+    mean_drift = float(torch.cat([d for _, _, d in per_sample]).mean())
+    sums: dict[str, torch.Tensor] = {}
+    for inputs, visual, drift in per_sample:
+        if pool == "atv":
+            n_text, n_vis = int((~visual).sum()), int(visual.sum())
+            k = min(n_vis, round(min(1.0, alpha * mean_drift) * n_text))
+            top = visual.nonzero().squeeze(1)[torch.argsort(drift, descending=True, stable=True)[:k]]
+            keep_rows = ~visual
+            keep_rows[top] = True
+        else:
+            keep_rows = {"mixed": torch.ones_like(visual), "text": ~visual, "visual": visual}[pool]
+        for n, rows in inputs.items():
+            sums[n] = sums.get(n, 0) + (rows[keep_rows] ** 2).sum(0)
     return {n: s / len(calibration.samples) for n, s in sums.items()}
 
 
-@pytest.mark.parametrize("pool", ["mixed", "text", "visual"])
+@pytest.mark.parametrize("pool", ["mixed", "text", "visual", "atv"])
 def test_block0_wanda_masks_equal_a_plain_reference(pool: str) -> None:
     name = "qwen2_vl"
     model = build_tiny_model(name)
     calibration = _calibration(model, name)
-    stats = _reference_block0_stats(model, calibration, pool)
+    stats = _reference_block0_stats(model, calibration, pool, alpha=3.0)
     original = _linear_weights(model)
-    pruned, _ = _pruned(model, calibration, method="wanda", pool=pool, sparsity=0.5)
+    method = "atv" if pool == "atv" else "wanda"
+    pruned, _ = _pruned(model, calibration, method=method, pool=pool, sparsity=0.5, alpha=3.0)
     block0 = resolve(pruned).blocks(pruned)[0]
     for lname, module in block0.named_modules():
         if not isinstance(module, nn.Linear):

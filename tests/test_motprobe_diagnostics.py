@@ -13,7 +13,7 @@ from atv_prune.calibration import CalibrationSample, CalibrationSet
 from atv_prune.families import resolve
 from motprobe.cli import main
 from motprobe.diagnostics import block_activations, iou_summary, mask_iou
-from tiny_checkpoints import make_calibration_files, make_checkpoint
+from tiny_checkpoints import make_llava_workspace
 from tiny_models import build_tiny_model, make_inputs
 
 
@@ -51,9 +51,7 @@ def test_block_activations_are_the_models_own_block_inputs(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("motprobe")
-    files = make_calibration_files(root / "calib")
-    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "json": files["json"]}
+    return make_llava_workspace(tmp_path_factory.mktemp("motprobe"))
 
 
 def _run(*args) -> tuple[int, str]:
@@ -62,7 +60,7 @@ def _run(*args) -> tuple[int, str]:
 
 
 def test_iou_tsne_and_drift_commands_write_their_files(workspace) -> None:
-    root, model, calib = workspace["root"], workspace["model"], workspace["json"]
+    root, model, calib = workspace["root"], workspace["model"], workspace["calib"]
     code, output = _run("iou", "--model", model, "--calib", calib, "--samples", "4", "--out", root / "iou")
     assert code == 0, output
     summary = json.loads((root / "iou" / "iou_summary.json").read_text())
@@ -85,7 +83,7 @@ def test_iou_tsne_and_drift_commands_write_their_files(workspace) -> None:
 
 
 def test_bad_inputs_are_one_line_errors(workspace, tmp_path: Path) -> None:
-    code, output = _run("tsne", "--model", workspace["model"], "--calib", workspace["json"], "--samples", "2",
+    code, output = _run("tsne", "--model", workspace["model"], "--calib", workspace["calib"], "--samples", "2",
                         "--blocks", "9", "--out", tmp_path / "t")
     assert code == 2 and "out of range" in output and not (tmp_path / "t").exists()
     (tmp_path / "r.json").write_text("{}")

@@ -14,7 +14,7 @@ from atv_prune.eval.run import EvalResult
 from atv_prune.study import Study
 from motprobe.cli import main
 from motprobe.sensitivity import derive_recipe
-from tiny_checkpoints import make_calibration_files, make_checkpoint
+from tiny_checkpoints import make_llava_workspace
 
 
 def _record(pathway: str, pool: str, target: str, mean: float) -> dict:
@@ -58,9 +58,7 @@ def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sensitivity")
-    files = make_calibration_files(root / "calib")
-    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": files["json"]}
+    return make_llava_workspace(tmp_path_factory.mktemp("sensitivity"))
 
 
 def test_sensitivity_grid_writes_table_heatmap_recipe_and_resumes(workspace, monkeypatch) -> None:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from atv_prune.cli import main
 from atv_prune.eval.run import EvalResult
 from atv_prune.study import Study
-from tiny_checkpoints import make_calibration_files, make_checkpoint
+from tiny_checkpoints import make_llava_workspace
 
 TASKS = ("exist", "count")
 
@@ -32,9 +32,7 @@ def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("study")
-    files = make_calibration_files(root / "calib")
-    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": files["json"]}
+    return make_llava_workspace(tmp_path_factory.mktemp("study"))
 
 
 def _invoke(*args) -> tuple[int, str]:
@@ -111,7 +109,8 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
     for task in TASKS:
         (bench / "test" / f"{task}.jsonl").write_text(json.dumps(
             {"id": f"{task}-0", "task": task, "image": None, "question": "q?", "answer": "a", "chance": 0.5}) + "\n")
-    monkeypatch.setattr(demo, "BUILTIN", builtin)
+    monkeypatch.setattr(demo.builtin, "CHECKPOINT_DIR", builtin / "checkpoint")
+    monkeypatch.setattr(demo.builtin, "BENCHMARK_DIR", builtin / "benchmark")
     monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
     code, output = _invoke("demo", "--samples", "4", "--out", tmp_path / "demo")
     assert code == 0, output
@@ -121,7 +120,7 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
     assert set(report["dense"]["evaluation"]["scores"]) == set(TASKS)
     assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"report.json", "report.md", "report.csv",
                                                                "retention.png"}
-    monkeypatch.setattr(demo, "BUILTIN", tmp_path / "nowhere")
+    monkeypatch.setattr(demo.builtin, "CHECKPOINT_DIR", tmp_path / "nowhere")
     code, output = _invoke("demo", "--out", tmp_path / "demo2")
     assert code == 2 and "built-in model is not in" in output
 

@@ -363,3 +363,9 @@ def make_calibration_files(dest: Path, n_images: int = 6, seed: int = 0) -> dict
                 row["prompt"] = _QUESTIONS[i % len(_QUESTIONS)]
             f.write(json.dumps(row) + "\n")
     return {"root": dest, "images": images, "json": json_path, "jsonl": jsonl_path}
+
+
+def make_llava_workspace(root: Path) -> dict[str, Path]:
+    """A tiny LLaVA checkpoint and a conversation-JSON calibration file under ``root``."""
+    calib = make_calibration_files(root / "calib")["json"]
+    return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": calib}

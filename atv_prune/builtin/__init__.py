@@ -5,3 +5,9 @@ deterministic benchmark of shape scenes with question families that mirror the p
 benchmarks, ``tokenizer`` builds a closed-vocabulary tokenizer and a real ``LlavaProcessor``, and
 ``train`` trains a ``LlavaForConditionalGeneration`` on it on a CPU.
 """
+
+from pathlib import Path
+
+#: Where the shipped trained model and the shipped benchmark (test split, calibration captions) live.
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmark"

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AtvPruneError
+from ..errors import AtvPruneError, one_line
 from .env import offline, require_lmms_eval, versions
 from .tasks import TASK_PREFIX, builtin_tasks, default_bench_dir, task_id, write_builtin_tasks
 
@@ -110,11 +110,6 @@ def _root_cause(error: BaseException) -> BaseException:
     return _root_cause(inner) if inner is not None else error
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _load_task(name: str, task_manager: Any, builtin_hint: str) -> Any:
     """Load one lmms-eval task (config, hooks and data) offline; one-line errors name the task."""
     from lmms_eval.api.task import Task
@@ -130,7 +125,7 @@ def _load_task(name: str, task_manager: Any, builtin_hint: str) -> Any:
         with offline():
             loaded = get_task_dict([name], task_manager)
     except Exception as error:
-        raise AtvPruneError(f"task '{name}' cannot be loaded offline: {_one_line(_root_cause(error))}; "
+        raise AtvPruneError(f"task '{name}' cannot be loaded offline: {one_line(_root_cause(error), with_type=True)}; "
                             "its data must be in this machine's datasets cache "
                             "(LMMS_EVAL_DATASETS_CACHE, HF_DATASETS_CACHE or HF_HOME/datasets)") from None
     task = loaded.get(name)

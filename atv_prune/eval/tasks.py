@@ -41,8 +41,9 @@ _FUNCTIONS = (
 
 def default_bench_dir() -> Path | None:
     """The benchmark shipped with the package (``atv_prune/builtin/benchmark``), if it is there."""
-    folder = Path(__file__).resolve().parent.parent / "builtin" / "benchmark"
-    return folder if (folder / "test").is_dir() else None
+    from ..builtin import BENCHMARK_DIR
+
+    return BENCHMARK_DIR if (BENCHMARK_DIR / "test").is_dir() else None
 
 
 def builtin_tasks(bench_dir: str | Path) -> list[str]:
