@@ -169,11 +169,32 @@ def test_calibration_file_loads(bench: Path, processor) -> None:
     assert all(int((s.inputs["input_ids"] == image_id).sum()) == n_visual for s in calib.samples)
 
 
-def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp_path: Path) -> None:
+def _bridge_user_content(item: dict, bench: Path) -> list[dict]:
+    """The user turn lmms-eval's built-in task path builds for ``item`` (text and image in its order)."""
+    from atv_prune.eval.hooks import doc_to_text
+    from atv_prune.eval.model import user_content
+    from atv_prune.eval.tasks import _record
+
+    doc = _record(item, bench, "test")
+    return [{"type": c["type"], **({"text": c["text"]} if c["type"] == "text" else {})}
+            for c in user_content(doc_to_text(doc), [Image.open(bench / item["image"])])]
+
+
+@pytest.mark.parametrize("kind", ["question", "caption"])
+def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp_path: Path, kind: str) -> None:
+    """The trainer's token ids equal the processor's for what evaluation (questions: image after the
+    text) and calibration (captions: image first) feed the model."""
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor).eval()
     item = scenes.read_jsonl(bench / "test" / "spatial.jsonl")[0]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]},
+    if kind == "question":
+        assert item["image_position"] == "after"
+        content = _bridge_user_content(item, bench)
+        assert [c["type"] for c in content] == ["text", "image"]
+    else:
+        item = {**item, "question": scenes.CAPTION_PROMPT, "answer": scenes.caption(item["scene"])}
+        content = [{"type": "image"}, {"type": "text", "text": item["question"]}]
+    messages = [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}]
     text = processor.apply_chat_template(messages, tokenize=False)
     inputs = processor(text=[text], images=[Image.open(bench / item["image"])], return_tensors="pt")
@@ -182,7 +203,7 @@ def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp
     assert inputs["input_ids"][0].tolist() == ids
     assert torch.allclose(inputs["pixel_values"][0], encoder.pixels(item["scene"]), atol=1e-6)
     answer = [t for t in labels if t != -100]
-    assert processor.tokenizer.decode(answer, skip_special_tokens=True) == item["answer"]
+    assert scenes.answer_matches(processor.tokenizer.decode(answer, skip_special_tokens=True), item["answer"])
     with torch.no_grad():
         features = model.get_image_features(pixel_values=inputs["pixel_values"])
         logits = model(**inputs).logits

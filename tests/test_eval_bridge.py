@@ -52,6 +52,7 @@ def _write_bench(root: Path) -> Path:
     mcq = [{"id": f"mcq-{i}", "task": "mcq", "image": f"images/{colour}.png", "question": question,
             "choices": choices, "answer": "ABC"[i], "chance": 1 / 3}
            for i, (colour, question) in enumerate(zip(choices, questions))]
+    mcq[2]["image_position"] = "after"  # the image follows the question (the generator's questions)
     for name, records in (("exist", exist), ("mcq", mcq)):
         (root / "test" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
@@ -129,6 +130,11 @@ def test_task_writer_yaml_and_records(bench: Path, tmp_path: Path) -> None:
     assert doc_to_text(records[0]) == records[0]["question"]
     assert doc_to_text(records[1]) == "which colour is shape two? A. red B. blue C. green"
     assert doc_to_visual(records[1])[0].getpixel((0, 0)) == COLOURS["blue"]
+    assert records[0]["image_position"] == "before" and records[2]["image_position"] == "after"
+    assert doc_to_text(records[2]) == "which colour is shape three? A. red B. blue C. green <image>"
+    image = doc_to_visual(records[2])
+    assert [c["type"] for c in user_content(doc_to_text(records[2]), image)] == ["text", "image"]
+    assert [c["type"] for c in user_content(doc_to_text(records[1]), image)] == ["image", "text"]
     text_only = [json.loads(line) for line in (tmp_path / "atvbench_exist.jsonl").read_text().splitlines()][3]
     assert text_only["image"] is None and doc_to_visual(text_only) == [] and text_only["choices"] == []
 
@@ -143,6 +149,10 @@ def test_task_writer_rejects_bad_records(bench: Path, tmp_path: Path) -> None:
     (broken / "test" / "exist.jsonl").write_text(
         json.dumps({"id": "x", "image": None, "question": "q?", "answer": "E", "choices": ["a", "b"]}) + "\n")
     with pytest.raises(AtvPruneError, match="not one of the letters"):
+        write_builtin_tasks(broken, tmp_path / "tasks")
+    (broken / "test" / "exist.jsonl").write_text(
+        json.dumps({"id": "x", "image": None, "question": "q?", "answer": "no", "image_position": "top"}) + "\n")
+    with pytest.raises(AtvPruneError, match="'image_position' must be one of before, after"):
         write_builtin_tasks(broken, tmp_path / "tasks")
 
 

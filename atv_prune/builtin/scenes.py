@@ -301,6 +301,12 @@ def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None
     return IMAGE_TASKS[task](scene, rng)
 
 
+def image_after_question(question: str) -> bool:
+    """Where the image goes in a prompt: after a question (so visual tokens can attend to what is
+    asked), before the caption request (as in the calibration pool). LLaVA's own data mixes both."""
+    return question != CAPTION_PROMPT
+
+
 def position_name(row: int, col: int) -> str:
     if row == 1 and col == 1:
         return "center"
@@ -412,6 +418,8 @@ def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str]) -> set
                 hashes.add(key)
             record = {"id": f"{split}-{task}-{len(lines):05d}", "task": task, "image": image, **item,
                       "scene": scene, "scene_hash": key}
+            if image is not None:
+                record["image_position"] = "after" if image_after_question(item["question"]) else "before"
             lines.append(json.dumps(record, sort_keys=True))
         (out / split / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
     return hashes

@@ -109,8 +109,12 @@ class Encoder:
         s = self.special
         ids, labels = [s[BOS]], [-100]
         for i, turn in enumerate(turns):
-            prompt = [s[USER]] + ([s[IMAGE]] * self.n_image if with_image and i == 0 else [])
-            prompt += self.words(turn["question"]) + [s[ASSISTANT]]
+            image = [s[IMAGE]] * self.n_image if with_image and i == 0 else []
+            words = self.words(turn["question"])
+            if scenes.image_after_question(turn["question"]):
+                prompt = [s[USER]] + words + image + [s[ASSISTANT]]
+            else:
+                prompt = [s[USER]] + image + words + [s[ASSISTANT]]
             ids += prompt
             labels += [-100] * len(prompt)
             if generation and i == len(turns) - 1:

@@ -19,6 +19,10 @@ LETTERS = string.ascii_uppercase
 
 #: The metric the built-in tasks report, already in [0, 100].
 METRIC = "accuracy"
+#: Where an image goes in a prompt (lmms-eval tasks such as MMMU interleave images this way).
+IMAGE_MARKER = "<image>"
+#: Values of a record's optional ``image_position``: the image before (LLaVA's default) or after the text.
+IMAGE_POSITIONS = ("before", "after")
 
 
 def listed_choices(choices: list[str]) -> str:
@@ -27,12 +31,15 @@ def listed_choices(choices: list[str]) -> str:
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
-    """The question, followed by its lettered choices unless the question already lists them."""
+    """The question, followed by its lettered choices unless the question already lists them, and
+    an image marker at the end when the record puts its image after the text."""
+    text = doc["question"]
     choices = doc.get("choices") or []
-    if not choices:
-        return doc["question"]
-    listed = listed_choices(choices)
-    return doc["question"] if listed in doc["question"] else f"{doc['question']} {listed}"
+    if choices and listed_choices(choices) not in text:
+        text = f"{text} {listed_choices(choices)}"
+    if doc.get("image") and doc.get("image_position") == "after":
+        text = f"{text} {IMAGE_MARKER}"
+    return text
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..errors import AtvPruneError
 from ..families import resolve
 from .env import require_lmms_eval
+from .hooks import IMAGE_MARKER
 
 try:
     from lmms_eval.api.instance import Instance
@@ -30,8 +31,6 @@ except ImportError:
     require_lmms_eval()  # raises the one-line install hint when lmms-eval is missing
     raise
 
-#: Placeholder lmms-eval task prompts use where an image goes (e.g. MMMU's interleaved images).
-IMAGE_MARKER = "<image>"
 #: lmms-eval's own HF wrappers generate up to 1024 new tokens when a task sets no limit.
 DEFAULT_MAX_NEW_TOKENS = 1024
 

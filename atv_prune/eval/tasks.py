@@ -3,7 +3,8 @@
 A benchmark folder ``BENCH`` holds ``BENCH/test/<task>.jsonl``, one record a line::
 
     {"id": str, "task": str, "image": "images/x.png" | null, "question": str, "answer": str,
-     "choices": [str, ...] (optional; the answer is then a letter), "chance": float}
+     "choices": [str, ...] (optional; the answer is then a letter), "chance": float,
+     "image_position": "before" | "after" (optional, default "before": where the image goes)}
 
 with image paths relative to ``BENCH``. :func:`write_builtin_tasks` checks every record, writes a
 normalised copy (absolute image paths, every key present) and an lmms-eval task YAML per task
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from ..errors import AtvPruneError
-from .hooks import LETTERS, METRIC
+from .hooks import IMAGE_POSITIONS, LETTERS, METRIC
 
 TASK_PREFIX = "atvbench_"
 #: Answers are a word or two; 8 new tokens leave room for a tokenizer that splits words.
@@ -85,11 +86,15 @@ def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
     if choices and raw["answer"] not in LETTERS[: len(choices)]:
         raise AtvPruneError(f"{where}: answer '{raw['answer']}' is not one of the letters "
                             f"of its {len(choices)} choices")
+    position = raw.get("image_position", "before")
+    if position not in IMAGE_POSITIONS:
+        raise AtvPruneError(f"{where}: 'image_position' must be one of {', '.join(IMAGE_POSITIONS)}, got {position!r}")
     chance = raw.get("chance")
     if chance is not None and (not isinstance(chance, (int, float)) or not math.isfinite(chance)):
         raise AtvPruneError(f"{where}: 'chance' must be a number")
     return {"id": raw["id"], "task": str(raw.get("task", "")), "image": image, "question": raw["question"],
-            "answer": raw["answer"], "choices": choices, "chance": None if chance is None else float(chance)}
+            "answer": raw["answer"], "choices": choices, "chance": None if chance is None else float(chance),
+            "image_position": position}
 
 
 def read_records(jsonl: Path, bench: Path) -> list[dict[str, Any]]:
