@@ -25,8 +25,8 @@ def builtin_checkpoint() -> Path:
     """The shipped trained model, or a one-line error saying how to get it."""
     folder = builtin.CHECKPOINT_DIR
     if not (folder / "config.json").is_file():
-        raise AtvPruneError(f"the built-in model is not in {folder}: train it with "
-                            f"'python -m atv_prune.builtin.train --out {folder}' (no trained recipe ships yet)")
+        raise AtvPruneError(f"the built-in model is not in {folder}: use a full checkout of the project, "
+                            "or retrain it with the training command in docs/builtin.md")
     return folder
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import AutoProcessor
 
 from atv_prune.builtin import CHECKPOINT_DIR, scenes
 from atv_prune.builtin.tokenizer import build_processor, build_tokenizer
-from atv_prune.builtin.train import Encoder, ModelShape, build_model
+from atv_prune.builtin.train import Encoder, ModelShape, VisualWordAlignment, build_model, cell_labels
 from atv_prune.calibration import load_calibration
 
 SIZES = {"n_train": 60, "n_val": 6, "n_test": 12, "n_calib": 6}
@@ -143,6 +144,34 @@ def test_every_task_present_and_answers_follow_the_scene(bench: Path) -> None:
     assert np.array_equal(saved, np.asarray(scenes.render(item["scene"])))
 
 
+def test_grounding_tasks_follow_the_scene_and_tokenize() -> None:
+    """The training-only lookups: "where is X?" names X's cell; "what is at P?" names what P holds."""
+    rng = random.Random(5)
+    tok = build_tokenizer()
+    names = {scenes.position_name(r, c): (r, c) for r in range(scenes.GRID) for c in range(scenes.GRID)}
+    seen = set()
+    for _ in range(200):
+        scene = scenes.sample_scene(rng)
+        where = scenes.make_item("locate", scene, rng)
+        color, shape = re.fullmatch(r"where is the (\w+) (\w+)\?", where["question"]).groups()
+        (obj,) = _objects(scene, color, shape)
+        assert names[where["answer"]] == (obj["row"], obj["col"])
+        what = scenes.make_item("describe", scene, rng)
+        cell = names[re.fullmatch(r"what is at the (.+)\?", what["question"])[1]]
+        held = [f"{o['size']} {o['color']} {o['shape']}" for o in scene["objects"] if (o["row"], o["col"]) == cell]
+        word = scene["word"]
+        if word is not None and (word["row"], word["col"]) == cell:
+            held = [f"the word {word['text']}"]
+        assert what["answer"] == (held[0] if held else "nothing")
+        seen.add(what["answer"].split()[0])
+        for text in (where["question"], where["answer"], what["question"], what["answer"]):
+            assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+    assert {"nothing", "the", "big", "small"} <= seen
+    records = [scenes.train_record(scenes.sample_scene(rng), rng, {"locate": 1.0, "describe": 1.0}, 1)
+               for _ in range(20)]
+    assert {t["task"] for r in records for t in r} == {"locate", "describe"}
+
+
 def test_answer_matches() -> None:
     assert scenes.answer_matches("Yes.", "yes")
     assert scenes.answer_matches(" a ", "A")
@@ -215,6 +244,38 @@ def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     again = reloaded(text=[text], images=[Image.open(bench / item["image"])], return_tensors="pt")
     assert torch.equal(again["input_ids"], inputs["input_ids"])
+
+
+def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor) -> None:
+    """The alignment loss equals an explicit per-cell computation (mean of the cell's patch tokens,
+    dot products with the candidate words' embeddings, cross-entropy) and trains the projector."""
+    torch.manual_seed(0)
+    model = build_model(SMALL_SHAPE, processor)
+    encoder = Encoder(processor, SMALL_SHAPE.patch_size)
+    alignment = VisualWordAlignment(model, encoder)
+    scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
+    model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
+    loss = alignment.loss(scene_list)
+
+    side = scenes.IMAGE_SIZE // SMALL_SHAPE.patch_size
+    per = side // scenes.GRID
+    features = alignment.features.reshape(len(scene_list), side, side, -1)
+    embed = model.get_input_embeddings().weight
+    groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
+    terms = []
+    for b, scene in enumerate(scene_list):
+        labels = cell_labels(scene)
+        for r in range(scenes.GRID):
+            for c in range(scenes.GRID):
+                cell = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per].mean((0, 1))
+                for g, words in enumerate(groups):
+                    ids = [encoder.words(w)[0] for w in ["nothing", *words]]
+                    logits = torch.stack([cell @ embed[i] for i in ids])
+                    terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
+    reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(4)) / 4
+    assert torch.allclose(loss, reference, atol=1e-5)
+    loss.backward()
+    assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
 
 
 CHECKPOINT = CHECKPOINT_DIR

@@ -288,9 +288,34 @@ def textonly_item(rng: random.Random) -> Item:
     return {"question": f"what number comes after {a}?", "answer": str(a + 1), "chance": 0.1}
 
 
+def _locate(scene: Scene, rng: random.Random) -> Item | None:
+    """Training-only grounding by content: where is a named object (answer: its position words)."""
+    o = rng.choice(scene["objects"])
+    return {"question": f"where is the {o['color']} {o['shape']}?",
+            "answer": position_name(o["row"], o["col"]), "chance": 1 / GRID ** 2}
+
+
+def _describe(scene: Scene, rng: random.Random) -> Item | None:
+    """Training-only grounding by position: what a named cell holds (an object, the word, or nothing)."""
+    row, col = rng.randrange(GRID), rng.randrange(GRID)
+    answer = "nothing"
+    for o in scene["objects"]:
+        if (o["row"], o["col"]) == (row, col):
+            answer = f"{o['size']} {o['color']} {o['shape']}"
+    word = scene["word"]
+    if word is not None and (word["row"], word["col"]) == (row, col):
+        answer = f"the word {word['text']}"
+    return {"question": f"what is at the {position_name(row, col)}?", "answer": answer, "chance": 0.0}
+
+
 IMAGE_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
     "exist": _exist, "attribute": _attribute, "count": _count, "spatial": _spatial,
     "reading": _reading, "mcq": _mcq, "rule": _rule,
+}
+# Question families used only as training signal: dense, direct supervision of looking an object
+# up by its content and by its position, the two primitives the benchmark's questions compose.
+GROUNDING_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
+    "locate": _locate, "describe": _describe,
 }
 
 
@@ -298,7 +323,7 @@ def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None
     """One question of ``task`` about ``scene`` (None when the scene cannot carry it)."""
     if task == "textonly":
         return textonly_item(rng)
-    return IMAGE_TASKS[task](scene, rng)
+    return (IMAGE_TASKS.get(task) or GROUNDING_TASKS[task])(scene, rng)
 
 
 def image_after_question(question: str) -> bool:
@@ -337,7 +362,7 @@ _TEMPLATE_TEXT = (
     "shapes is the left of right of above below what word is written read the rule and look at the "
     "picture rule a picture is when it has more than every in it no the word is written in it "
     "is this what is plus what number comes after the picture shows shape on a grey background "
-    "at the top middle bottom left center right describe image in detail . ? A B C D"
+    "at the top middle bottom left center right describe image in detail where nothing . ? A B C D"
 )
 
 

@@ -207,6 +207,40 @@ def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scene
     return curve
 
 
+class VisualWordAlignment:
+    """Auxiliary loss that makes each cell's visual tokens name the cell's contents in word-embedding space.
+
+    The projector output pooled per grid cell is scored against the decoder's input embeddings of
+    the candidate words (colour, shape, size, printed word, each with "nothing" for an empty cell);
+    cross-entropy on the true words. Visual tokens then share directions with the question words
+    that refer to them, so the decoder's matching of a question against the image starts from the
+    same geometry as matching text against text -- the role CLIP's text alignment plays in LLaVA.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder) -> None:
+        groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
+        self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
+        self.embeddings = model.get_input_embeddings()
+        self.side = scenes.IMAGE_SIZE // model.config.vision_config.patch_size
+        self.features: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.features = output
+
+    def loss(self, scene_list: list[scenes.Scene]) -> torch.Tensor:
+        """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
+        features = self.features
+        grid = features.transpose(1, 2).reshape(len(scene_list), features.shape[-1], self.side, self.side)
+        cells = torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+        labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
+        total = features.new_zeros(())
+        for i, ids in enumerate(self.candidates):
+            logits = cells @ self.embeddings.weight[ids].T
+            total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[..., i].flatten())
+        return total / len(self.candidates)
+
+
 @torch.no_grad()
 def standardize_projector(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene],
                           target_norm: float = 1.0, n: int = 256) -> None:
@@ -315,11 +349,13 @@ pruning methods can be compared without downloading anything.
 - Vision tower first pretrained {args.vision_steps} steps (batch {args.vision_batch_size}, lr {args.vision_lr}) to
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
+- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
+  tokens scored against the decoder's word embeddings of its colour, shape, size and word).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
-- Data: `generate_benchmark({data_call})`, training mix {data['weights']};
-  splits disjoint by scene.
+- Data: `generate_benchmark({data_call})`, training mix {data['weights']}
+  (`locate` and `describe` are training-only grounding questions); splits disjoint by scene.
 
 ## Dense accuracy (%; greedy, exact match after normalisation)
 
@@ -354,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--standardize-projector", action="store_true",
                    help="start visual tokens on the scale of text embeddings (see standardize_projector)")
     p.add_argument("--vision-lr-scale", type=float, default=1.0, help="tower lr / --lr after pretraining")
+    p.add_argument("--align-weight", type=float, default=0.0,
+                   help="weight of the visual-word alignment loss (see VisualWordAlignment)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -400,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.standardize_projector:
         standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
     vision_minutes = (time.time() - vision_start) / 60
+    alignment = VisualWordAlignment(model, encoder) if args.align_weight > 0 else None
     order: list[int] = []
     curve: list[dict[str, Any]] = []
     model.train()
@@ -414,11 +453,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fresh = list(range(len(train)))
             order_rng.shuffle(fresh)
             order += fresh
-        batch = encoder.batch([train[i] for i in order[: args.batch_size]])
+        records = [train[i] for i in order[: args.batch_size]]
+        batch = encoder.batch(records)
         del order[: args.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = group["lr_scale"] * _lr(step, args.steps, args.lr, args.warmup)
         loss = model(**batch).loss
+        if alignment is not None and "pixel_values" in batch:
+            loss = loss + args.align_weight * alignment.loss([r["scene"] for r in records if r["scene"] is not None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
