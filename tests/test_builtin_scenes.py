@@ -295,3 +295,34 @@ def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
     accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"]), load_split(tmp_path, "test"))
     for task, expected in record["test_subset"].items():
         assert accuracy[task] == pytest.approx(expected, abs=100 / n + 1e-6), task
+
+
+def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
+    """The training command (vision pretraining, standardised projector, alignment loss, grounding
+    tasks) writes a loadable checkpoint with its card, and the same command gives the same weights."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from atv_prune.builtin.train import main
+
+    args = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib", "2", "--steps", "3",
+            "--vision-steps", "2", "--vision-batch-size", "4", "--batch-size", "4", "--align-weight", "1",
+            "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
+            "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
+            "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
+            "--task-weights", "locate=1,describe=1"]
+    threads = torch.get_num_threads()
+    try:
+        first = main(["--out", str(tmp_path / "a"), *args])
+        main(["--out", str(tmp_path / "b"), *args])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the trainer's thread count for the process
+    weights_a = load_file(tmp_path / "a" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert first["steps"] == 3 and set(first["test"]) == {*scenes.TASKS, "mean"}
+    assert "--align-weight 1" in first["command"]
+    assert "alignment loss weight 1.0" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
+    AutoProcessor.from_pretrained(tmp_path / "a")

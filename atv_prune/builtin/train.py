@@ -163,6 +163,13 @@ def cell_labels(scene: scenes.Scene) -> torch.Tensor:
     return labels
 
 
+def pool_cells(tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens (B, side*side, D) averaged over each grid cell: (B, GRID*GRID, D), row-major."""
+    side = math.isqrt(tokens.shape[1])
+    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    return torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+
+
 def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene], steps: int,
                     batch_size: int, lr: float, rng: random.Random, log_every: int) -> list[dict[str, float]]:
     """Short supervised pretraining of the vision tower: classify every grid cell's contents.
@@ -177,7 +184,6 @@ def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scene
     heads = torch.nn.ModuleList(torch.nn.Linear(dim, n + 1) for n in classes)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    side = scenes.IMAGE_SIZE // tower.config.patch_size
     curve = []
     correct, total = 0.0, 0
     for step in range(steps):
@@ -186,9 +192,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scene
         labels = torch.stack([cell_labels(sc) for sc in chosen])  # (B, 9, 4)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, lr, min(50, steps // 10 + 1))
-        hidden = tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS
-        grid = hidden.transpose(1, 2).reshape(len(chosen), dim, side, side)
-        cells = torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+        cells = pool_cells(tower(pixel_values=pixels).last_hidden_state[:, 1:])  # CLS dropped
         logits = [head(cells) for head in heads]
         loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten())
                    for i, lg in enumerate(logits))
@@ -221,7 +225,6 @@ class VisualWordAlignment:
         groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
         self.embeddings = model.get_input_embeddings()
-        self.side = scenes.IMAGE_SIZE // model.config.vision_config.patch_size
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
 
@@ -230,11 +233,9 @@ class VisualWordAlignment:
 
     def loss(self, scene_list: list[scenes.Scene]) -> torch.Tensor:
         """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
-        features = self.features
-        grid = features.transpose(1, 2).reshape(len(scene_list), features.shape[-1], self.side, self.side)
-        cells = torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+        cells = pool_cells(self.features)
         labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
-        total = features.new_zeros(())
+        total = cells.new_zeros(())
         for i, ids in enumerate(self.candidates):
             logits = cells @ self.embeddings.weight[ids].T
             total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[..., i].flatten())
