@@ -326,3 +326,27 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
     assert "alignment loss weight 1.0" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task-weights", "exsit=2"], "unknown task 'exsit' in --task-weights"),
+    (["--task-weights", "exist"], "needs task=number pairs, got 'exist'"),
+    (["--task-weights", "exist=-1"], "task weight must be >= 0"),
+    (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
+])
+def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    from atv_prune.builtin.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_weight_overrides_keep_their_order() -> None:
+    from atv_prune.builtin.train import task_weights
+
+    weights = task_weights("exist=2,locate=1.5,describe=1")
+    assert list(weights)[-2:] == ["locate", "describe"] and weights["exist"] == 2.0
+    assert list(task_weights("describe=1,locate=1"))[-2:] == ["describe", "locate"]

@@ -398,7 +398,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     for field, default in asdict(ModelShape()).items():
         p.add_argument("--" + field.replace("_", "-"), type=int, default=default)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.weights = task_weights(args.task_weights)
+    except ValueError as error:
+        p.error(str(error))
+    if args.align_weight < 0:
+        p.error(f"--align-weight must be >= 0, got {args.align_weight}")
+    return args
+
+
+def task_weights(overrides: str) -> dict[str, float]:
+    """The training mix: the defaults with ``task=weight`` overrides applied in the order given
+    (the order of the keys fixes the generated question stream)."""
+    known = [*scenes.TASKS, "caption", *scenes.GROUNDING_TASKS]
+    weights = dict(scenes.DEFAULT_TASK_WEIGHTS)
+    for pair in filter(None, overrides.split(",")):
+        task, _, value = pair.partition("=")
+        if task not in known:
+            raise ValueError(f"unknown task '{task}' in --task-weights: use one of {', '.join(known)}")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise ValueError(f"--task-weights needs task=number pairs, got '{pair}'") from None
+        if weights[task] < 0:
+            raise ValueError(f"task weight must be >= 0, got '{pair}'")
+    return weights
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -408,12 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data or args.out / "data"
     if not (data / "manifest.json").exists():
-        weights = dict(scenes.DEFAULT_TASK_WEIGHTS)
-        for pair in filter(None, args.task_weights.split(",")):
-            task, _, value = pair.partition("=")
-            weights[task] = float(value)
         scenes.generate_benchmark(data, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                                  n_test=args.n_test, n_calib=args.n_calib, weights=weights,
+                                  n_test=args.n_test, n_calib=args.n_calib, weights=args.weights,
                                   max_turns=args.max_turns)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
