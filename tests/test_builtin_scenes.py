@@ -172,6 +172,36 @@ def test_grounding_tasks_follow_the_scene_and_tokenize() -> None:
     assert {t["task"] for r in records for t in r} == {"locate", "describe"}
 
 
+def test_rule_skips_an_every_rule_that_cannot_be_false() -> None:
+    """A scene holding one shape in all five colours has no false "every <shape> is <colour>" rule:
+    the generator declines (None) instead of failing, and every rule it does state is answered right."""
+    objects = [{"color": c, "shape": "circle", "size": "big", "row": i // 3, "col": i % 3, "dx": 0, "dy": 0}
+               for i, c in enumerate(scenes.COLORS)]
+    scene = {"background": 90, "objects": objects, "word": None}
+    outcomes = [scenes.make_item("rule", scene, random.Random(seed)) for seed in range(300)]
+    assert any(item is None for item in outcomes)
+    for item in filter(None, outcomes):
+        if "every circle in it is" in item["question"]:
+            assert item["answer"] == "no"  # five colours: no single colour covers every circle
+
+
+def test_option_lookup_names_the_matching_letter() -> None:
+    """The training-only copy step of multiple choice: four distinct options of one kind, the
+    answer is the letter of the option that equals the asked value; letters are balanced."""
+    rng = random.Random(3)
+    tok = build_tokenizer()
+    letters = []
+    for _ in range(400):
+        item = scenes.make_item("option", None, rng)
+        target, listed = re.fullmatch(r"what is (\w+)\? (.+)", item["question"]).groups()
+        options = dict(re.findall(r"([ABCD])\. (\w+)", listed))
+        assert list(options) == list(scenes.LETTERS) and len(set(options.values())) == 4
+        assert options[item["answer"]] == target
+        assert tok.unk_token_id not in tok(item["question"], add_special_tokens=False)["input_ids"]
+        letters.append(item["answer"])
+    assert all(80 <= letters.count(letter) <= 120 for letter in scenes.LETTERS)
+
+
 def test_answer_matches() -> None:
     assert scenes.answer_matches("Yes.", "yes")
     assert scenes.answer_matches(" a ", "A")
@@ -246,13 +276,15 @@ def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp
     assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
-def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor) -> None:
+@pytest.mark.parametrize("positions", [False, True])
+def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor, positions: bool) -> None:
     """The alignment loss equals an explicit per-cell computation (mean of the cell's patch tokens,
-    dot products with the candidate words' embeddings, cross-entropy) and trains the projector."""
+    dot products with the candidate words' embeddings, cross-entropy) and trains the projector;
+    with ``positions`` each cell also names its row and column word."""
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor)
     encoder = Encoder(processor, SMALL_SHAPE.patch_size)
-    alignment = VisualWordAlignment(model, encoder)
+    alignment = VisualWordAlignment(model, encoder, positions=positions)
     scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
     model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
     loss = alignment.loss(scene_list)
@@ -272,7 +304,12 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor)
                     ids = [encoder.words(w)[0] for w in ["nothing", *words]]
                     logits = torch.stack([cell @ embed[i] for i in ids])
                     terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
-    reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(4)) / 4
+                if positions:
+                    for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
+                        logits = torch.stack([cell @ embed[encoder.words(w)[0]] for w in names])
+                        terms.append((g, -torch.log_softmax(logits, 0)[truth]))
+    n_groups = 6 if positions else 4
+    reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(n_groups)) / n_groups
     assert torch.allclose(loss, reference, atol=1e-5)
     loss.backward()
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
@@ -295,6 +332,39 @@ def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
     accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"]), load_split(tmp_path, "test"))
     for task, expected in record["test_subset"].items():
         assert accuracy[task] == pytest.approx(expected, abs=100 / n + 1e-6), task
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "training.json").exists(), reason="no built-in checkpoint trained yet")
+def test_documented_training_command_is_the_checkpoints() -> None:
+    """docs/builtin.md and the model card give the command recorded in training.json, verbatim."""
+    command = json.loads((CHECKPOINT / "training.json").read_text())["command"]
+    docs = (Path(__file__).parents[1] / "docs" / "builtin.md").read_text()
+    flattened = " ".join(docs.replace("\\\n", " ").replace(".venv/bin/python", "python").split())
+    assert command in flattened
+    assert command in (CHECKPOINT / "MODEL_CARD.md").read_text()
+
+
+def test_diagnostic_items_are_deterministic_and_labelled_by_axis(bench: Path) -> None:
+    from atv_prune.builtin.diagnose import diagnostic_items
+
+    items = diagnostic_items(bench, 6)
+    assert items == diagnostic_items(bench, 6)
+    assert {t: sum(i["task"] == t for i in items) for t in scenes.GROUNDING_TASKS} == {t: 6 for t in scenes.GROUNDING_TASKS}
+    spatial = [i for i in items if i["task"].startswith("spatial-")]
+    assert len(spatial) == 6
+    for item in spatial:
+        vertical = any(f" {r} " in item["question"] for r in ("above", "below"))
+        assert item["task"] == ("spatial-row" if vertical else "spatial-col")
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
+def test_diagnose_scores_the_shipped_model(capsys) -> None:
+    from atv_prune.builtin.diagnose import main as diagnose
+
+    accuracy = diagnose(["--items", "8"])
+    assert set(accuracy) == {*scenes.GROUNDING_TASKS, "spatial-row", "spatial-col"}
+    assert accuracy["locate"] >= 75 and accuracy["describe"] >= 75  # documented: 99 and 100 on 100 items
+    assert json.loads(capsys.readouterr().out) == accuracy
 
 
 def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:

@@ -261,7 +261,10 @@ def _rule(scene: Scene, rng: random.Random) -> Item | None:
     elif family == "every":
         shape = rng.choice(sorted({o["shape"] for o in objs}))
         colors_of_shape = sorted({o["color"] for o in objs if o["shape"] == shape})
-        color = rng.choice(colors_of_shape if want else sorted(set(COLORS) - set(colors_of_shape)))
+        pool = colors_of_shape if want else sorted(set(COLORS) - set(colors_of_shape))
+        if not pool:  # the shape appears in every colour: no false "every" rule can be stated
+            return None
+        color = rng.choice(pool)
         rule = f"every {shape} in it is {color}"
         holds = all(o["color"] == color for o in objs if o["shape"] == shape)
     elif family == "none":
@@ -308,14 +311,29 @@ def _describe(scene: Scene, rng: random.Random) -> Item | None:
     return {"question": f"what is at the {position_name(row, col)}?", "answer": answer, "chance": 0.0}
 
 
+def _option(scene: Scene, rng: random.Random) -> Item | None:
+    """Training-only option lookup: the letter of the listed option that names a given value.
+
+    The answer needs no image: it trains the copy step of ``mcq`` (find the option that matches,
+    answer its letter) apart from the perception step that computes the value.
+    """
+    pool = rng.choice((list(COLORS), list(SHAPES), [str(i) for i in range(MAX_SHAPES + 1)]))
+    choices = rng.sample(pool, 4)
+    target = rng.choice(choices)
+    listed = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    return {"question": f"what is {target}? {listed}", "answer": LETTERS[choices.index(target)],
+            "chance": 0.25}
+
+
 IMAGE_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
     "exist": _exist, "attribute": _attribute, "count": _count, "spatial": _spatial,
     "reading": _reading, "mcq": _mcq, "rule": _rule,
 }
 # Question families used only as training signal: dense, direct supervision of looking an object
-# up by its content and by its position, the two primitives the benchmark's questions compose.
+# up by its content and by its position, the two primitives the benchmark's questions compose,
+# and of picking a listed option by its value (the copy step of multiple choice).
 GROUNDING_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
-    "locate": _locate, "describe": _describe,
+    "locate": _locate, "describe": _describe, "option": _option,
 }
 
 

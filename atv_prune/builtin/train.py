@@ -221,9 +221,15 @@ class VisualWordAlignment:
     same geometry as matching text against text -- the role CLIP's text alignment plays in LLaVA.
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder) -> None:
+    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False) -> None:
         groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
+        # With ``positions``, every cell also names its row and its column ("top", "left", ...):
+        # the position words a spatial question compares then travel with the retrieved object.
+        self.position_candidates = [torch.tensor([encoder.words(w)[0] for w in names])
+                                    for names in (scenes.ROW_NAMES, scenes.COL_NAMES)] if positions else []
+        cells = torch.arange(scenes.GRID * scenes.GRID)
+        self.position_labels = (cells // scenes.GRID, cells % scenes.GRID)
         self.embeddings = model.get_input_embeddings()
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
@@ -235,11 +241,13 @@ class VisualWordAlignment:
         """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
         cells = pool_cells(self.features)
         labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
+        targets = [labels[..., i] for i in range(len(self.candidates))]
+        targets += [fixed.expand(len(scene_list), -1) for fixed in self.position_labels[:len(self.position_candidates)]]
         total = cells.new_zeros(())
-        for i, ids in enumerate(self.candidates):
+        for ids, target in zip(self.candidates + self.position_candidates, targets):
             logits = cells @ self.embeddings.weight[ids].T
-            total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[..., i].flatten())
-        return total / len(self.candidates)
+            total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return total / len(targets)
 
 
 @torch.no_grad()
@@ -351,12 +359,13 @@ pruning methods can be compared without downloading anything.
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
 - Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
-  tokens scored against the decoder's word embeddings of its colour, shape, size and word).
+  tokens scored against the decoder's word embeddings of its colour, shape, size and word{
+  ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
 - Data: `generate_benchmark({data_call})`, training mix {data['weights']}
-  (`locate` and `describe` are training-only grounding questions); splits disjoint by scene.
+  (`locate`, `describe` and `option` are training-only questions); splits disjoint by scene.
 
 ## Dense accuracy (%; greedy, exact match after normalisation)
 
@@ -393,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-lr-scale", type=float, default=1.0, help="tower lr / --lr after pretraining")
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
+    p.add_argument("--align-positions", action="store_true",
+                   help="the alignment loss also makes each cell name its row and column words")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -460,7 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.standardize_projector:
         standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
     vision_minutes = (time.time() - vision_start) / 60
-    alignment = VisualWordAlignment(model, encoder) if args.align_weight > 0 else None
+    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions)
+                 if args.align_weight > 0 else None)
     order: list[int] = []
     curve: list[dict[str, Any]] = []
     model.train()
