@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -224,6 +224,9 @@ class LayerwisePruner:
         statistics, group_of, sparsity = self._statistics(block, index, targets, samples, bar)
         bar.set_description(f"block {index + 1}/{n_blocks} masks")
         start = time.perf_counter()
+        prepare = self.config.method_spec.prepare
+        if prepare is not None:  # once per input group, shared by the weights that read that input
+            statistics = {group: prepare(statistic) for group, statistic in statistics.items()}
         for target in targets:
             if target.name not in group_of:
                 raise RuntimeError(f"{target.name} was never called during the block's forward")
@@ -234,7 +237,7 @@ class LayerwisePruner:
             self._propagate(block, index, samples, bar)
 
     @torch.no_grad()
-    def _apply(self, target: PruneTarget, statistic: torch.Tensor | None, sparsity: float | None = None) -> None:
+    def _apply(self, target: PruneTarget, statistic: Any, sparsity: float | None = None) -> None:
         method = self.config.method_spec
         target_sparsity = self.config.sparsity if sparsity is None else sparsity
         pruned = method.prune_weight(target.weight.data, statistic, target_sparsity, self.config.pattern)

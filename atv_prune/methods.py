@@ -8,13 +8,13 @@ function that turns a weight and its statistic into the pruned weight. The engin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .masks import make_mask
 from .scoring import magnitude_scores, squared_input_sum, wanda_scores
-from .sparsegpt import hessian_update, sparsegpt_prune
+from .sparsegpt import hessian_update, prepare_hessian, sparsegpt_prune
 
 Target = tuple[float | None, tuple[int, int] | None]  # (sparsity, pattern)
 
@@ -27,8 +27,9 @@ def _wanda(weight: torch.Tensor, statistic: torch.Tensor, sparsity, pattern) -> 
     return weight.masked_fill(make_mask(wanda_scores(weight, statistic), sparsity, pattern).to(weight.device), 0)
 
 
-def _sparsegpt(weight: torch.Tensor, statistic: torch.Tensor, sparsity, pattern) -> torch.Tensor:
-    new_weight, _ = sparsegpt_prune(weight, statistic, sparsity, pattern)
+def _sparsegpt(weight: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], sparsity, pattern) -> torch.Tensor:
+    hessian, factor = prepared
+    new_weight, _ = sparsegpt_prune(weight, hessian, sparsity, pattern, factor=factor)
     return new_weight.to(weight.dtype)
 
 
@@ -38,8 +39,9 @@ class Method:
 
     name: str
     default_pool: str | None  # None: data-free
-    prune_weight: Callable[[torch.Tensor, torch.Tensor | None, float | None, tuple[int, int] | None], torch.Tensor]
+    prune_weight: Callable[[torch.Tensor, Any, float | None, tuple[int, int] | None], torch.Tensor]
     statistic: Callable[[torch.Tensor], torch.Tensor] | None = None  # token rows -> additive statistic
+    prepare: Callable[[torch.Tensor], Any] | None = None  # per input group: summed statistic -> prune_weight's input
     scale: float = 1.0  # the summed statistic is multiplied by scale / n_samples
     plain_pools: bool = True  # whether mixed/text/visual pools are allowed
     allocation: str = "uniform"  # default per-matrix sparsity allocation (uniform or das)
@@ -53,6 +55,6 @@ METHODS: dict[str, Method] = {
                   summary="Wanda scores on all text tokens plus drift-selected visual tokens"),
     "tamp": Method("tamp", "amia", _wanda, squared_input_sum, allocation="das",
                    summary="TAMP: Wanda scores on AMIA-selected, attention-weighted tokens; DAS sparsity"),
-    "sparsegpt": Method("sparsegpt", "mixed", _sparsegpt, hessian_update, scale=2.0,
+    "sparsegpt": Method("sparsegpt", "mixed", _sparsegpt, hessian_update, prepare_hessian, scale=2.0,
                         summary="OBS update with H = (2/N) sum x x^T, any pool"),
 }

@@ -50,6 +50,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, max_tries:
                          "use more calibration samples or another method")
 
 
+def prepare_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, inverse factor)`` of one input group: q/k/v (and gate/up) share their input, so the
+    Cholesky factorisation runs once per group instead of once per weight."""
+    return hessian, inverse_hessian_factor(hessian.float())
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -57,9 +63,11 @@ def sparsegpt_prune(
     pattern: tuple[int, int] | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(new_weight, mask)``: the OBS-updated fp32 weight with pruned entries at 0, and the
-    boolean mask (``True`` = pruned). ``hessian`` is ``(in, in)`` fp32."""
+    boolean mask (``True`` = pruned). ``hessian`` is ``(in, in)`` fp32; ``factor``, when given, is
+    ``inverse_hessian_factor(hessian, damp)`` computed once for every weight that shares the input."""
     if (sparsity is None) == (pattern is None):
         raise ValueError("give exactly one of sparsity or pattern")
     rows, cols = weight.shape
@@ -70,7 +78,7 @@ def sparsegpt_prune(
         block_size = max(pattern[1], block_size - block_size % pattern[1])  # N:M groups never straddle blocks
     w = weight.detach().float().clone()
     w[:, torch.diag(hessian) == 0] = 0
-    hinv = inverse_hessian_factor(hessian.float(), damp)
+    hinv = inverse_hessian_factor(hessian.float(), damp) if factor is None else factor
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)

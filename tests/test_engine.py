@@ -305,6 +305,21 @@ def test_sparsegpt_reconstructs_block_outputs_better_than_wanda() -> None:
     assert errors["sparsegpt"] < errors["wanda"], errors
 
 
+def test_sparsegpt_factorises_each_input_group_once(monkeypatch) -> None:
+    """q/k/v share one input, gate/up another: one Cholesky factor per input group and block."""
+    from atv_prune import sparsegpt
+
+    calls = []
+    original = sparsegpt.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda h, *a, **k: calls.append(h.shape) or original(h, *a, **k))
+    name = "llava"
+    model = build_tiny_model(name)
+    _, report = _pruned(model, _calibration(model, name), method="sparsegpt", sparsity=0.5)
+    n_blocks = len(report.blocks)
+    assert len(calls) == 4 * n_blocks  # (q, k, v), o, (gate, up), down
+    assert len(report.sparsity["per_linear"]) == 7 * n_blocks
+
+
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3"])
 @pytest.mark.parametrize("pool", ["random-fixed", "abs", "abs-fixed", "dbs", "dbs-fixed", "drift-fixed"])
 def test_every_visual_subset_pool_prunes_and_reports_its_budget(name: str, pool: str) -> None:

@@ -59,3 +59,12 @@ def test_cholesky_failure_raises_the_damping_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="retrying with 0.1"):
         factor = inverse_hessian_factor(hessian, damp=0.01)
     assert torch.isfinite(factor).all()
+
+
+def test_a_precomputed_factor_gives_the_same_result() -> None:
+    weight, x = _layer(3)
+    hessian = hessian_update(x)
+    plain, mask = sparsegpt_prune(weight, hessian, sparsity=0.5, block_size=16)
+    shared, shared_mask = sparsegpt_prune(weight, hessian, sparsity=0.5, block_size=16,
+                                          factor=inverse_hessian_factor(hessian))
+    assert torch.equal(plain, shared) and torch.equal(mask, shared_mask)
