@@ -19,7 +19,8 @@ the offload device until the block-level budget is known.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -224,17 +225,34 @@ class LayerwisePruner:
         statistics, group_of, sparsity = self._statistics(block, index, targets, samples, bar)
         bar.set_description(f"block {index + 1}/{n_blocks} masks")
         start = time.perf_counter()
-        prepare = self.config.method_spec.prepare
-        if prepare is not None:  # once per input group, shared by the weights that read that input
-            statistics = {group: prepare(statistic) for group, statistic in statistics.items()}
         for target in targets:
             if target.name not in group_of:
                 raise RuntimeError(f"{target.name} was never called during the block's forward")
-            self._apply(target, statistics[group_of[target.name]], sparsity.get(target.name))
+        for target, statistic in self._prepared(targets, statistics, group_of):
+            self._apply(target, statistic, sparsity.get(target.name))
         self.result.seconds["masks"] += time.perf_counter() - start
         if index + 1 < n_blocks:
             bar.set_description(f"block {index + 1}/{n_blocks} propagation")
             self._propagate(block, index, samples, bar)
+
+    def _prepared(self, targets: list[PruneTarget], statistics: dict[str, torch.Tensor],
+                  group_of: dict[str, str]) -> Iterator[tuple[PruneTarget, Any]]:
+        """Each target with what its method prunes from: the group's statistic, or the method's
+        preparation of it (made once per input group, freed after the group's last weight)."""
+        prepare = self.config.method_spec.prepare
+        if prepare is None:
+            yield from ((target, statistics[group_of[target.name]]) for target in targets)
+            return
+        remaining = Counter(group_of[target.name] for target in targets)
+        prepared: dict[str, Any] = {}
+        for target in targets:
+            group = group_of[target.name]
+            if group not in prepared:
+                prepared[group] = prepare(statistics[group])
+            yield target, prepared[group]
+            remaining[group] -= 1
+            if not remaining[group]:
+                del prepared[group]
 
     @torch.no_grad()
     def _apply(self, target: PruneTarget, statistic: Any, sparsity: float | None = None) -> None:
