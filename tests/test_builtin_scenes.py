@@ -357,6 +357,14 @@ def test_diagnostic_items_are_deterministic_and_labelled_by_axis(bench: Path) ->
         assert item["task"] == ("spatial-row" if vertical else "spatial-col")
 
 
+def test_diagnose_rejects_a_folder_without_a_checkpoint(tmp_path: Path, capsys) -> None:
+    from atv_prune.builtin.diagnose import main as diagnose
+
+    with pytest.raises(SystemExit):
+        diagnose(["--model", str(tmp_path)])
+    assert "--model:" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
 def test_diagnose_scores_the_shipped_model(capsys) -> None:
     from atv_prune.builtin.diagnose import main as diagnose
@@ -403,6 +411,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
     (["--task-weights", "exist"], "needs task=number pairs, got 'exist'"),
     (["--task-weights", "exist=-1"], "task weight must be >= 0"),
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
+    (["--align-positions"], "--align-positions extends the alignment loss"),
 ])
 def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     from atv_prune.builtin.train import main

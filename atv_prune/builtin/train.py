@@ -226,10 +226,10 @@ class VisualWordAlignment:
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
         # With ``positions``, every cell also names its row and its column ("top", "left", ...):
         # the position words a spatial question compares then travel with the retrieved object.
-        self.position_candidates = [torch.tensor([encoder.words(w)[0] for w in names])
-                                    for names in (scenes.ROW_NAMES, scenes.COL_NAMES)] if positions else []
         cells = torch.arange(scenes.GRID * scenes.GRID)
-        self.position_labels = (cells // scenes.GRID, cells % scenes.GRID)
+        self.position_groups = [(torch.tensor([encoder.words(w)[0] for w in names]), labels)
+                                for names, labels in ((scenes.ROW_NAMES, cells // scenes.GRID),
+                                                      (scenes.COL_NAMES, cells % scenes.GRID))] if positions else []
         self.embeddings = model.get_input_embeddings()
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
@@ -241,13 +241,13 @@ class VisualWordAlignment:
         """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
         cells = pool_cells(self.features)
         labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
-        targets = [labels[..., i] for i in range(len(self.candidates))]
-        targets += [fixed.expand(len(scene_list), -1) for fixed in self.position_labels[:len(self.position_candidates)]]
+        groups = [(ids, labels[..., i]) for i, ids in enumerate(self.candidates)]
+        groups += [(ids, fixed.expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
         total = cells.new_zeros(())
-        for ids, target in zip(self.candidates + self.position_candidates, targets):
+        for ids, target in groups:
             logits = cells @ self.embeddings.weight[ids].T
             total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-        return total / len(targets)
+        return total / len(groups)
 
 
 @torch.no_grad()
@@ -416,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(error))
     if args.align_weight < 0:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
+    if args.align_positions and not args.align_weight:
+        p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
     return args
 
 
