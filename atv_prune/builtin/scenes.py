@@ -222,6 +222,11 @@ def _reading(scene: Scene, rng: random.Random) -> Item | None:
     return {"question": "what word is written?", "answer": scene["word"]["text"], "chance": 1 / len(WORDS)}
 
 
+def _listed(choices: list[str]) -> str:
+    """Options as a multiple-choice question lists them: "A. red B. blue C. green D. yellow"."""
+    return " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+
+
 def _mcq(scene: Scene, rng: random.Random) -> Item | None:
     """Four options (one correct, random order); the answer is the letter (MMBench)."""
     base = rng.choice((_attribute, _count))(scene, rng)
@@ -238,7 +243,7 @@ def _mcq(scene: Scene, rng: random.Random) -> Item | None:
         pool = [str(i) for i in range(MAX_SHAPES + 1)]
     choices = [answer] + rng.sample([p for p in pool if p != answer], 3)
     rng.shuffle(choices)
-    listed = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    listed = _listed(choices)
     return {"question": f"{base['question']} {listed}", "answer": LETTERS[choices.index(answer)],
             "choices": choices, "chance": 0.25}
 
@@ -320,7 +325,7 @@ def _option(scene: Scene, rng: random.Random) -> Item | None:
     pool = rng.choice((list(COLORS), list(SHAPES), [str(i) for i in range(MAX_SHAPES + 1)]))
     choices = rng.sample(pool, 4)
     target = rng.choice(choices)
-    listed = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    listed = _listed(choices)
     return {"question": f"what is {target}? {listed}", "answer": LETTERS[choices.index(target)],
             "chance": 0.25}
 
