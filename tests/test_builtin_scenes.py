@@ -375,9 +375,10 @@ def test_diagnose_scores_the_shipped_model(capsys) -> None:
     assert json.loads(capsys.readouterr().out) == accuracy
 
 
-def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
+def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     """The training command (vision pretraining, standardised projector, alignment loss, grounding
-    tasks) writes a loadable checkpoint with its card, and the same command gives the same weights."""
+    tasks) writes a loadable checkpoint with its card, the same command gives the same weights, and
+    the log reports the answer loss and the alignment loss apart."""
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
@@ -388,7 +389,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
             "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
             "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
             "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
-            "--task-weights", "locate=1,describe=1"]
+            "--task-weights", "locate=1,describe=1", "--log-every", "1"]
     threads = torch.get_num_threads()
     try:
         first = main(["--out", str(tmp_path / "a"), *args])
@@ -402,6 +403,8 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path) -> None:
     assert first["steps"] == 3 and set(first["test"]) == {*scenes.TASKS, "mean"}
     assert "--align-weight 1" in first["command"]
     assert "alignment loss weight 1.0" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
+    assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")
 
