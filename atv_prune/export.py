@@ -98,6 +98,28 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = 
         raise
 
 
+def write_files_into(out: Path, fill: Callable[[Path], None], last: str) -> None:
+    """Let ``fill`` write files into a temporary folder inside ``out``, then move them into ``out``.
+
+    For a folder that already holds other outputs (the trainer's generated data): a failed ``fill``
+    leaves ``out`` as it was, and the file named ``last`` (the one readers check for) moves last.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        fill(staging)
+        names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == last)
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            _publish_mode(staging / name)
+            os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_pruned(model: Any, processor: Any, report: dict[str, Any], out: Path, overwrite: bool = False) -> None:
     """Save the pruned model (safetensors), its processor and ``pruning_report.json`` into ``out``."""
 

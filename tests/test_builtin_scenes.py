@@ -375,6 +375,16 @@ def test_diagnose_scores_the_shipped_model(capsys) -> None:
     assert json.loads(capsys.readouterr().out) == accuracy
 
 
+# A seconds-long training run: the whole recipe (vision pretraining, standardised projector,
+# alignment loss, grounding tasks) on a one-block model.
+TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib", "2", "--steps", "3",
+                 "--vision-steps", "2", "--vision-batch-size", "4", "--batch-size", "4", "--align-weight", "1",
+                 "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
+                 "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
+                 "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
+                 "--task-weights", "locate=1,describe=1", "--log-every", "1"]
+
+
 def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     """The training command (vision pretraining, standardised projector, alignment loss, grounding
     tasks) writes a loadable checkpoint with its card, the same command gives the same weights, and
@@ -384,12 +394,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
 
     from atv_prune.builtin.train import main
 
-    args = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib", "2", "--steps", "3",
-            "--vision-steps", "2", "--vision-batch-size", "4", "--batch-size", "4", "--align-weight", "1",
-            "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
-            "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
-            "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
-            "--task-weights", "locate=1,describe=1", "--log-every", "1"]
+    args = TINY_TRAINING
     threads = torch.get_num_threads()
     try:
         first = main(["--out", str(tmp_path / "a"), *args])
@@ -407,6 +412,23 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")
+
+
+def test_trainer_failing_at_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint files appear together, after the rest: a failure while saving leaves only the data."""
+    from atv_prune.builtin import train
+
+    def broken_card(*_args, **_kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train, "write_card", broken_card)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            train.main(["--out", str(tmp_path / "run"), *TINY_TRAINING])
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -31,6 +31,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from ..export import write_files_into
 from . import scenes
 from .tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, build_processor
 
@@ -530,10 +531,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": json.loads((data / "manifest.json").read_text()), "vision_curve": vision_curve, "vision_minutes": vision_minutes,
     }
     print(f"final val: {_format(results['val'])}\nfinal test: {_format(results['test'])}", flush=True)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    (args.out / "training.json").write_text(json.dumps(results, indent=1))
-    write_card(args.out, args, shape, n_params, results)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        write_card(folder, args, shape, n_params, results)
+        (folder / "training.json").write_text(json.dumps(results, indent=1))
+
+    write_files_into(args.out, fill, last="training.json")
     return results
 
 
