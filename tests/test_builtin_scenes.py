@@ -220,36 +220,10 @@ def test_tokenizer_round_trip_and_closed_vocabulary(bench: Path) -> None:
         assert tok.decode(ids).split() == re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
-def test_option_label_tokenizer(bench: Path, tmp_path: Path) -> None:
-    """With option_labels, "B." in a multiple-choice question is one token, the article "a" keeps its
-    own, every benchmark text still tokenizes without <unk>, answers decode to themselves, and the
-    saved processor tokenizes the same way."""
-    plain, labelled = build_tokenizer(), build_tokenizer(option_labels=True)
-    assert plain.get_vocab().items() <= labelled.get_vocab().items()
-    pieces = labelled.convert_ids_to_tokens(labelled("is a red? A. blue B. red C. 3 D. no")["input_ids"])
-    assert pieces == ["is", "a", "red", "?", "a.", "blue", "b.", "red", "c.", "3", "d.", "no"]
-    assert labelled.convert_ids_to_tokens(labelled("a shape is red. a.")["input_ids"]) == \
-        ["a", "shape", "is", "red", ".", "a."]
-    records = scenes.read_jsonl(bench / "train.jsonl")
-    texts = [t[k] for r in records for t in r["turns"] for k in ("question", "answer")]
-    texts += [i["question"] for i in _items(bench, "test")]
-    for text in texts:
-        ids = labelled(text, add_special_tokens=False)["input_ids"]
-        assert labelled.unk_token_id not in ids, text
-        assert scenes.normalize_answer(labelled.decode(ids)) == scenes.normalize_answer(text)
-    mcq = [i["question"] for i in _items(bench, "test") if i["task"] == "mcq"]
-    assert mcq and all(len(labelled(q)["input_ids"]) == len(plain(q)["input_ids"]) - 4 for q in mcq)
-    build_processor(SMALL_SHAPE.patch_size, option_labels=True).save_pretrained(tmp_path)
-    reloaded = AutoProcessor.from_pretrained(tmp_path).tokenizer
-    assert all(reloaded(q)["input_ids"] == labelled(q)["input_ids"] for q in mcq)
-
-
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "tokenizer.json").exists(), reason="no built-in checkpoint trained yet")
-def test_shipped_tokenizer_is_the_one_its_command_builds() -> None:
+def test_shipped_tokenizer_is_the_one_the_trainer_builds() -> None:
     """Retraining with the documented command builds the shipped checkpoint's tokenizer."""
-    command = json.loads((CHECKPOINT_DIR / "training.json").read_text())["command"]
-    shipped = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
-    assert shipped.get_vocab() == build_tokenizer(option_labels="--option-labels" in command).get_vocab()
+    assert AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer.get_vocab() == build_tokenizer().get_vocab()
 
 
 def test_calibration_file_loads(bench: Path, processor) -> None:
@@ -420,13 +394,13 @@ TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib"
 def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     """The training command (vision pretraining, standardised projector, alignment loss, grounding
     tasks) writes a loadable checkpoint with its card, the same command gives the same weights, and
-    the log reports the answer loss and the alignment loss apart; --option-labels reaches the saved tokenizer."""
+    the log reports the answer loss and the alignment loss apart."""
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
     from atv_prune.builtin.train import main
 
-    args = [*TINY_TRAINING, "--option-labels"]
+    args = TINY_TRAINING
     threads = torch.get_num_threads()
     try:
         first = main(["--out", str(tmp_path / "a"), *args])
@@ -443,8 +417,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
     assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
-    assert "b." in AutoProcessor.from_pretrained(tmp_path / "a").tokenizer.get_vocab()
-    assert 'a multiple-choice label ("B.") is one token' in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    AutoProcessor.from_pretrained(tmp_path / "a")
 
 
 def test_trainer_failing_at_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch) -> None:

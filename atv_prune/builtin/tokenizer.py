@@ -8,10 +8,10 @@ prompts short (one token per word) and the embedding table tiny. It is wrapped i
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from .scenes import IMAGE_SIZE, LETTERS, vocabulary
+from .scenes import IMAGE_SIZE, vocabulary
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "<|end|>", "<unk>"
 IMAGE, USER, ASSISTANT = "<image>", "<|user|>", "<|assistant|>"
@@ -33,29 +33,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: list[str] | None = None, option_labels: bool = False) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer: special tokens first (ids 0-6), then ``words``.
-
-    With ``option_labels`` a multiple-choice label written as its own word ("A." ... "D.") is one
-    token ("a.") instead of two ("a", "."): the label sits right before the option it names, and
-    "A" no longer shares its token with the article "a".
-    """
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer: special tokens first (ids 0-6), then ``words``."""
     words = vocabulary() if words is None else words
-    if option_labels:
-        words = [*words, *(f"{letter.lower()}." for letter in LETTERS)]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
-    if option_labels:
-        first, last = LETTERS[0].lower(), LETTERS[-1].lower()
-        core.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Split(Regex(rf"^[{first}-{last}]\.$|\w+|[^\w\s]+"), behavior="isolated"),
-        ])
-    else:
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
@@ -75,13 +61,13 @@ def build_image_processor(image_size: int = IMAGE_SIZE) -> CLIPImageProcessorPil
 
 
 def build_processor(patch_size: int, image_size: int = IMAGE_SIZE,
-                    tokenizer: PreTrainedTokenizerFast | None = None, option_labels: bool = False) -> LlavaProcessor:
+                    tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: ``<image>`` expands to (image_size / patch_size)^2 tokens.
 
     The CLIP tower adds a CLS token (``num_additional_image_tokens=1``) that the "default"
     feature-selection strategy drops again, so the count equals the patch count.
     """
-    tokenizer = tokenizer or build_tokenizer(option_labels=option_labels)
+    tokenizer = tokenizer or build_tokenizer()
     return LlavaProcessor(
         image_processor=build_image_processor(image_size), tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,

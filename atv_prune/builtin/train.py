@@ -351,8 +351,7 @@ pruning methods can be compared without downloading anything.
 - Parameters: {n_params:,} (vision {shape.vision_layers} x {shape.vision_hidden}, patch {shape.patch_size},
   {scenes.IMAGE_SIZE} px images, {(scenes.IMAGE_SIZE // shape.patch_size) ** 2} visual tokens;
   decoder {shape.text_layers} x {shape.text_hidden}, {shape.text_heads} heads, MLP {shape.text_intermediate}).
-- Tokenizer: closed word-level vocabulary ({results['vocab_size']} tokens) with a chat template{
-  '; a multiple-choice label ("B.") is one token' if args.option_labels else ''}.
+- Tokenizer: closed word-level vocabulary ({results['vocab_size']} tokens) with a chat template.
 - Training command ({args.threads} CPU thread(s), fp32):
 
       {results['command']}
@@ -406,8 +405,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
     p.add_argument("--align-positions", action="store_true",
                    help="the alignment loss also makes each cell name its row and column words")
-    p.add_argument("--option-labels", action="store_true",
-                   help='tokenize a multiple-choice label ("B.") as one token (see build_tokenizer)')
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -455,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   max_turns=args.max_turns)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
-    processor = build_processor(shape.patch_size, option_labels=args.option_labels)
+    processor = build_processor(shape.patch_size)
     model = build_model(shape, processor)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {len(train):,} training conversations", flush=True)
