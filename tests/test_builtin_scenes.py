@@ -3,6 +3,7 @@ and agreement between the processor, the trainer's fast encoder and the model's 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -375,10 +376,56 @@ def test_diagnose_rejects_a_folder_without_a_checkpoint(tmp_path: Path, capsys) 
 def test_diagnose_scores_the_shipped_model(capsys) -> None:
     from atv_prune.builtin.diagnose import main as diagnose
 
-    accuracy = diagnose(["--items", "8"])
+    accuracy = diagnose(["--items", "8", "--prune-parts", "0.6"])
+    retention = accuracy.pop("retention")
     assert set(accuracy) == {*scenes.GROUNDING_TASKS, "spatial-row", "spatial-col"}
     assert accuracy["locate"] >= 75 and accuracy["describe"] >= 75  # documented: 99 and 100 on 100 items
-    assert json.loads(capsys.readouterr().out) == accuracy
+    n_blocks = json.loads((CHECKPOINT / "training.json").read_text())["shape"]["text_layers"]
+    assert list(retention) == ["all", "attention", "mlp", *(f"block {i}" for i in range(n_blocks))]
+    assert all("mean" in r and set(r) <= {"mean", *scenes.TASKS} for r in retention.values())
+    assert json.loads(capsys.readouterr().out) == {**accuracy, "retention": retention}
+
+
+def test_diagnose_rejects_a_sparsity_outside_the_unit_interval(capsys) -> None:
+    from atv_prune.builtin.diagnose import main as diagnose
+
+    with pytest.raises(SystemExit):
+        diagnose(["--prune-parts", "1.3"])
+    assert "--prune-parts 1.3 is outside (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part, pruned_blocks, pruned_prefix", [
+    ("attention", {0, 1}, "self_attn."), ("mlp", {0, 1}, "mlp."), ("block 1", {1}, ""), ("all", {0, 1}, "")])
+def test_magnitude_prune_part_prunes_exactly_the_part(processor, part: str, pruned_blocks: set[int],
+                                                     pruned_prefix: str) -> None:
+    """Only the selected decoder linears change, each to exactly floor(P * in_features) zeros per
+    row at the lowest magnitudes; everything else keeps its weights."""
+    from atv_prune.builtin.diagnose import decoder_parts, magnitude_prune_part
+    from atv_prune.families import resolve
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(SMALL_SHAPE, text_layers=2), processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count = magnitude_prune_part(model, decoder_parts(2)[part], 0.6)
+    blocks = resolve(model).blocks(model)
+    changed = 0
+    for i, block in enumerate(blocks):
+        for name, linear in block.named_modules():
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            original = before[next(k for k, v in model.named_parameters() if v is linear.weight)]
+            if i in pruned_blocks and name.startswith(pruned_prefix):
+                changed += 1
+                zeros = (linear.weight == 0).sum(dim=1)
+                assert torch.all(zeros == int(0.6 * linear.in_features)), name
+                kept = original.abs().masked_fill(linear.weight == 0, float("inf")).min(dim=1).values
+                dropped = original.abs().masked_fill(linear.weight != 0, 0).max(dim=1).values
+                assert torch.all(dropped <= kept), name
+            else:
+                assert torch.equal(linear.weight, original), name
+    assert count == changed > 0
+    decoder = {id(p) for p in blocks.parameters()}
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters() if id(v) not in decoder)
 
 
 # A seconds-long training run: the whole recipe (vision pretraining, standardised projector,

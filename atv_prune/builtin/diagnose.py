@@ -3,9 +3,11 @@
 The benchmark's composite questions are built from primitives the trainer can also ask alone:
 looking an object up by content (``locate``) and by position (``describe``), and picking the listed
 option that names a value (``option``, the copy step of ``mcq``). Scoring those on the benchmark's
-test scenes tells a perception failure from a composition failure.
+test scenes tells a perception failure from a composition failure. ``--prune-parts P`` shows
+where a model's robustness to pruning sits: the test retention when only one part of the decoder
+(attention, MLP, one block) is magnitude-pruned to sparsity P, beside the whole decoder.
 
-    python -m atv_prune.builtin.diagnose [--model DIR] [--bench DIR] [--items N]
+    python -m atv_prune.builtin.diagnose [--model DIR] [--bench DIR] [--items N] [--prune-parts P]
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from ..families import resolve
+from ..methods import METHODS
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
-from .train import Encoder, evaluate
+from .train import Encoder, evaluate, load_split
 
 
 def diagnostic_items(bench: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -36,13 +41,58 @@ def diagnostic_items(bench: Path, n: int, seed: int = 0) -> list[dict[str, Any]]
     return items
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def decoder_parts(n_blocks: int) -> dict[str, Callable[[int, str], bool]]:
+    """Named parts of the decoder as predicates on (block index, linear name inside the block)."""
+    parts: dict[str, Callable[[int, str], bool]] = {
+        "all": lambda _i, _name: True,
+        "attention": lambda _i, name: name.startswith("self_attn."),
+        "mlp": lambda _i, name: name.startswith("mlp."),
+    }
+    for block in range(n_blocks):
+        parts[f"block {block}"] = lambda i, _name, block=block: i == block
+    return parts
+
+
+def magnitude_prune_part(model: nn.Module, part: Callable[[int, str], bool], sparsity: float) -> int:
+    """Magnitude-prune (the engine's method, row-wise) the decoder linears ``part`` selects; returns their count."""
+    pruned = 0
+    with torch.no_grad():
+        for i, block in enumerate(resolve(model).blocks(model)):
+            for name, linear in block.named_modules():
+                if isinstance(linear, nn.Linear) and part(i, name):
+                    linear.weight.copy_(METHODS["magnitude"].prune_weight(linear.weight, None, sparsity, None))
+                    pruned += 1
+    return pruned
+
+
+def part_retention(model_dir: Path, encoder: Encoder, items: list[dict[str, Any]],
+                   sparsity: float) -> dict[str, dict[str, float]]:
+    """Retention (pruned / dense x 100 per task, mean over tasks with a dense score) for each decoder part."""
+    dense_model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    n_blocks = len(resolve(dense_model).blocks(dense_model))
+    dense = evaluate(dense_model, encoder, items)
+    dense.pop("mean")
+    results = {}
+    for name, part in decoder_parts(n_blocks).items():
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+        magnitude_prune_part(model, part, sparsity)
+        accuracy = evaluate(model, encoder, items)
+        per_task = {task: 100.0 * accuracy[task] / base for task, base in dense.items() if base > 0}
+        results[name] = {"mean": sum(per_task.values()) / len(per_task), **per_task}
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=CHECKPOINT_DIR, help="trained built-in checkpoint")
     p.add_argument("--bench", type=Path, default=BENCHMARK_DIR, help="benchmark folder with test/")
     p.add_argument("--items", type=int, default=100, help="items per primitive")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prune-parts", type=float, default=None, metavar="P",
+                   help="also report test retention with one decoder part magnitude-pruned to sparsity P")
     args = p.parse_args(argv)
+    if args.prune_parts is not None and not 0 < args.prune_parts < 1:
+        p.error(f"--prune-parts {args.prune_parts} is outside (0, 1): pass e.g. 0.6 for 60%")
     for path, what in ((args.model / "training.json", "--model"), (args.bench / "test" / "exist.jsonl", "--bench")):
         if not path.exists():
             p.error(f"{what}: {path} not found; give a built-in checkpoint and a benchmark folder")
@@ -50,8 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     patch_size = json.loads((args.model / "training.json").read_text())["shape"]["patch_size"]
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     encoder = Encoder(AutoProcessor.from_pretrained(args.model), patch_size)
-    accuracy = evaluate(model, encoder, diagnostic_items(args.bench, args.items))
+    accuracy: dict[str, Any] = evaluate(model, encoder, diagnostic_items(args.bench, args.items))
     accuracy.pop("mean")
+    if args.prune_parts is not None:
+        test = load_split(args.bench, "test", args.items)
+        accuracy["retention"] = part_retention(args.model, encoder, test, args.prune_parts)
     print(json.dumps(accuracy, indent=1))
     return accuracy
 
