@@ -101,8 +101,10 @@ def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = 
 def write_files_into(out: Path, fill: Callable[[Path], None], last: str) -> None:
     """Let ``fill`` write files into a temporary folder inside ``out``, then move them into ``out``.
 
-    For a folder that already holds other outputs (the trainer's generated data): a failed ``fill``
-    leaves ``out`` as it was, and the file named ``last`` (the one readers check for) moves last.
+    For a folder that already holds other outputs (the trainer's generated data). The file named
+    ``last`` — the one readers check for — is removed first and moved in last, so while the files
+    move, and after a failure, ``out`` holds no ``last`` beside a mix of old and new files. A failed
+    ``fill`` leaves ``out`` as it was. Files of ``out`` that ``fill`` does not write are kept.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,11 @@ def write_files_into(out: Path, fill: Callable[[Path], None], last: str) -> None
     try:
         fill(staging)
         names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == last)
+        clashes = [n for n in names if (out / n).exists() and (out / n).is_dir() != (staging / n).is_dir()]
+        if clashes:
+            raise AtvPruneError(f"{out} already holds {', '.join(clashes)} as a folder where a file goes or as a "
+                                "file where a folder goes: remove it or choose another output folder")
+        (out / last).unlink(missing_ok=True)
         for name in names:
             target = out / name
             if target.is_dir():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -224,7 +225,8 @@ def test_tokenizer_round_trip_and_closed_vocabulary(bench: Path) -> None:
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "tokenizer.json").exists(), reason="no built-in checkpoint trained yet")
 def test_shipped_tokenizer_is_the_one_the_trainer_builds() -> None:
     """Retraining with the documented command builds the shipped checkpoint's tokenizer."""
-    assert AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer.get_vocab() == build_tokenizer().get_vocab()
+    shipped = AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer
+    assert shipped.backend_tokenizer.to_str() == build_tokenizer().backend_tokenizer.to_str()
 
 
 def test_calibration_file_loads(bench: Path, processor) -> None:
@@ -322,33 +324,30 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor,
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
 
 
-CHECKPOINT = CHECKPOINT_DIR
-
-
-@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
 def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
     from atv_prune.builtin.train import evaluate, load_split
 
-    record = json.loads((CHECKPOINT / "training.json").read_text())
+    record = json.loads((CHECKPOINT_DIR / "training.json").read_text())
     n = record["subset_per_task"]
     scenes.generate_benchmark(tmp_path, seed=record["seed"], n_train=0, n_val=0, n_test=n, n_calib=0)
-    processor = AutoProcessor.from_pretrained(CHECKPOINT)
-    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR).eval()
     accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"]), load_split(tmp_path, "test"))
     for task, expected in record["test_subset"].items():
         assert accuracy[task] == pytest.approx(expected, abs=100 / n + 1e-6), task
 
 
-@pytest.mark.skipif(not (CHECKPOINT / "training.json").exists(), reason="no built-in checkpoint trained yet")
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "training.json").exists(), reason="no built-in checkpoint trained yet")
 def test_documented_training_command_is_the_checkpoints() -> None:
     """docs/builtin.md and the model card give the command recorded in training.json, verbatim."""
-    command = json.loads((CHECKPOINT / "training.json").read_text())["command"]
+    command = json.loads((CHECKPOINT_DIR / "training.json").read_text())["command"]
     docs = (Path(__file__).parents[1] / "docs" / "builtin.md").read_text()
     flattened = " ".join(docs.replace("\\\n", " ").replace(".venv/bin/python", "python").split())
     assert command in flattened
-    assert command in (CHECKPOINT / "MODEL_CARD.md").read_text()
+    assert command in (CHECKPOINT_DIR / "MODEL_CARD.md").read_text()
 
 
 def test_diagnostic_items_are_deterministic_and_labelled_by_axis(bench: Path) -> None:
@@ -372,7 +371,7 @@ def test_diagnose_rejects_a_folder_without_a_checkpoint(tmp_path: Path, capsys) 
     assert "--model:" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="no built-in checkpoint trained yet")
 def test_diagnose_scores_the_shipped_model(capsys) -> None:
     from atv_prune.builtin.diagnose import main as diagnose
 
@@ -380,9 +379,10 @@ def test_diagnose_scores_the_shipped_model(capsys) -> None:
     retention = accuracy.pop("retention")
     assert set(accuracy) == {*scenes.GROUNDING_TASKS, "spatial-row", "spatial-col"}
     assert accuracy["locate"] >= 75 and accuracy["describe"] >= 75  # documented: 99 and 100 on 100 items
-    n_blocks = json.loads((CHECKPOINT / "training.json").read_text())["shape"]["text_layers"]
+    n_blocks = json.loads((CHECKPOINT_DIR / "training.json").read_text())["shape"]["text_layers"]
     assert list(retention) == ["all", "attention", "mlp", *(f"block {i}" for i in range(n_blocks))]
-    assert all("mean" in r and set(r) <= {"mean", *scenes.TASKS} for r in retention.values())
+    assert all(set(r["tasks"]) | set(r["excluded"]) == set(scenes.TASKS) for r in retention.values())
+    assert retention["all"]["mean"] > 50  # documented: 96.9 on 100 items per task
     assert json.loads(capsys.readouterr().out) == {**accuracy, "retention": retention}
 
 
@@ -482,6 +482,51 @@ def test_trainer_failing_at_save_leaves_no_checkpoint(tmp_path: Path, monkeypatc
     finally:
         torch.set_num_threads(threads)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"]
+
+
+def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> None:
+    """Over an earlier checkpoint: new files replace old ones (folders too), other files stay, the
+    marker is gone while files move and after a failure, and nothing is staged behind."""
+    from atv_prune.errors import AtvPruneError
+    from atv_prune.export import write_files_into
+
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "weights").write_text("old")
+    (out / "training.json").write_text("old")
+    (out / "sub").mkdir()
+    (out / "sub" / "stale").write_text("old")
+    seen_marker = []
+
+    def fill(folder: Path) -> None:
+        (folder / "weights").write_text("new")
+        (folder / "training.json").write_text("new")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "fresh").write_text("new")
+
+    real_replace = os.replace
+
+    def watching_replace(src, dst):
+        seen_marker.append((Path(dst).name, (out / "training.json").exists()))
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", watching_replace)
+        write_files_into(out, fill, last="training.json")
+    assert [marker for name, marker in seen_marker if name != "training.json"] == [False, False]
+    assert seen_marker[-1] == ("training.json", False)
+    assert (out / "weights").read_text() == "new" and (out / "training.json").read_text() == "new"
+    assert sorted(p.name for p in (out / "sub").iterdir()) == ["fresh"]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "sub", "training.json", "weights"]
+
+    def clashing(folder: Path) -> None:
+        (folder / "data").write_text("a file where the data folder is")
+        (folder / "training.json").write_text("newer")
+
+    with pytest.raises(AtvPruneError, match="already holds data as a folder where a file goes"):
+        write_files_into(out, clashing, last="training.json")
+    assert (out / "training.json").read_text() == "new" and (out / "data").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["data", "sub", "training.json", "weights"]
 
 
 @pytest.mark.parametrize("argv, message", [

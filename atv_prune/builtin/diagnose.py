@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from ..families import resolve
+from ..eval.run import retention_of
 from ..methods import METHODS
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
 from .train import Encoder, evaluate, load_split
@@ -65,20 +66,23 @@ def magnitude_prune_part(model: nn.Module, part: Callable[[int, str], bool], spa
     return pruned
 
 
-def part_retention(model_dir: Path, encoder: Encoder, items: list[dict[str, Any]],
-                   sparsity: float) -> dict[str, dict[str, float]]:
-    """Retention (pruned / dense x 100 per task, mean over tasks with a dense score) for each decoder part."""
-    dense_model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    n_blocks = len(resolve(dense_model).blocks(dense_model))
-    dense = evaluate(dense_model, encoder, items)
+def part_retention(model: LlavaForConditionalGeneration, encoder: Encoder, items: list[dict[str, Any]],
+                   sparsity: float) -> dict[str, dict[str, Any]]:
+    """Retention (``retention_of``: per task and mean) with each decoder part pruned in turn; ``model``
+    is restored to its dense weights afterwards."""
+    dense_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = evaluate(model, encoder, items)
     dense.pop("mean")
-    results = {}
-    for name, part in decoder_parts(n_blocks).items():
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-        magnitude_prune_part(model, part, sparsity)
-        accuracy = evaluate(model, encoder, items)
-        per_task = {task: 100.0 * accuracy[task] / base for task, base in dense.items() if base > 0}
-        results[name] = {"mean": sum(per_task.values()) / len(per_task), **per_task}
+    results: dict[str, dict[str, Any]] = {}
+    for name, part in decoder_parts(len(resolve(model).blocks(model))).items():
+        try:
+            if magnitude_prune_part(model, part, sparsity) == 0:
+                raise ValueError(f"decoder part '{name}' holds no linear layer")
+            accuracy = evaluate(model, encoder, items)
+        finally:
+            model.load_state_dict(dense_weights)
+        accuracy.pop("mean")
+        results[name] = retention_of(accuracy, dense)
     return results
 
 
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=CHECKPOINT_DIR, help="trained built-in checkpoint")
     p.add_argument("--bench", type=Path, default=BENCHMARK_DIR, help="benchmark folder with test/")
-    p.add_argument("--items", type=int, default=100, help="items per primitive")
+    p.add_argument("--items", type=int, default=100,
+                   help="items per primitive, and test items per task for --prune-parts")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prune-parts", type=float, default=None, metavar="P",
                    help="also report test retention with one decoder part magnitude-pruned to sparsity P")
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accuracy.pop("mean")
     if args.prune_parts is not None:
         test = load_split(args.bench, "test", args.items)
-        accuracy["retention"] = part_retention(args.model, encoder, test, args.prune_parts)
+        accuracy["retention"] = part_retention(model, encoder, test, args.prune_parts)
     print(json.dumps(accuracy, indent=1))
     return accuracy
 

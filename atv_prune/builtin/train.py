@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curve: list[dict[str, Any]] = []
     model.train()
     start = time.time()
-    train_time, step, answer_loss_sum, align_loss_sum = 0.0, 0, 0.0, 0.0
+    train_time, step, answer_loss_sum, align_loss_sum, align_steps = 0.0, 0, 0.0, 0.0, 0
     while step < args.steps:
         if args.minutes is not None and train_time + 60 * vision_minutes > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             align_loss = alignment.loss([r["scene"] for r in records if r["scene"] is not None])
             loss = loss + args.align_weight * align_loss
             align_loss_sum += align_loss.item()
+            align_steps += 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -509,10 +510,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_time += time.time() - t0
         answer_loss_sum += answer_loss.item()
         if step % args.log_every == 0:
-            aligned = f" align loss {align_loss_sum / args.log_every:.4f}" if alignment is not None else ""
+            aligned = f" align loss {align_loss_sum / align_steps:.4f}" if align_steps else ""
             print(f"step {step} answer loss {answer_loss_sum / args.log_every:.4f}{aligned} "
                   f"{step * args.batch_size / train_time:.1f} conv/s {train_time / 60:.1f} min", flush=True)
-            answer_loss_sum, align_loss_sum = 0.0, 0.0
+            answer_loss_sum, align_loss_sum, align_steps = 0.0, 0.0, 0
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, encoder, probe)
             curve.append({"step": step, "minutes": train_time / 60, **acc})

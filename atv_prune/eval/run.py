@@ -239,21 +239,27 @@ def check_comparable(tasks: Iterable[str], limit: int | None, dense: EvalResult)
         raise AtvPruneError("the dense model scores 0 on every task: retention is undefined")
 
 
-def retention(pruned: EvalResult, dense: EvalResult) -> dict[str, Any]:
-    """Per-task retention (pruned / dense * 100) and its mean over tasks, as in the paper.
+def retention_of(scores: dict[str, float], dense: dict[str, float]) -> dict[str, Any]:
+    """Per-task retention (``scores`` / ``dense`` * 100) and its mean over tasks, as in the paper.
 
-    Both results must cover the same tasks with the same ``limit``. A task whose dense score is
-    0 has no defined retention: it is left out of the mean with a warning and listed under
-    ``excluded`` (all tasks at 0 raises).
+    A task whose dense score is 0 has no defined retention: it is left out of the mean with a
+    warning and listed under ``excluded``; all tasks at 0 raises.
     """
-    check_comparable(pruned.scores, pruned.limit, dense)
     per_task, excluded = {}, []
-    for name, base in dense.scores.items():
+    for name, base in dense.items():
         if base == 0:
             excluded.append(name)
         else:
-            per_task[name] = 100.0 * pruned.scores[name] / base
+            per_task[name] = 100.0 * scores[name] / base
+    if not per_task:
+        raise AtvPruneError("the dense model scores 0 on every task: retention is undefined")
     if excluded:
         warnings.warn(f"dense score is 0 on {', '.join(excluded)}: left out of the mean retention",
-                      stacklevel=2)
+                      stacklevel=3)
     return {"tasks": per_task, "mean": sum(per_task.values()) / len(per_task), "excluded": excluded}
+
+
+def retention(pruned: EvalResult, dense: EvalResult) -> dict[str, Any]:
+    """:func:`retention_of` two evaluations, which must cover the same tasks with the same ``limit``."""
+    check_comparable(pruned.scores, pruned.limit, dense)
+    return retention_of(pruned.scores, dense.scores)
