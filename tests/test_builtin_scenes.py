@@ -355,7 +355,10 @@ def test_diagnostic_items_are_deterministic_and_labelled_by_axis(bench: Path) ->
 
     items = diagnostic_items(bench, 6)
     assert items == diagnostic_items(bench, 6)
-    assert {t: sum(i["task"] == t for i in items) for t in scenes.GROUNDING_TASKS} == {t: 6 for t in scenes.GROUNDING_TASKS}
+    counts = {t: sum(i["task"] == t for i in items) for t in scenes.GROUNDING_TASKS}
+    assert counts == {"locate": 6, "describe": 6, "option": 6, "relate": counts["relate"]}
+    assert counts["relate"] == sum(len(r["scene"]["objects"]) >= 2
+                                   for r in scenes.read_jsonl(bench / "test" / "exist.jsonl")[:6])
     spatial = [i for i in items if i["task"].startswith("spatial-")]
     assert len(spatial) == 6
     for item in spatial:
@@ -430,12 +433,69 @@ def test_magnitude_prune_part_prunes_exactly_the_part(processor, part: str, prun
 
 # A seconds-long training run: the whole recipe (vision pretraining, standardised projector,
 # alignment loss, grounding tasks) on a one-block model.
+def test_relate_answers_the_spatial_question_from_the_stated_positions() -> None:
+    """The training-only compare step of spatial questions: both objects' cells stated in words,
+    then a spatial question about them whose answer follows from those cells alone."""
+    rng = random.Random(4)
+    tok = build_tokenizer()
+    cells = {scenes.position_name(r, c): (r, c) for r in range(scenes.GRID) for c in range(scenes.GRID)}
+    answers = []
+    for _ in range(400):
+        scene = scenes.sample_scene(rng)
+        item = scenes.make_item("relate", scene, rng)
+        if len(scene["objects"]) < 2:
+            assert item is None
+            continue
+        first, second, asked = re.fullmatch(r"(the \w+ \w+ is at the [\w ]+\.) (the \w+ \w+ is at the [\w ]+\.) (is .+\?)",
+                                            item["question"]).groups()
+        stated = {" ".join(m[:2]): cells[m[2]] for m in (re.fullmatch(r"the (\w+) (\w+) is at the ([\w ]+)\.", s).groups()
+                                                        for s in (first, second))}
+        a, relation, b = re.fullmatch(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?", asked).groups()
+        assert set(stated) == {a, b}
+        for name in stated:
+            (obj,) = _objects(scene, *name.split())
+            assert stated[name] == (obj["row"], obj["col"])
+        axis, sign = scenes.RELATIONS[relation]
+        assert stated[a][axis] != stated[b][axis]
+        assert item["answer"] == ("yes" if (stated[a][axis] - stated[b][axis]) * sign > 0 else "no")
+        assert tok.unk_token_id not in tok(item["question"], add_special_tokens=False)["input_ids"]
+        answers.append(item["answer"])
+    assert 0.3 <= answers.count("yes") / len(answers) <= 0.7
+
+
+def test_text_phase_trains_the_decoder_only(processor) -> None:
+    """``pretrain_text`` draws image-free questions of the asked families, changes decoder weights
+    and leaves the vision tower and the projector untouched; the same seed gives the same weights."""
+    from atv_prune.builtin.train import pretrain_text, text_items
+
+    items = text_items({"option": 1.0, "relate": 1.0}, 40, random.Random(0))
+    assert {i["task"] for i in items} == {"option", "relate"} and all(i["scene"] is None for i in items)
+    shape = ModelShape(patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+                       text_layers=1, text_heads=2, text_intermediate=64)
+    encoder = Encoder(processor, shape.patch_size)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(shape, processor)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        curve = pretrain_text(model, encoder, {"option": 1.0, "relate": 1.0}, steps=2, batch_size=4, lr=1e-3,
+                              warmup=1, weight_decay=0.01, seed=0, log_every=1)
+        after = model.state_dict()
+        changed = {k for k in after if not torch.equal(after[k], before[k])}
+        assert changed and all("language_model" in k or "lm_head" in k for k in changed)
+        assert any("vision_tower" in k for k in after) and any("multi_modal_projector" in k for k in after)
+        assert [c["step"] for c in curve] == [1, 2, 2] and {"option", "relate", "mean"} <= set(curve[-1])
+        states.append(after)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib", "2", "--steps", "3",
                  "--vision-steps", "2", "--vision-batch-size", "4", "--batch-size", "4", "--align-weight", "1",
                  "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
                  "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
                  "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
-                 "--task-weights", "locate=1,describe=1", "--log-every", "1"]
+                 "--task-weights", "locate=1,describe=1,relate=1", "--log-every", "1", "--text-steps", "2",
+                 "--text-tasks", "option=1,relate=1"]
 
 
 def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
@@ -460,7 +520,13 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert first["steps"] == 3 and set(first["test"]) == {*scenes.TASKS, "mean"}
     assert "--align-weight 1" in first["command"]
-    assert "alignment loss weight 1.0" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    from atv_prune.builtin.train import CHECKPOINT_FILES
+
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([*CHECKPOINT_FILES, "data"])
+    card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
+    assert "alignment loss weight 1.0" in card
+    assert "pretrained 2 steps on text-only questions (option=1, relate=1;" in card
+    assert set(first["text_curve"][-1]) >= {"option", "relate"}
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
     assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
@@ -535,6 +601,10 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--task-weights", "exist=-1"], "task weight must be >= 0"),
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
+    (["--text-steps", "-1"], "--text-steps must be >= 0"),
+    (["--text-tasks", "exist=1"], "'exist' in --text-tasks is not a text-only task"),
+    (["--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
+    (["--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
 ])
 def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     from atv_prune.builtin.train import main
@@ -544,6 +614,17 @@ def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_refuses_a_folder_in_the_way_of_a_checkpoint_file_before_training(tmp_path: Path, capsys) -> None:
+    from atv_prune.builtin.train import main
+
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), *TINY_TRAINING])
+    assert exit_info.value.code == 2
+    assert "holds config.json as a folder where the checkpoint writes a file" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]
 
 
 def test_task_weight_overrides_keep_their_order() -> None:

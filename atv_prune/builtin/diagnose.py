@@ -30,12 +30,14 @@ from .train import Encoder, evaluate, load_split
 
 
 def diagnostic_items(bench: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` items of each primitive on the scenes of the test split's ``exist`` items, plus the
-    first ``n`` ``spatial`` test items labelled by the axis they compare (``spatial-row``/``-col``)."""
+    """Items of each primitive on the scenes of the first ``n`` ``exist`` test items (``n`` each,
+    fewer for ``relate``, which needs two objects), plus the first ``n`` ``spatial`` test items
+    labelled by the axis they compare (``spatial-row``/``-col``)."""
     rng = random.Random(f"{seed}-diagnose")
     records = scenes.read_jsonl(bench / "test" / "exist.jsonl")[:n]
-    items = [{"task": task, "scene": r["scene"], **scenes.make_item(task, r["scene"], rng)}
-             for task in scenes.GROUNDING_TASKS for r in records]
+    asked = ((task, r["scene"], scenes.make_item(task, r["scene"], rng))
+             for task in scenes.GROUNDING_TASKS for r in records)
+    items = [{"task": task, "scene": scene, **item} for task, scene, item in asked if item is not None]
     for r in scenes.read_jsonl(bench / "test" / "spatial.jsonl")[:n]:
         vertical = " above " in r["question"] or " below " in r["question"]
         items.append({**r, "task": "spatial-row" if vertical else "spatial-col"})

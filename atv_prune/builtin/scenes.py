@@ -206,14 +206,19 @@ def _spatial(scene: Scene, rng: random.Random) -> Item | None:
     if len(objs) < 2:
         return None
     a, b = rng.sample(objs, 2)
+    question, holds = _relation_question(a, b, rng)
+    return {"question": question, "answer": _yes_no(holds), "chance": 0.5}
+
+
+def _relation_question(a: dict[str, Any], b: dict[str, Any], rng: random.Random) -> tuple[str, bool]:
+    """"is A <relation> B?" along an axis where A and B differ, and whether it holds."""
     axes = [ax for ax, key in ((0, "row"), (1, "col")) if a[key] != b[key]]
     axis = rng.choice(axes)
     key = "row" if axis == 0 else "col"
     relation = rng.choice([r for r, (ax, _) in RELATIONS.items() if ax == axis])
     sign = RELATIONS[relation][1]
     holds = (a[key] - b[key]) * sign > 0
-    question = f"is the {a['color']} {a['shape']} {relation} the {b['color']} {b['shape']}?"
-    return {"question": question, "answer": _yes_no(holds), "chance": 0.5}
+    return f"is the {a['color']} {a['shape']} {relation} the {b['color']} {b['shape']}?", holds
 
 
 def _reading(scene: Scene, rng: random.Random) -> Item | None:
@@ -330,16 +335,34 @@ def _option(scene: Scene, rng: random.Random) -> Item | None:
             "chance": 0.25}
 
 
+def _relate(scene: Scene, rng: random.Random) -> Item | None:
+    """Training-only spatial comparison from stated positions: two objects' cells given in words,
+    then ``spatial``'s question. The answer needs no image: it trains the compare step of
+    ``spatial`` apart from the lookup step that finds where each object is (``locate``)."""
+    objs = scene["objects"]
+    if len(objs) < 2:
+        return None
+    a, b = rng.sample(objs, 2)
+    stated = [f"the {o['color']} {o['shape']} is at the {position_name(o['row'], o['col'])}." for o in (a, b)]
+    if rng.random() < 0.5:
+        stated.reverse()
+    question, holds = _relation_question(a, b, rng)
+    return {"question": f"{' '.join(stated)} {question}", "answer": _yes_no(holds), "chance": 0.5}
+
+
 IMAGE_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
     "exist": _exist, "attribute": _attribute, "count": _count, "spatial": _spatial,
     "reading": _reading, "mcq": _mcq, "rule": _rule,
 }
 # Question families used only as training signal: dense, direct supervision of looking an object
 # up by its content and by its position, the two primitives the benchmark's questions compose,
-# and of picking a listed option by its value (the copy step of multiple choice).
+# of picking a listed option by its value (the copy step of multiple choice) and of comparing two
+# stated positions (the compare step of spatial questions).
 GROUNDING_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
-    "locate": _locate, "describe": _describe, "option": _option,
+    "locate": _locate, "describe": _describe, "option": _option, "relate": _relate,
 }
+# Families whose answer needs no image: the trainer's text-only phase (``--text-steps``) draws these.
+TEXT_TASKS = ("option", "relate", "textonly")
 
 
 def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None:
@@ -485,7 +508,7 @@ def train_record(scene: Scene | None, rng: random.Random, weights: dict[str, flo
     a caption turn, when drawn, is the only turn (as in the calibration pool).
     """
     if scene is None:
-        return [{"task": "textonly", **_qa(textonly_item(rng))} for _ in range(rng.randint(1, max_turns))]
+        return [{"task": "textonly", **qa(textonly_item(rng))} for _ in range(rng.randint(1, max_turns))]
     tasks = [t for t in weights if t not in ("textonly", "caption")]
     if rng.random() < weights.get("caption", 0) / sum(weights.values()):
         return [{"task": "caption", "question": CAPTION_PROMPT, "answer": caption(scene)}]
@@ -494,11 +517,12 @@ def train_record(scene: Scene | None, rng: random.Random, weights: dict[str, flo
         task = rng.choices(tasks, weights=[weights[t] for t in tasks])[0]
         item = make_item(task, scene, rng)
         if item is not None:
-            turns.append({"task": task, **_qa(item)})
+            turns.append({"task": task, **qa(item)})
     return turns
 
 
-def _qa(item: Item) -> dict[str, str]:
+def qa(item: Item) -> dict[str, str]:
+    """The question and answer of an item: one conversation turn."""
     return {"question": item["question"], "answer": item["answer"]}
 
 

@@ -212,6 +212,59 @@ def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scene
     return curve
 
 
+def text_items(tasks: dict[str, float], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` text-only questions drawn from ``tasks`` (weights), each about a fresh random scene
+    that is never shown: items with ``scene`` None, as ``Encoder.batch`` and ``evaluate`` take them."""
+    names = list(tasks)
+    items: list[dict[str, Any]] = []
+    while len(items) < n:
+        task = rng.choices(names, weights=[tasks[t] for t in names])[0]
+        item = scenes.make_item(task, scenes.sample_scene(rng), rng)
+        if item is not None:
+            items.append({"task": task, "scene": None, "turns": [scenes.qa(item)], **item})
+    return items
+
+
+def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks: dict[str, float], steps: int,
+                  batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
+                  log_every: int) -> list[dict[str, Any]]:
+    """Decoder-only pretraining on text-only questions (no image), before the image mix.
+
+    Steps a model learns only slowly inside the mix, where each is a small share of the questions
+    (picking the option that names a value, comparing two positions), are learned here from
+    dedicated batches at a constant rate after warmup. Returns the loss curve and, at the end,
+    the accuracy per task on 200 fresh items each.
+    """
+    decoder = [p for name, p in model.named_parameters()
+               if "vision_tower" not in name and "multi_modal_projector" not in name]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in decoder if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in decoder if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    rng = random.Random(f"{seed}-text")
+    curve: list[dict[str, Any]] = []
+    loss_sum = 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        loss = model(**encoder.batch(text_items(tasks, batch_size, rng))).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        optimizer.step()
+        loss_sum += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            done = (step + 1) % log_every or log_every
+            curve.append({"step": step + 1, "loss": loss_sum / done})
+            print(f"text step {step + 1} answer loss {loss_sum / done:.4f}", flush=True)
+            loss_sum = 0.0
+    if steps:
+        held_out = [it for task in tasks for it in text_items({task: 1.0}, 200, random.Random(f"{seed}-text-{task}"))]
+        accuracy = evaluate(model, encoder, held_out)
+        curve.append({"step": steps, **accuracy})
+        print(f"text phase accuracy: {_format(accuracy)}", flush=True)
+    return curve
+
+
 class VisualWordAlignment:
     """Auxiliary loss that makes each cell's visual tokens name the cell's contents in word-embedding space.
 
@@ -359,14 +412,14 @@ pruning methods can be compared without downloading anything.
 - Vision tower first pretrained {args.vision_steps} steps (batch {args.vision_batch_size}, lr {args.vision_lr}) to
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
-- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
+{_text_phase_line(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
   tokens scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
 - Data: `generate_benchmark({data_call})`, training mix {data['weights']}
-  (`locate`, `describe` and `option` are training-only questions); splits disjoint by scene.
+  ({', '.join(f'`{t}`' for t in scenes.GROUNDING_TASKS)} are training-only questions); splits disjoint by scene.
 
 ## Dense accuracy (%; greedy, exact match after normalisation)
 
@@ -375,6 +428,24 @@ pruning methods can be compared without downloading anything.
 {rows}
 """
     (out / "MODEL_CARD.md").write_text(card)
+
+
+def _text_phase_line(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """The card's line on the text-only phase (empty without one)."""
+    if not args.text_steps:
+        return ""
+    mix = ", ".join(f"{t}={w:g}" for t, w in args.text_weights.items())
+    final = results["text_curve"][-1]
+    reached = ", ".join(f"{t} {final[t]:.1f}%" for t in args.text_weights)
+    return (f"- Decoder then pretrained {args.text_steps} steps on text-only questions ({mix}; batch {args.batch_size},\n"
+            f"  lr {args.lr} after {args.warmup} warmup steps, constant; {results['text_minutes']:.1f} minutes),\n"
+            f"  reaching {reached} on 200 fresh items each.\n")
+
+
+# What the trainer writes into --out beside the data folder (the end-to-end test checks the list).
+CHECKPOINT_FILES = ("MODEL_CARD.md", "chat_template.jinja", "config.json", "generation_config.json",
+                    "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "training.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -405,6 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
     p.add_argument("--align-positions", action="store_true",
                    help="the alignment loss also makes each cell name its row and column words")
+    p.add_argument("--text-steps", type=int, default=0,
+                   help="steps of text-only pretraining of the decoder before the image mix (see pretrain_text)")
+    p.add_argument("--text-tasks", default="option=1",
+                   help=f"the text-only phase's mix, task=weight pairs of {', '.join(scenes.TEXT_TASKS)}")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -419,6 +494,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
     if args.align_positions and not args.align_weight:
         p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
+    in_the_way = [name for name in CHECKPOINT_FILES if (args.out / name).is_dir()]
+    if in_the_way:
+        p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
+                "remove it or choose another output folder")
+    if args.text_steps < 0:
+        p.error(f"--text-steps must be >= 0, got {args.text_steps}")
+    try:
+        args.text_weights = text_task_weights(args.text_tasks)
+    except ValueError as error:
+        p.error(str(error))
     return args
 
 
@@ -437,6 +522,24 @@ def task_weights(overrides: str) -> dict[str, float]:
             raise ValueError(f"--task-weights needs task=number pairs, got '{pair}'") from None
         if weights[task] < 0:
             raise ValueError(f"task weight must be >= 0, got '{pair}'")
+    return weights
+
+
+def text_task_weights(spec: str) -> dict[str, float]:
+    """The text-only phase's mix from ``task=weight`` pairs (tasks of ``scenes.TEXT_TASKS``)."""
+    weights: dict[str, float] = {}
+    for pair in filter(None, spec.split(",")):
+        task, _, value = pair.partition("=")
+        if task not in scenes.TEXT_TASKS:
+            raise ValueError(f"'{task}' in --text-tasks is not a text-only task: use {', '.join(scenes.TEXT_TASKS)}")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise ValueError(f"--text-tasks needs task=number pairs, got '{pair}'") from None
+        if weights[task] < 0:
+            raise ValueError(f"task weight must be >= 0, got '{pair}'")
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--text-tasks needs at least one task with a positive weight, got '{spec}'")
     return weights
 
 
@@ -471,9 +574,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vision_curve = pretrain_vision(model, [r["scene"] for r in train if r["scene"] is not None],
                                    args.vision_steps, args.vision_batch_size, args.vision_lr,
                                    random.Random(f"{args.seed}-vision"), args.log_every)
+    vision_minutes = (time.time() - vision_start) / 60
+    text_start = time.time()
+    text_curve = pretrain_text(model, encoder, args.text_weights, args.text_steps, args.batch_size, args.lr,
+                               args.warmup, args.weight_decay, args.seed, args.log_every)
+    text_minutes = (time.time() - text_start) / 60
     if args.standardize_projector:
         standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
-    vision_minutes = (time.time() - vision_start) / 60
     alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions)
                  if args.align_weight > 0 else None)
     order: list[int] = []
@@ -482,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
     train_time, step, answer_loss_sum, align_loss_sum, align_steps = 0.0, 0, 0.0, 0.0, 0
     while step < args.steps:
-        if args.minutes is not None and train_time + 60 * vision_minutes > 60 * args.minutes:
+        if args.minutes is not None and train_time + 60 * (vision_minutes + text_minutes) > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
             break
         t0 = time.time()
@@ -530,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test_subset": evaluate(model, encoder, load_split(data, "test", SUBSET_PER_TASK)),
         "curve": curve, "wall_minutes": (time.time() - start) / 60, "shape": asdict(shape), "seed": args.seed,
         "data": json.loads((data / "manifest.json").read_text()), "vision_curve": vision_curve, "vision_minutes": vision_minutes,
+        "text_curve": text_curve, "text_minutes": text_minutes,
     }
     print(f"final val: {_format(results['val'])}\nfinal test: {_format(results['test'])}", flush=True)
 
