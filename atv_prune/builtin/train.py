@@ -228,15 +228,18 @@ def text_items(tasks: dict[str, float], n: int, rng: random.Random) -> list[dict
 def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks: dict[str, float], steps: int,
                   batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
                   log_every: int) -> list[dict[str, Any]]:
-    """Decoder-only pretraining on text-only questions (no image), before the image mix.
+    """Pretraining of the decoder blocks on text-only questions (no image), before the image mix.
 
     Steps a model learns only slowly inside the mix, where each is a small share of the questions
     (picking the option that names a value, comparing two positions), are learned here from
-    dedicated batches at a constant rate after warmup. Returns the loss curve and, at the end,
+    dedicated batches at a constant rate after warmup. The word embeddings and the LM head stay as
+    initialised: trained here too, on so narrow a mix, they slowed every task of the image mix
+    (pilot P14 in docs/builtin.md). Returns the loss curve and, at the end,
     the accuracy per task on 200 fresh items each.
     """
     decoder = [p for name, p in model.named_parameters()
-               if "vision_tower" not in name and "multi_modal_projector" not in name]
+               if "vision_tower" not in name and "multi_modal_projector" not in name
+               and "embed_tokens" not in name and "lm_head" not in name]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in decoder if p.dim() >= 2], "weight_decay": weight_decay},
          {"params": [p for p in decoder if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
