@@ -604,7 +604,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
-    (["--text-tasks", "exist=1"], "'exist' in --text-tasks is not a text-only task"),
+    (["--text-tasks", "exist=1"], "unknown task 'exist' in --text-tasks: use one of option, relate, textonly"),
     (["--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
     (["--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
 ])

@@ -510,37 +510,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def task_weights(overrides: str) -> dict[str, float]:
-    """The training mix: the defaults with ``task=weight`` overrides applied in the order given
-    (the order of the keys fixes the generated question stream)."""
-    known = [*scenes.TASKS, "caption", *scenes.GROUNDING_TASKS]
-    weights = dict(scenes.DEFAULT_TASK_WEIGHTS)
-    for pair in filter(None, overrides.split(",")):
+def _weights_into(weights: dict[str, float], spec: str, known: list[str], flag: str) -> dict[str, float]:
+    """``weights`` with the ``task=weight`` pairs of ``spec`` (the value of ``flag``) applied in order."""
+    for pair in filter(None, spec.split(",")):
         task, _, value = pair.partition("=")
         if task not in known:
-            raise ValueError(f"unknown task '{task}' in --task-weights: use one of {', '.join(known)}")
+            raise ValueError(f"unknown task '{task}' in {flag}: use one of {', '.join(known)}")
         try:
             weights[task] = float(value)
         except ValueError:
-            raise ValueError(f"--task-weights needs task=number pairs, got '{pair}'") from None
+            raise ValueError(f"{flag} needs task=number pairs, got '{pair}'") from None
         if weights[task] < 0:
             raise ValueError(f"task weight must be >= 0, got '{pair}'")
     return weights
 
 
+def task_weights(overrides: str) -> dict[str, float]:
+    """The training mix: the defaults with ``task=weight`` overrides applied in the order given
+    (the order of the keys fixes the generated question stream)."""
+    known = [*scenes.TASKS, "caption", *scenes.GROUNDING_TASKS]
+    return _weights_into(dict(scenes.DEFAULT_TASK_WEIGHTS), overrides, known, "--task-weights")
+
+
 def text_task_weights(spec: str) -> dict[str, float]:
     """The text-only phase's mix from ``task=weight`` pairs (tasks of ``scenes.TEXT_TASKS``)."""
-    weights: dict[str, float] = {}
-    for pair in filter(None, spec.split(",")):
-        task, _, value = pair.partition("=")
-        if task not in scenes.TEXT_TASKS:
-            raise ValueError(f"'{task}' in --text-tasks is not a text-only task: use {', '.join(scenes.TEXT_TASKS)}")
-        try:
-            weights[task] = float(value)
-        except ValueError:
-            raise ValueError(f"--text-tasks needs task=number pairs, got '{pair}'") from None
-        if weights[task] < 0:
-            raise ValueError(f"task weight must be >= 0, got '{pair}'")
+    weights = _weights_into({}, spec, list(scenes.TEXT_TASKS), "--text-tasks")
     if not sum(weights.values()) > 0:
         raise ValueError(f"--text-tasks needs at least one task with a positive weight, got '{spec}'")
     return weights
