@@ -497,7 +497,7 @@ TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib"
                  "--text-heads", "2", "--text-layers", "1", "--vision-hidden", "32", "--vision-heads", "2",
                  "--vision-layers", "1", "--eval-every", "3", "--eval-items", "2", "--patch-size", "16",
                  "--task-weights", "locate=1,describe=1,relate=1", "--log-every", "1", "--text-steps", "2",
-                 "--text-tasks", "option=1,relate=1"]
+                 "--text-tasks", "option=1,relate=1", "--text-per-batch", "2"]
 
 
 def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
@@ -528,11 +528,33 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "alignment loss weight 1.0" in card
     assert "pretrained 2 steps on text-only questions (option=1, relate=1;" in card
+    assert "Every batch of the image mix also holds 2 text-only questions (option=1, relate=1)." in card
     assert set(first["text_curve"][-1]) >= {"option", "relate"}
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
     assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")
+
+
+def test_trainer_adds_the_text_questions_to_every_mix_batch(tmp_path: Path, monkeypatch) -> None:
+    """``--text-per-batch K``: each of the mix's batches holds ``--batch-size`` conversations of the
+    training file plus K fresh text-only questions of ``--text-tasks``."""
+    from atv_prune.builtin import train
+
+    batches: list[list[dict]] = []
+    original = train.Encoder.batch
+    monkeypatch.setattr(train.Encoder, "batch", lambda self, records: batches.append(records) or original(self, records))
+    argv = list(TINY_TRAINING)
+    argv[argv.index("--text-steps") + 1] = "0"
+    threads = torch.get_num_threads()
+    try:
+        train.main(["--out", str(tmp_path / "run"), *argv])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(batches) == 3
+    for records in batches:
+        assert len(records) == 6 and all("id" in r for r in records[:4])
+        assert all(r["scene"] is None and r["task"] in ("option", "relate") for r in records[4:])
 
 
 def test_trainer_failing_at_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -604,6 +626,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
+    (["--text-per-batch", "-2"], "--text-per-batch must be >= 0"),
     (["--text-tasks", "exist=1"], "unknown task 'exist' in --text-tasks: use one of option, relate, textonly"),
     (["--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
     (["--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),

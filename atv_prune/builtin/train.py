@@ -415,7 +415,7 @@ pruning methods can be compared without downloading anything.
 - Vision tower first pretrained {args.vision_steps} steps (batch {args.vision_batch_size}, lr {args.vision_lr}) to
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
-{_text_phase_line(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
+{_text_lines(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
   tokens scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
@@ -433,16 +433,19 @@ pruning methods can be compared without downloading anything.
     (out / "MODEL_CARD.md").write_text(card)
 
 
-def _text_phase_line(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    """The card's line on the text-only phase (empty without one)."""
-    if not args.text_steps:
-        return ""
+def _text_lines(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """The card's lines on text-only questions: the phase before the mix and those added to its batches."""
     mix = ", ".join(f"{t}={w:g}" for t, w in args.text_weights.items())
-    final = results["text_curve"][-1]
-    reached = ", ".join(f"{t} {final[t]:.1f}%" for t in args.text_weights)
-    return (f"- Decoder then pretrained {args.text_steps} steps on text-only questions ({mix}; batch {args.batch_size},\n"
-            f"  lr {args.lr} after {args.warmup} warmup steps, constant; {results['text_minutes']:.1f} minutes),\n"
-            f"  reaching {reached} on 200 fresh items each.\n")
+    lines = ""
+    if args.text_steps:
+        final = results["text_curve"][-1]
+        reached = ", ".join(f"{t} {final[t]:.1f}%" for t in args.text_weights)
+        lines += (f"- Decoder blocks then pretrained {args.text_steps} steps on text-only questions ({mix}; batch "
+                  f"{args.batch_size},\n  lr {args.lr} after {args.warmup} warmup steps, constant; "
+                  f"{results['text_minutes']:.1f} minutes), reaching {reached} on 200 fresh items each.\n")
+    if args.text_per_batch:
+        lines += f"- Every batch of the image mix also holds {args.text_per_batch} text-only questions ({mix}).\n"
+    return lines
 
 
 # What the trainer writes into --out beside the data folder (the end-to-end test checks the list).
@@ -483,6 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps of text-only pretraining of the decoder before the image mix (see pretrain_text)")
     p.add_argument("--text-tasks", default="option=1",
                    help=f"the text-only phase's mix, task=weight pairs of {', '.join(scenes.TEXT_TASKS)}")
+    p.add_argument("--text-per-batch", type=int, default=0,
+                   help="text-only questions of --text-tasks added to every batch of the image mix")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -501,8 +506,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if in_the_way:
         p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
                 "remove it or choose another output folder")
-    if args.text_steps < 0:
-        p.error(f"--text-steps must be >= 0, got {args.text_steps}")
+    for flag in ("text_steps", "text_per_batch"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     try:
         args.text_weights = text_task_weights(args.text_tasks)
     except ValueError as error:
@@ -567,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "lr_scale": args.vision_lr_scale if vision else 1.0} for (vision, decays), params in groups.items()],
         lr=args.lr, betas=(0.9, 0.98))
     order_rng = random.Random(args.seed)
+    text_rng = random.Random(f"{args.seed}-text-mix")
     vision_start = time.time()
     vision_curve = pretrain_vision(model, [r["scene"] for r in train if r["scene"] is not None],
                                    args.vision_steps, args.vision_batch_size, args.vision_lr,
@@ -595,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             order_rng.shuffle(fresh)
             order += fresh
         records = [train[i] for i in order[: args.batch_size]]
+        records += text_items(args.text_weights, args.text_per_batch, text_rng)
         batch = encoder.batch(records)
         del order[: args.batch_size]
         for group in optimizer.param_groups:
