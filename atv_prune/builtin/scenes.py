@@ -361,7 +361,8 @@ IMAGE_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
 GROUNDING_TASKS: dict[str, Callable[[Scene, random.Random], Item | None]] = {
     "locate": _locate, "describe": _describe, "option": _option, "relate": _relate,
 }
-# Families whose answer needs no image: the trainer's text-only phase (``--text-steps``) draws these.
+# Families whose answer needs no image: the trainer's text-only questions (``--text-steps``,
+# ``--text-per-batch``) are drawn from these.
 TEXT_TASKS = ("option", "relate", "textonly")
 
 

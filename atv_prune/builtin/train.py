@@ -485,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-steps", type=int, default=0,
                    help="steps of text-only pretraining of the decoder before the image mix (see pretrain_text)")
     p.add_argument("--text-tasks", default="option=1",
-                   help=f"the text-only phase's mix, task=weight pairs of {', '.join(scenes.TEXT_TASKS)}")
+                   help=f"mix of the text-only questions (--text-steps, --text-per-batch): task=weight pairs of "
+                        f"{', '.join(scenes.TEXT_TASKS)}")
     p.add_argument("--text-per-batch", type=int, default=0,
                    help="text-only questions of --text-tasks added to every batch of the image mix")
     p.add_argument("--eval-every", type=int, default=500)
@@ -539,7 +540,7 @@ def task_weights(overrides: str) -> dict[str, float]:
 
 
 def text_task_weights(spec: str) -> dict[str, float]:
-    """The text-only phase's mix from ``task=weight`` pairs (tasks of ``scenes.TEXT_TASKS``)."""
+    """The mix of text-only questions from ``task=weight`` pairs (tasks of ``scenes.TEXT_TASKS``)."""
     weights = _weights_into({}, spec, list(scenes.TEXT_TASKS), "--text-tasks")
     if not sum(weights.values()) > 0:
         raise ValueError(f"--text-tasks needs at least one task with a positive weight, got '{spec}'")
