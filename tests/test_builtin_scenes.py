@@ -56,6 +56,19 @@ def test_generator_is_deterministic(bench: Path, tmp_path: Path) -> None:
     assert other["test/count.jsonl"] != _digest(bench)["test/count.jsonl"]
 
 
+def test_generator_reproduces_the_shipped_test_split(tmp_path: Path) -> None:
+    """The shipped benchmark's test items are what the generator writes for its manifest's seed:
+    a change of any family's random draws (which would silently change the benchmark) fails here."""
+    from atv_prune.builtin import BENCHMARK_DIR
+
+    manifest = json.loads((BENCHMARK_DIR / "manifest.json").read_text())
+    scenes.generate_benchmark(tmp_path, seed=manifest["seed"], n_train=0, n_val=0, n_test=manifest["n_test"],
+                              n_calib=0)
+    for task in scenes.TASKS:
+        shipped = (BENCHMARK_DIR / "test" / f"{task}.jsonl").read_text()
+        assert (tmp_path / "test" / f"{task}.jsonl").read_text() == shipped, task
+
+
 def test_test_items_do_not_depend_on_other_split_sizes(bench: Path, tmp_path: Path) -> None:
     scenes.generate_benchmark(tmp_path, seed=3, n_train=5, n_val=2, n_test=4, n_calib=1)
     for task in scenes.TASKS:
@@ -431,15 +444,13 @@ def test_magnitude_prune_part_prunes_exactly_the_part(processor, part: str, prun
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters() if id(v) not in decoder)
 
 
-# A seconds-long training run: the whole recipe (vision pretraining, standardised projector,
-# alignment loss, grounding tasks) on a one-block model.
 def test_relate_answers_the_spatial_question_from_the_stated_positions() -> None:
     """The training-only compare step of spatial questions: both objects' cells stated in words,
     then a spatial question about them whose answer follows from those cells alone."""
     rng = random.Random(4)
     tok = build_tokenizer()
     cells = {scenes.position_name(r, c): (r, c) for r in range(scenes.GRID) for c in range(scenes.GRID)}
-    answers = []
+    answers, orders = [], set()
     for _ in range(400):
         scene = scenes.sample_scene(rng)
         item = scenes.make_item("relate", scene, rng)
@@ -452,6 +463,7 @@ def test_relate_answers_the_spatial_question_from_the_stated_positions() -> None
                                                         for s in (first, second))}
         a, relation, b = re.fullmatch(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?", asked).groups()
         assert set(stated) == {a, b}
+        orders.add(next(iter(stated)) == a)
         for name in stated:
             (obj,) = _objects(scene, *name.split())
             assert stated[name] == (obj["row"], obj["col"])
@@ -461,6 +473,7 @@ def test_relate_answers_the_spatial_question_from_the_stated_positions() -> None
         assert tok.unk_token_id not in tok(item["question"], add_special_tokens=False)["input_ids"]
         answers.append(item["answer"])
     assert 0.3 <= answers.count("yes") / len(answers) <= 0.7
+    assert orders == {True, False}  # the asked-about object is stated first or second
 
 
 def test_text_phase_trains_the_decoder_only(processor) -> None:
@@ -487,10 +500,13 @@ def test_text_phase_trains_the_decoder_only(processor) -> None:
                                for k in changed)
         assert any("vision_tower" in k for k in after) and any("multi_modal_projector" in k for k in after)
         assert [c["step"] for c in curve] == [1, 2, 2] and {"option", "relate", "mean"} <= set(curve[-1])
+        assert all(p.requires_grad for p in model.parameters())  # the frozen parts train again in the mix
         states.append(after)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+# A seconds-long training run: the whole recipe (vision pretraining, standardised projector,
+# alignment loss, grounding tasks, text-only questions) on a one-block model.
 TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib", "2", "--steps", "3",
                  "--vision-steps", "2", "--vision-batch-size", "4", "--batch-size", "4", "--align-weight", "1",
                  "--standardize-projector", "--threads", "1", "--text-hidden", "32", "--text-intermediate", "64",
@@ -627,9 +643,12 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--align-positions"], "--align-positions extends the alignment loss"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
     (["--text-per-batch", "-2"], "--text-per-batch must be >= 0"),
-    (["--text-tasks", "exist=1"], "unknown task 'exist' in --text-tasks: use one of option, relate, textonly"),
-    (["--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
-    (["--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
+    (["--text-steps", "1", "--text-tasks", "exist=1"],
+     "unknown task 'exist' in --text-tasks: use one of option, relate, textonly"),
+    (["--text-per-batch", "1", "--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
+    (["--text-steps", "1", "--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
+    (["--text-steps", "1", "--text-tasks", "option=-1"], "--text-tasks: a task weight must be >= 0"),
+    (["--text-tasks", "option=1"], "--text-tasks mixes the text-only questions: give it with --text-steps or"),
 ])
 def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     from atv_prune.builtin.train import main

@@ -233,13 +233,16 @@ def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks:
     Steps a model learns only slowly inside the mix, where each is a small share of the questions
     (picking the option that names a value, comparing two positions), are learned here from
     dedicated batches at a constant rate after warmup. The word embeddings and the LM head stay as
-    initialised: trained here too, on so narrow a mix, they slowed every task of the image mix
-    (pilot P14 in docs/builtin.md). Returns the loss curve and, at the end,
-    the accuracy per task on 200 fresh items each.
+    initialised (trained here too, they did not change the slower image mix that follows: pilots
+    P14, P16 in docs/builtin.md). Returns the loss curve and, at the end, the accuracy per task on
+    200 newly drawn items each (not unseen: ``option`` has about 2000 distinct questions).
     """
-    decoder = [p for name, p in model.named_parameters()
-               if "vision_tower" not in name and "multi_modal_projector" not in name
-               and "embed_tokens" not in name and "lm_head" not in name]
+    blocks = {name: p for name, p in model.named_parameters()
+              if name.startswith(("model.language_model.layers.", "model.language_model.norm."))}
+    frozen = [p for name, p in model.named_parameters() if name not in blocks and p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    decoder = list(blocks.values())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in decoder if p.dim() >= 2], "weight_decay": weight_decay},
          {"params": [p for p in decoder if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
@@ -260,9 +263,11 @@ def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks:
             curve.append({"step": step + 1, "loss": loss_sum / done})
             print(f"text step {step + 1} answer loss {loss_sum / done:.4f}", flush=True)
             loss_sum = 0.0
+    for param in frozen:
+        param.requires_grad_(True)
     if steps:
-        held_out = [it for task in tasks for it in text_items({task: 1.0}, 200, random.Random(f"{seed}-text-{task}"))]
-        accuracy = evaluate(model, encoder, held_out)
+        probe = [it for task in tasks for it in text_items({task: 1.0}, 200, random.Random(f"{seed}-text-{task}"))]
+        accuracy = evaluate(model, encoder, probe)
         curve.append({"step": steps, **accuracy})
         print(f"text phase accuracy: {_format(accuracy)}", flush=True)
     return curve
@@ -418,7 +423,7 @@ pruning methods can be compared without downloading anything.
 {_text_lines(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
   tokens scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
-- Seed {args.seed}; {results['steps']} steps of batch {args.batch_size} ({results['samples']:,} conversations,
+- Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
 - Data: `generate_benchmark({data_call})`, training mix {data['weights']}
@@ -484,9 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the alignment loss also makes each cell name its row and column words")
     p.add_argument("--text-steps", type=int, default=0,
                    help="steps of text-only pretraining of the decoder before the image mix (see pretrain_text)")
-    p.add_argument("--text-tasks", default="option=1",
+    p.add_argument("--text-tasks", default=None,
                    help=f"mix of the text-only questions (--text-steps, --text-per-batch): task=weight pairs of "
-                        f"{', '.join(scenes.TEXT_TASKS)}")
+                        f"{', '.join(scenes.TEXT_TASKS)} (default option=1)")
     p.add_argument("--text-per-batch", type=int, default=0,
                    help="text-only questions of --text-tasks added to every batch of the image mix")
     p.add_argument("--eval-every", type=int, default=500)
@@ -510,8 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("text_steps", "text_per_batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.text_tasks is not None and not (args.text_steps or args.text_per_batch):
+        p.error("--text-tasks mixes the text-only questions: give it with --text-steps or --text-per-batch > 0")
     try:
-        args.text_weights = text_task_weights(args.text_tasks)
+        args.text_weights = text_task_weights(args.text_tasks or "option=1")
     except ValueError as error:
         p.error(str(error))
     return args
@@ -528,7 +535,7 @@ def _weights_into(weights: dict[str, float], spec: str, known: list[str], flag: 
         except ValueError:
             raise ValueError(f"{flag} needs task=number pairs, got '{pair}'") from None
         if weights[task] < 0:
-            raise ValueError(f"task weight must be >= 0, got '{pair}'")
+            raise ValueError(f"{flag}: a task weight must be >= 0, got '{pair}'")
     return weights
 
 
@@ -579,13 +586,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vision_curve = pretrain_vision(model, [r["scene"] for r in train if r["scene"] is not None],
                                    args.vision_steps, args.vision_batch_size, args.vision_lr,
                                    random.Random(f"{args.seed}-vision"), args.log_every)
+    if args.standardize_projector:
+        standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
     vision_minutes = (time.time() - vision_start) / 60
     text_start = time.time()
     text_curve = pretrain_text(model, encoder, args.text_weights, args.text_steps, args.batch_size, args.lr,
                                args.warmup, args.weight_decay, args.seed, args.log_every)
     text_minutes = (time.time() - text_start) / 60
-    if args.standardize_projector:
-        standardize_projector(model, [r["scene"] for r in train if r["scene"] is not None])
     alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions)
                  if args.align_weight > 0 else None)
     order: list[int] = []
@@ -593,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.train()
     start = time.time()
     train_time, step, answer_loss_sum, align_loss_sum, align_steps = 0.0, 0, 0.0, 0.0, 0
+    per_step = args.batch_size + args.text_per_batch  # conversations per step, text-only questions included
     while step < args.steps:
         if args.minutes is not None and train_time + 60 * (vision_minutes + text_minutes) > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
@@ -625,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if step % args.log_every == 0:
             aligned = f" align loss {align_loss_sum / align_steps:.4f}" if align_steps else ""
             print(f"step {step} answer loss {answer_loss_sum / args.log_every:.4f}{aligned} "
-                  f"{step * args.batch_size / train_time:.1f} conv/s {train_time / 60:.1f} min", flush=True)
+                  f"{step * per_step / train_time:.1f} conv/s {train_time / 60:.1f} min", flush=True)
             answer_loss_sum, align_loss_sum, align_steps = 0.0, 0.0, 0
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, encoder, probe)
@@ -635,8 +643,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_items, test_items = load_split(data, "val"), load_split(data, "test")
     results: dict[str, Any] = {
         "command": "python -m atv_prune.builtin.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "steps": step, "samples": step * args.batch_size, "minutes": train_time / 60,
-        "samples_per_s": step * args.batch_size / max(train_time, 1e-9), "n_params": n_params,
+        "steps": step, "samples": step * per_step, "minutes": train_time / 60,
+        "samples_per_s": step * per_step / max(train_time, 1e-9), "n_params": n_params,
         "vocab_size": len(processor.tokenizer), "chance": chance_levels(test_items),
         "val": evaluate(model, encoder, val_items), "test": evaluate(model, encoder, test_items),
         "subset_per_task": SUBSET_PER_TASK,
