@@ -646,6 +646,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--text-steps", "1", "--text-tasks", "exist=1"],
      "unknown task 'exist' in --text-tasks: use one of option, relate, textonly"),
     (["--text-per-batch", "1", "--text-tasks", "option=0"], "--text-tasks needs at least one task with a positive weight"),
+    (["--text-steps", "1", "--text-tasks", ""], "--text-tasks needs at least one task with a positive weight"),
     (["--text-steps", "1", "--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
     (["--text-steps", "1", "--text-tasks", "option=-1"], "--text-tasks: a task weight must be >= 0"),
     (["--text-tasks", "option=1"], "--text-tasks mixes the text-only questions: give it with --text-steps or"),

@@ -232,9 +232,10 @@ def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks:
 
     Steps a model learns only slowly inside the mix, where each is a small share of the questions
     (picking the option that names a value, comparing two positions), are learned here from
-    dedicated batches at a constant rate after warmup. The word embeddings and the LM head stay as
-    initialised (trained here too, they did not change the slower image mix that follows: pilots
-    P14, P16 in docs/builtin.md). Returns the loss curve and, at the end, the accuracy per task on
+    dedicated batches at a constant rate after warmup; the word embeddings and the LM head stay as
+    initialised. Measured (pilots P14, P16 in docs/builtin.md): the phase teaches ``option``, but
+    the image mix afterwards learns thousands of steps later, with or without the embeddings and
+    the LM head training here too. Returns the loss curve and, at the end, the accuracy per task on
     200 newly drawn items each (not unseen: ``option`` has about 2000 distinct questions).
     """
     blocks = {name: p for name, p in model.named_parameters()
@@ -518,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.text_tasks is not None and not (args.text_steps or args.text_per_batch):
         p.error("--text-tasks mixes the text-only questions: give it with --text-steps or --text-per-batch > 0")
     try:
-        args.text_weights = text_task_weights(args.text_tasks or "option=1")
+        args.text_weights = text_task_weights("option=1" if args.text_tasks is None else args.text_tasks)
     except ValueError as error:
         p.error(str(error))
     return args
