@@ -238,12 +238,13 @@ def pretrain_text(model: LlavaForConditionalGeneration, encoder: Encoder, tasks:
     the LM head training here too. Returns the loss curve and, at the end, the accuracy per task on
     200 newly drawn items each (not unseen: ``option`` has about 2000 distinct questions).
     """
-    blocks = {name: p for name, p in model.named_parameters()
-              if name.startswith(("model.language_model.layers.", "model.language_model.norm."))}
-    frozen = [p for name, p in model.named_parameters() if name not in blocks and p.requires_grad]
+    language_model = model.get_decoder()
+    embedding = language_model.get_input_embeddings().weight
+    decoder = [p for p in language_model.parameters() if p is not embedding]  # blocks and final norm
+    trained = {id(p) for p in decoder}
+    frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
     for param in frozen:
         param.requires_grad_(False)
-    decoder = list(blocks.values())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in decoder if p.dim() >= 2], "weight_decay": weight_decay},
          {"params": [p for p in decoder if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
