@@ -63,7 +63,7 @@ def test_generator_reproduces_the_shipped_test_split(tmp_path: Path) -> None:
 
     manifest = json.loads((BENCHMARK_DIR / "manifest.json").read_text())
     scenes.generate_benchmark(tmp_path, seed=manifest["seed"], n_train=0, n_val=0, n_test=manifest["n_test"],
-                              n_calib=0)
+                              n_calib=0, image_layout=manifest["image_layout"])
     for task in scenes.TASKS:
         shipped = (BENCHMARK_DIR / "test" / f"{task}.jsonl").read_text()
         assert (tmp_path / "test" / f"{task}.jsonl").read_text() == shipped, task
@@ -261,17 +261,41 @@ def _bridge_user_content(item: dict, bench: Path) -> list[dict]:
             for c in user_content(doc_to_text(doc), [Image.open(bench / item["image"])])]
 
 
-@pytest.mark.parametrize("kind", ["question", "caption"])
-def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp_path: Path, kind: str) -> None:
-    """The trainer's token ids equal the processor's for what evaluation (questions: image after the
-    text) and calibration (captions: image first) feed the model."""
+@pytest.mark.parametrize("layout", scenes.IMAGE_POSITIONS)
+def test_benchmark_records_follow_the_image_layout(tmp_path: Path, layout: str) -> None:
+    """Every image question's record puts the image where the layout says, the manifest names the
+    layout, the captions keep the image first, and the items themselves do not change."""
+    scenes.generate_benchmark(tmp_path / layout, seed=3, **SIZES, image_layout=layout)
+    assert json.loads((tmp_path / layout / "manifest.json").read_text())["image_layout"] == layout
+    items = [i for i in _items(tmp_path / layout, "test") if i["image"]]
+    assert items and {i["image_position"] for i in items} == {layout}
+    assert scenes.image_position(scenes.CAPTION_PROMPT, layout) == "before"
+    other = "after" if layout == "before" else "before"
+    scenes.generate_benchmark(tmp_path / other, seed=3, **SIZES, image_layout=other)
+    strip = [{k: v for k, v in i.items() if k != "image_position"} for i in _items(tmp_path / other, "test")]
+    assert strip == [{k: v for k, v in i.items() if k != "image_position"} for i in _items(tmp_path / layout, "test")]
+
+
+def test_unknown_image_layout_is_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image layout must be one of before, after, got 'middle'"):
+        scenes.generate_benchmark(tmp_path / "b", seed=3, **SIZES, image_layout="middle")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("kind", ["before", "after", "caption"])
+def test_processor_matches_model_and_trainer_encoder(processor, tmp_path: Path, kind: str) -> None:
+    """The trainer's token ids equal the processor's for what evaluation (questions, the image where
+    the benchmark's layout puts it) and calibration (captions: image first) feed the model."""
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor).eval()
+    layout = "before" if kind == "caption" else kind
+    bench = tmp_path / "bench"
+    scenes.generate_benchmark(bench, seed=3, **SIZES, image_layout=layout)
     item = scenes.read_jsonl(bench / "test" / "spatial.jsonl")[0]
-    if kind == "question":
-        assert item["image_position"] == "after"
+    if kind != "caption":
+        assert item["image_position"] == layout
         content = _bridge_user_content(item, bench)
-        assert [c["type"] for c in content] == ["text", "image"]
+        assert [c["type"] for c in content] == (["text", "image"] if layout == "after" else ["image", "text"])
     else:
         item = {**item, "question": scenes.CAPTION_PROMPT, "answer": scenes.caption(item["scene"])}
         content = [{"type": "image"}, {"type": "text", "text": item["question"]}]
@@ -279,7 +303,7 @@ def test_processor_matches_model_and_trainer_encoder(bench: Path, processor, tmp
                 {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}]
     text = processor.apply_chat_template(messages, tokenize=False)
     inputs = processor(text=[text], images=[Image.open(bench / item["image"])], return_tensors="pt")
-    encoder = Encoder(processor, SMALL_SHAPE.patch_size)
+    encoder = Encoder(processor, SMALL_SHAPE.patch_size, layout)
     ids, labels = encoder.conversation([item], with_image=True)
     assert inputs["input_ids"][0].tolist() == ids
     assert torch.allclose(inputs["pixel_values"][0], encoder.pixels(item["scene"]), atol=1e-6)
@@ -305,7 +329,7 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor,
     with ``positions`` each cell also names its row and column word."""
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor)
-    encoder = Encoder(processor, SMALL_SHAPE.patch_size)
+    encoder = Encoder(processor, SMALL_SHAPE.patch_size, scenes.DEFAULT_IMAGE_POSITION)
     alignment = VisualWordAlignment(model, encoder, positions=positions)
     scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
     model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
@@ -341,14 +365,16 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor,
 def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
-    from atv_prune.builtin.train import evaluate, load_split
+    from atv_prune.builtin.train import data_image_layout, evaluate, load_split
 
     record = json.loads((CHECKPOINT_DIR / "training.json").read_text())
     n = record["subset_per_task"]
-    scenes.generate_benchmark(tmp_path, seed=record["seed"], n_train=0, n_val=0, n_test=n, n_calib=0)
+    layout = data_image_layout(record["data"])
+    scenes.generate_benchmark(tmp_path, seed=record["seed"], n_train=0, n_val=0, n_test=n, n_calib=0,
+                              image_layout=layout)
     processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR).eval()
-    accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"]), load_split(tmp_path, "test"))
+    accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"], layout), load_split(tmp_path, "test"))
     for task, expected in record["test_subset"].items():
         assert accuracy[task] == pytest.approx(expected, abs=100 / n + 1e-6), task
 
@@ -369,9 +395,8 @@ def test_diagnostic_items_are_deterministic_and_labelled_by_axis(bench: Path) ->
     items = diagnostic_items(bench, 6)
     assert items == diagnostic_items(bench, 6)
     counts = {t: sum(i["task"] == t for i in items) for t in scenes.GROUNDING_TASKS}
-    assert counts == {"locate": 6, "describe": 6, "option": 6, "relate": counts["relate"]}
-    assert counts["relate"] == sum(len(r["scene"]["objects"]) >= 2
-                                   for r in scenes.read_jsonl(bench / "test" / "exist.jsonl")[:6])
+    pairs = sum(len(r["scene"]["objects"]) >= 2 for r in scenes.read_jsonl(bench / "test" / "exist.jsonl")[:6])
+    assert counts == {"locate": 6, "describe": 6, "option": 6, "relate": pairs}
     spatial = [i for i in items if i["task"].startswith("spatial-")]
     assert len(spatial) == 6
     for item in spatial:
@@ -486,7 +511,7 @@ def test_text_phase_trains_the_decoder_only(processor) -> None:
     assert {i["task"] for i in items} == {"option", "relate"} and all(i["scene"] is None for i in items)
     shape = ModelShape(patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                        text_layers=1, text_heads=2, text_intermediate=64)
-    encoder = Encoder(processor, shape.patch_size)
+    encoder = Encoder(processor, shape.patch_size, scenes.DEFAULT_IMAGE_POSITION)
     states = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -543,6 +568,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([*CHECKPOINT_FILES, "data"])
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "alignment loss weight 1.0" in card
+    assert f"image_layout={scenes.DEFAULT_IMAGE_POSITION!r})" in card
     assert "pretrained 2 steps on text-only questions (option=1, relate=1;" in card
     assert "Every batch of the image mix also holds 2 text-only questions (option=1, relate=1)." in card
     assert set(first["text_curve"][-1]) >= {"option", "relate"}
@@ -659,6 +685,31 @@ def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_trainer_refuses_data_of_another_image_layout_before_writing(bench: Path, tmp_path: Path, capsys) -> None:
+    from atv_prune.builtin.train import main
+
+    layout = json.loads((bench / "manifest.json").read_text())["image_layout"]
+    other = "after" if layout == "before" else "before"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "run"), "--data", str(bench), "--image-position", other])
+    assert exit_info.value.code == 2
+    assert f"{bench} puts the image {layout} each question but --image-position is {other}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_benchmark_has_the_shipped_models_image_layout() -> None:
+    """The shipped test split places images as the shipped model was trained to read them."""
+    from atv_prune.builtin import BENCHMARK_DIR
+    from atv_prune.builtin.train import data_image_layout
+
+    record = json.loads((CHECKPOINT_DIR / "training.json").read_text())
+    layout = data_image_layout(record["data"])
+    assert json.loads((BENCHMARK_DIR / "manifest.json").read_text())["image_layout"] == layout
+    for task in scenes.TASKS:
+        images = [i for i in scenes.read_jsonl(BENCHMARK_DIR / "test" / f"{task}.jsonl") if i["image"]]
+        assert all(i["image_position"] == layout for i in images), task
 
 
 def test_trainer_refuses_a_folder_in_the_way_of_a_checkpoint_file_before_training(tmp_path: Path, capsys) -> None:

@@ -26,7 +26,7 @@ from ..families import resolve
 from ..eval.run import retention_of
 from ..methods import METHODS
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
-from .train import Encoder, evaluate, load_split
+from .train import Encoder, data_image_layout, evaluate, load_split
 
 
 def diagnostic_items(bench: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not path.exists():
             p.error(f"{what}: {path} not found; give a built-in checkpoint and a benchmark folder")
     torch.set_num_threads(args.threads)
-    patch_size = json.loads((args.model / "training.json").read_text())["shape"]["patch_size"]
+    record = json.loads((args.model / "training.json").read_text())
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    encoder = Encoder(AutoProcessor.from_pretrained(args.model), patch_size)
+    encoder = Encoder(AutoProcessor.from_pretrained(args.model), record["shape"]["patch_size"],
+                      data_image_layout(record["data"]))
     accuracy: dict[str, Any] = evaluate(model, encoder, diagnostic_items(args.bench, args.items))
     accuracy.pop("mean")
     if args.prune_parts is not None:

@@ -56,6 +56,11 @@ LETTERS = ("A", "B", "C", "D")
 TASKS = ("exist", "attribute", "count", "spatial", "reading", "mcq", "rule", "textonly")
 NEGATIVES = ("random", "popular", "adversarial")
 CAPTION_PROMPT = "Describe the image in detail."
+#: Where the image goes in a question's prompt: after the question (the visual tokens can attend to
+#: what is asked; the shipped model's layout) or before it (LLaVA's layout: the question's tokens
+#: can attend to the image; learned slower here, pilot P21 in docs/builtin.md).
+IMAGE_POSITIONS = ("before", "after")
+DEFAULT_IMAGE_POSITION = "after"
 
 Scene = dict[str, Any]
 Item = dict[str, Any]
@@ -373,10 +378,12 @@ def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None
     return (IMAGE_TASKS.get(task) or GROUNDING_TASKS[task])(scene, rng)
 
 
-def image_after_question(question: str) -> bool:
-    """Where the image goes in a prompt: after a question (so visual tokens can attend to what is
-    asked), before the caption request (as in the calibration pool). LLaVA's own data mixes both."""
-    return question != CAPTION_PROMPT
+def image_position(question: str, layout: str) -> str:
+    """Where the image goes in the prompt of ``question``: ``layout`` (one of ``IMAGE_POSITIONS``)
+    for every question, before the caption request always (as in the calibration pool)."""
+    if layout not in IMAGE_POSITIONS:
+        raise ValueError(f"image layout must be one of {', '.join(IMAGE_POSITIONS)}, got {layout!r}")
+    return "before" if question == CAPTION_PROMPT else layout
 
 
 def position_name(row: int, col: int) -> str:
@@ -470,7 +477,7 @@ def _save_image(out: Path, scene: Scene, key: str) -> str:
     return rel
 
 
-def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str]) -> set[str]:
+def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str], layout: str) -> set[str]:
     """Write ``out/split/<task>.jsonl`` with ``n`` items per task; returns the split's scene hashes."""
     (out / split).mkdir(parents=True, exist_ok=True)
     hashes: set[str] = set()
@@ -491,7 +498,7 @@ def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str]) -> set
             record = {"id": f"{split}-{task}-{len(lines):05d}", "task": task, "image": image, **item,
                       "scene": scene, "scene_hash": key}
             if image is not None:
-                record["image_position"] = "after" if image_after_question(item["question"]) else "before"
+                record["image_position"] = image_position(item["question"], layout)
             lines.append(json.dumps(record, sort_keys=True))
         (out / split / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
     return hashes
@@ -548,18 +555,21 @@ def generate_train(out: Path, n: int, stream: _SceneStream, rng: random.Random,
 
 def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_000, n_val: int = 100,
                        n_test: int = 200, n_calib: int = 256,
-                       weights: dict[str, float] | None = None, max_turns: int = 4) -> dict[str, Any]:
+                       weights: dict[str, float] | None = None, max_turns: int = 4,
+                       image_layout: str = DEFAULT_IMAGE_POSITION) -> dict[str, Any]:
     """Write the whole benchmark under ``out_dir`` deterministically from ``seed``; returns its manifest.
 
     Layout: ``images/<scene hash>.png``; ``val/<task>.jsonl`` and ``test/<task>.jsonl`` with
-    ``n_val`` / ``n_test`` items per task; ``train.jsonl`` (``n_train`` conversations);
+    ``n_val`` / ``n_test`` items per task, each image record's ``image_position`` following
+    ``image_layout``; ``train.jsonl`` (``n_train`` conversations);
     ``calib.json`` (``n_calib`` captioned images, LLaVA conversation format); ``manifest.json``.
     """
+    image_position(CAPTION_PROMPT, image_layout)  # refuse an unknown layout before writing anything
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    test = _eval_split(out, "test", n_test, seed, used)
-    val = _eval_split(out, "val", n_val, seed, used)
+    test = _eval_split(out, "test", n_test, seed, used, image_layout)
+    val = _eval_split(out, "val", n_val, seed, used, image_layout)
     stream = _SceneStream(used, f"{seed}-calib")
     calib = []
     for i in range(n_calib):
@@ -574,6 +584,7 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_00
     assert not test & val, "test and val share scenes"
     manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_calib": n_calib,
                 "tasks": list(TASKS), "max_turns": max_turns, "weights": weights or DEFAULT_TASK_WEIGHTS,
+                "image_layout": image_layout,
                 "test_hashes": hashlib.sha1("".join(sorted(test)).encode()).hexdigest(),
                 "eval_scenes": len(eval_hashes)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -84,10 +84,13 @@ class Encoder:
     """Token ids and pixel tensors built directly (what the processor would produce, but faster).
 
     The token sequence is exactly the chat template's rendering tokenized by the processor
-    (checked by the tests): ``<s><|user|><image>...question<|assistant|>answer<|end|>...``.
+    (checked by the tests): ``<s><|user|><image>...question<|assistant|>answer<|end|>...``, the
+    image placed by ``scenes.image_position`` for ``image_layout``.
     """
 
-    def __init__(self, processor: LlavaProcessor, patch_size: int) -> None:
+    def __init__(self, processor: LlavaProcessor, patch_size: int, image_layout: str) -> None:
+        scenes.image_position(scenes.CAPTION_PROMPT, image_layout)  # refuse an unknown layout now
+        self.image_layout = image_layout
         tok = processor.tokenizer
         self.tok = tok
         self.special = {t: tok.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE, USER, ASSISTANT)}
@@ -112,7 +115,7 @@ class Encoder:
         for i, turn in enumerate(turns):
             image = [s[IMAGE]] * self.n_image if with_image and i == 0 else []
             words = self.words(turn["question"])
-            if scenes.image_after_question(turn["question"]):
+            if scenes.image_position(turn["question"], self.image_layout) == "after":
                 prompt = [s[USER]] + words + image + [s[ASSISTANT]]
             else:
                 prompt = [s[USER]] + image + words + [s[ASSISTANT]]
@@ -402,7 +405,8 @@ def write_card(out: Path, args: argparse.Namespace, shape: ModelShape, n_params:
                results: dict[str, Any]) -> None:
     """MODEL_CARD.md: how to reproduce the checkpoint and its dense accuracy per task."""
     chance, val, test, data = results["chance"], results["val"], results["test"], results["data"]
-    data_call = ", ".join(f"{k}={data[k]}" for k in ("seed", "n_train", "n_val", "n_test", "n_calib", "max_turns"))
+    data_call = ", ".join([*(f"{k}={data[k]}" for k in ("seed", "n_train", "n_val", "n_test", "n_calib", "max_turns")),
+                           f"image_layout={data_image_layout(data)!r}"])
     rows = "\n".join(f"| {t} | {chance.get(t, float('nan')):.1f} | {val.get(t, float('nan')):.1f} | "
                      f"{test.get(t, float('nan')):.1f} |" for t in [*scenes.TASKS, "mean"])
     card = f"""# Built-in LLaVA scene model
@@ -461,6 +465,12 @@ CHECKPOINT_FILES = ("MODEL_CARD.md", "chat_template.jinja", "config.json", "gene
                     "training.json")
 
 
+def data_image_layout(manifest: dict[str, Any]) -> str:
+    """The image layout of a benchmark manifest (also ``training.json``'s ``data``); manifests
+    written before the option existed have none and put the image after the question."""
+    return manifest.get("image_layout", "after")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="folder for the checkpoint and processor")
@@ -478,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--image-position", choices=scenes.IMAGE_POSITIONS, default=scenes.DEFAULT_IMAGE_POSITION,
+                   help="where the image goes in a question's prompt (the caption request always follows it)")
     p.add_argument("--task-weights", default="", help="training mix overrides, e.g. reading=2,textonly=0.6")
     p.add_argument("--vision-steps", type=int, default=0, help="steps of cell-classification pretraining")
     p.add_argument("--vision-batch-size", type=int, default=64)
@@ -510,6 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
     if args.align_positions and not args.align_weight:
         p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
+    data = args.data or args.out / "data"
+    if (data / "manifest.json").exists():
+        layout = data_image_layout(json.loads((data / "manifest.json").read_text()))
+        if layout != args.image_position:
+            p.error(f"the benchmark in {data} puts the image {layout} each question but --image-position is "
+                    f"{args.image_position}: pass --image-position {layout} or another --data folder")
     in_the_way = [name for name in CHECKPOINT_FILES if (args.out / name).is_dir()]
     if in_the_way:
         p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
@@ -565,14 +583,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (data / "manifest.json").exists():
         scenes.generate_benchmark(data, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                                   n_test=args.n_test, n_calib=args.n_calib, weights=args.weights,
-                                  max_turns=args.max_turns)
+                                  max_turns=args.max_turns, image_layout=args.image_position)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
     processor = build_processor(shape.patch_size)
     model = build_model(shape, processor)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {len(train):,} training conversations", flush=True)
-    encoder = Encoder(processor, shape.patch_size)
+    encoder = Encoder(processor, shape.patch_size, args.image_position)
     probe = load_split(data, "val", args.eval_items)
 
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)

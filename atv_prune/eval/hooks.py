@@ -21,8 +21,6 @@ LETTERS = string.ascii_uppercase
 METRIC = "accuracy"
 #: Where an image goes in a prompt (lmms-eval tasks such as MMMU interleave images this way).
 IMAGE_MARKER = "<image>"
-#: Values of a record's optional ``image_position``: the image before (LLaVA's default) or after the text.
-IMAGE_POSITIONS = ("before", "after")
 
 
 def listed_choices(choices: list[str]) -> str:

@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from ..builtin.scenes import IMAGE_POSITIONS
 from ..errors import AtvPruneError
-from .hooks import IMAGE_POSITIONS, LETTERS, METRIC
+from .hooks import LETTERS, METRIC
 
 TASK_PREFIX = "atvbench_"
 #: Answers are a word or two; 8 new tokens leave room for a tokenizer that splits words.
