@@ -378,11 +378,17 @@ def make_item(task: str, scene: Scene | None, rng: random.Random) -> Item | None
     return (IMAGE_TASKS.get(task) or GROUNDING_TASKS[task])(scene, rng)
 
 
+def check_image_layout(layout: str) -> str:
+    """``layout`` if it is one of ``IMAGE_POSITIONS``; a ValueError naming the choices otherwise."""
+    if layout not in IMAGE_POSITIONS:
+        raise ValueError(f"image layout must be one of {', '.join(IMAGE_POSITIONS)}, got {layout!r}")
+    return layout
+
+
 def image_position(question: str, layout: str) -> str:
     """Where the image goes in the prompt of ``question``: ``layout`` (one of ``IMAGE_POSITIONS``)
     for every question, before the caption request always (as in the calibration pool)."""
-    if layout not in IMAGE_POSITIONS:
-        raise ValueError(f"image layout must be one of {', '.join(IMAGE_POSITIONS)}, got {layout!r}")
+    check_image_layout(layout)
     return "before" if question == CAPTION_PROMPT else layout
 
 
@@ -564,7 +570,7 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_00
     ``image_layout``; ``train.jsonl`` (``n_train`` conversations);
     ``calib.json`` (``n_calib`` captioned images, LLaVA conversation format); ``manifest.json``.
     """
-    image_position(CAPTION_PROMPT, image_layout)  # refuse an unknown layout before writing anything
+    check_image_layout(image_layout)  # before anything is written
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     used: set[str] = set()

@@ -89,8 +89,7 @@ class Encoder:
     """
 
     def __init__(self, processor: LlavaProcessor, patch_size: int, image_layout: str) -> None:
-        scenes.image_position(scenes.CAPTION_PROMPT, image_layout)  # refuse an unknown layout now
-        self.image_layout = image_layout
+        self.image_layout = scenes.check_image_layout(image_layout)
         tok = processor.tokenizer
         self.tok = tok
         self.special = {t: tok.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE, USER, ASSISTANT)}
