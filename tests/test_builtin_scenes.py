@@ -548,6 +548,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
+    from atv_prune.builtin.outliers import amplify_outlier_features
     from atv_prune.builtin.train import main
 
     args = TINY_TRAINING
@@ -555,12 +556,23 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     try:
         first = main(["--out", str(tmp_path / "a"), *args])
         main(["--out", str(tmp_path / "b"), *args])
+        outlying = main(["--out", str(tmp_path / "c"), *args, "--outlier-channels", "4", "--outlier-scale", "8"])
     finally:
         torch.set_num_threads(threads)  # main() sets the trainer's thread count for the process
     weights_a = load_file(tmp_path / "a" / "model.safetensors")
     weights_b = load_file(tmp_path / "b" / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    # --outlier-channels: the same training, then the exact rescaling of the channels it records
+    assert first["outliers"] is None and outlying["outliers"]["channels"] == sorted(outlying["outliers"]["channels"])
+    assert len(outlying["outliers"]["channels"]) == 4 and outlying["test"] == first["test"]
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
+    amplify_outlier_features(model, outlying["outliers"]["channels"], 8.0)
+    weights_c = LlavaForConditionalGeneration.from_pretrained(tmp_path / "c").state_dict()
+    assert all(torch.equal(v, weights_c[k]) for k, v in model.state_dict().items())
+    assert "have their RMSNorm gains x8 and the q/k/v and gate/up weights reading them /8" in \
+        (tmp_path / "c" / "MODEL_CARD.md").read_text()
+    assert "Outlier features" not in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert first["steps"] == 3 and set(first["test"]) == {*scenes.TASKS, "mean"}
     assert "--align-weight 1" in first["command"]
     from atv_prune.builtin.train import CHECKPOINT_FILES
@@ -573,7 +585,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     assert "Every batch of the image mix also holds 2 text-only questions (option=1, relate=1)." in card
     assert set(first["text_curve"][-1]) >= {"option", "relate"}
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
-    assert len(log) == 2 and all(" answer loss " in line and " align loss " in line for line in log)
+    assert len(log) == 3 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")
 
@@ -675,6 +687,9 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--text-steps", "1", "--text-tasks", ""], "--text-tasks needs at least one task with a positive weight"),
     (["--text-steps", "1", "--text-tasks", "option=x"], "--text-tasks needs task=number pairs, got 'option=x'"),
     (["--text-steps", "1", "--text-tasks", "option=-1"], "--text-tasks: a task weight must be >= 0"),
+    (["--outlier-channels", "-1"], "--outlier-channels must be in [0, --text-hidden 256], got -1"),
+    (["--outlier-channels", "300"], "--outlier-channels must be in [0, --text-hidden 256], got 300"),
+    (["--outlier-channels", "4", "--outlier-scale", "10"], "--outlier-scale: outlier scale must be a power of two"),
     (["--text-tasks", "option=1"], "--text-tasks mixes the text-only questions: give it with --text-steps or"),
 ])
 def test_trainer_rejects_bad_options_before_writing(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
@@ -729,3 +744,17 @@ def test_task_weight_overrides_keep_their_order() -> None:
     weights = task_weights("exist=2,locate=1.5,describe=1")
     assert list(weights)[-2:] == ["locate", "describe"] and weights["exist"] == 2.0
     assert list(task_weights("describe=1,locate=1"))[-2:] == ["describe", "locate"]
+
+
+def test_recorded_command_puts_the_pinned_kernel_variables_first(monkeypatch) -> None:
+    """training.json's command reproduces the run: the kernel pins that were set lead it, quoted arguments follow."""
+    from atv_prune.builtin.train import PINNED_KERNELS, command_line, kernel_settings
+
+    for name, value in PINNED_KERNELS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MKL_CBWR")
+    kernels = kernel_settings()
+    assert kernels["MKL_CBWR"] is None and kernels["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert command_line(["--out", "OUT", "--task-weights", "a=1 b"], kernels) == (
+        "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m atv_prune.builtin.train "
+        "--out OUT --task-weights 'a=1 b'")

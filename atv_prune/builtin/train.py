@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shlex
 import sys
@@ -32,7 +33,7 @@ from transformers import (
 )
 
 from ..export import write_files_into
-from . import scenes
+from . import outliers, scenes
 from .tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, build_processor
 
 
@@ -338,6 +339,18 @@ def standardize_projector(model: LlavaForConditionalGeneration, scene_list: list
     projector.linear_2.bias *= target_norm / norm
 
 
+def add_outlier_features(model: LlavaForConditionalGeneration, encoder: Encoder, records: list[dict[str, Any]],
+                         k: int, scale: float, batch_size: int = 32) -> dict[str, Any]:
+    """Give the ``k`` largest residual channels (RMS over ``records``) LLM-sized outliers with
+    ``outliers.amplify_outlier_features``; returns what ``training.json`` records of it."""
+    batches = (encoder.batch(records[i: i + batch_size]) for i in range(0, len(records), batch_size))
+    rms = outliers.residual_rms(model, batches)
+    channels = outliers.largest_channels(rms, k)
+    outliers.amplify_outlier_features(model, channels, scale)
+    return {"channels": channels, "scale": scale, "residual_rms": [round(rms[c].item(), 3) for c in channels],
+            "median_residual_rms": round(rms.median().item(), 3), "conversations": len(records)}
+
+
 @torch.no_grad()
 def evaluate(model: LlavaForConditionalGeneration, encoder: Encoder, items: list[dict[str, Any]],
              batch_size: int = 64) -> dict[str, float]:
@@ -431,7 +444,7 @@ pruning methods can be compared without downloading anything.
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
   {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
-- Data: `generate_benchmark({data_call})`, training mix {data['weights']}
+{_outlier_line(results['outliers'])}- Data: `generate_benchmark({data_call})`, training mix {data['weights']}
   ({', '.join(f'`{t}`' for t in scenes.GROUNDING_TASKS)} are training-only questions); splits disjoint by scene.
 
 ## Dense accuracy (%; greedy, exact match after normalisation)
@@ -441,6 +454,18 @@ pruning methods can be compared without downloading anything.
 {rows}
 """
     (out / "MODEL_CARD.md").write_text(card)
+
+
+def _outlier_line(record: dict[str, Any] | None) -> str:
+    """The card's line on the outlier features the trained weights were given, if any."""
+    if record is None:
+        return ""
+    rms = ", ".join(f"{c} ({r:.1f})" for c, r in zip(record["channels"], record["residual_rms"]))
+    return (f"- Outlier features (`outliers.amplify_outlier_features`, exact: the outputs are bit-identical): "
+            f"the {len(record['channels'])} residual\n  channels of largest RMS over the first "
+            f"{record['conversations']} training conversations, {rms} against a median of "
+            f"{record['median_residual_rms']:.1f},\n  have their RMSNorm gains x{record['scale']:g} and the "
+            f"q/k/v and gate/up weights reading them /{record['scale']:g}.\n")
 
 
 def _text_lines(args: argparse.Namespace, results: dict[str, Any]) -> str:
@@ -457,6 +482,27 @@ def _text_lines(args: argparse.Namespace, results: dict[str, Any]) -> str:
         lines += f"- Every batch of the image mix also holds {args.text_per_batch} text-only questions ({mix}).\n"
     return lines
 
+
+#: Environment variables that pin the CPU kernels' code paths (ATen's vector width, MKL's and oneDNN's
+#: instruction sets), so that another x86 CPU with AVX2 computes the same floats; each changes the
+#: weights of a run. They are read when torch loads, so they go before the command.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def kernel_settings() -> dict[str, Any]:
+    """The kernel pinning this process runs with, and the vector width ATen chose."""
+    return {**{name: os.environ.get(name) for name in PINNED_KERNELS},
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def command_line(argv: list[str], kernels: dict[str, Any]) -> str:
+    """The command that reproduces this run: the pinned kernel variables that were set, then the trainer call."""
+    pins = [f"{name}={kernels[name]}" for name in PINNED_KERNELS if kernels.get(name)]
+    return " ".join([*pins, "python -m atv_prune.builtin.train", *(shlex.quote(a) for a in argv)])
+
+
+#: Training conversations (the first ones of train.jsonl) that rank the residual channels for --outlier-channels.
+OUTLIER_CONVERSATIONS = 256
 
 # What the trainer writes into --out beside the data folder (the end-to-end test checks the list).
 CHECKPOINT_FILES = ("MODEL_CARD.md", "chat_template.jinja", "config.json", "generation_config.json",
@@ -507,6 +553,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{', '.join(scenes.TEXT_TASKS)} (default option=1)")
     p.add_argument("--text-per-batch", type=int, default=0,
                    help="text-only questions of --text-tasks added to every batch of the image mix")
+    p.add_argument("--outlier-channels", type=int, default=0, metavar="K",
+                   help="after training, give the K largest residual channels LLM-sized outlier features "
+                        "(an exact rescaling, outliers.amplify_outlier_features)")
+    p.add_argument("--outlier-scale", type=float, default=16.0,
+                   help="factor (a power of two) the outlier channels' norm gains grow by")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-items", type=int, default=50, help="val items per task in periodic evaluations")
     p.add_argument("--log-every", type=int, default=50)
@@ -531,6 +582,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if in_the_way:
         p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
                 "remove it or choose another output folder")
+    if not 0 <= args.outlier_channels <= args.text_hidden:
+        p.error(f"--outlier-channels must be in [0, --text-hidden {args.text_hidden}], got {args.outlier_channels}")
+    try:
+        outliers.check_scale(args.outlier_scale)
+    except ValueError as error:
+        p.error(f"--outlier-scale: {error}")
     for flag in ("text_steps", "text_per_batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -575,6 +632,11 @@ def text_task_weights(spec: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    kernels = kernel_settings()
+    if any(kernels[name] != value for name, value in PINNED_KERNELS.items()):
+        pins = " ".join(f"{name}={value}" for name, value in PINNED_KERNELS.items())
+        print(f"note: CPU kernels not pinned; the weights are reproducible on this CPU only (for any AVX2 CPU "
+              f"run with {pins})", flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -659,9 +721,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             curve.append({"step": step, "minutes": train_time / 60, **acc})
             print(f"eval step {step}: {_format(acc)}", flush=True)
 
+    outlier_record = (add_outlier_features(model, encoder, train[:OUTLIER_CONVERSATIONS], args.outlier_channels,
+                                           args.outlier_scale) if args.outlier_channels else None)
     val_items, test_items = load_split(data, "val"), load_split(data, "test")
     results: dict[str, Any] = {
-        "command": "python -m atv_prune.builtin.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command_line(argv or sys.argv[1:], kernels), "kernels": kernels,
         "steps": step, "samples": step * per_step, "minutes": train_time / 60,
         "samples_per_s": step * per_step / max(train_time, 1e-9), "n_params": n_params,
         "vocab_size": len(processor.tokenizer), "chance": chance_levels(test_items),
@@ -670,7 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test_subset": evaluate(model, encoder, load_split(data, "test", SUBSET_PER_TASK)),
         "curve": curve, "wall_minutes": (time.time() - start) / 60, "shape": asdict(shape), "seed": args.seed,
         "data": json.loads((data / "manifest.json").read_text()), "vision_curve": vision_curve, "vision_minutes": vision_minutes,
-        "text_curve": text_curve, "text_minutes": text_minutes,
+        "text_curve": text_curve, "text_minutes": text_minutes, "outliers": outlier_record,
     }
     print(f"final val: {_format(results['val'])}\nfinal test: {_format(results['test'])}", flush=True)
 
