@@ -127,6 +127,11 @@ def test_scale_must_be_a_power_of_two_above_one(scale: float) -> None:
         check_scale(scale)
 
 
+def test_residual_rms_refuses_no_tokens(processor) -> None:
+    with pytest.raises(ValueError, match="at least one batch with a non-padding token"):
+        residual_rms(_model(processor), [])
+
+
 def test_cannot_pick_more_channels_than_there_are() -> None:
     with pytest.raises(ValueError, match="cannot pick 5 outlier channels of 4"):
         largest_channels(torch.ones(4), 5)

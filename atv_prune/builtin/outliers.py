@@ -37,34 +37,29 @@ NORM_READERS: dict[str, tuple[str, ...]] = {
 def residual_rms(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """Root mean square of each residual-stream channel at the input of every decoder block,
     over all blocks and all non-padding tokens of ``batches`` (keyword inputs of the model)."""
-    blocks = resolve(model).blocks(model)
-    total: list[torch.Tensor] = []
-    count = [0]
-    keep: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []  # one sum per block input seen
+    tokens = 0
+    mask = torch.empty(0, dtype=torch.bool)
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = (args[0] if args else kwargs["hidden_states"]).float()
-        tokens = hidden[keep[0]]
-        if not total:
-            total.append(torch.zeros(hidden.shape[-1]))
-        total[0] += tokens.pow(2).sum(0)
-        count[0] += tokens.shape[0]
+        squares.append(hidden[mask].pow(2).sum(0))
 
-    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in resolve(model).blocks(model)]
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            keep[:] = [inputs["attention_mask"].bool()]
-            model(**inputs)
+            mask = batch["attention_mask"].bool()
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+            tokens += int(mask.sum()) * len(hooks)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    if not count[0]:
+    if not tokens:
         raise ValueError("residual_rms needs at least one batch with a non-padding token")
-    return (total[0] / count[0]).sqrt()
+    return (torch.stack(squares).sum(0) / tokens).sqrt()
 
 
 def largest_channels(rms: torch.Tensor, k: int) -> list[int]:
