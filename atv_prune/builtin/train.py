@@ -3,8 +3,9 @@
 ``python -m atv_prune.builtin.train --out DIR --seed 0 --steps N`` generates the benchmark (or
 reads ``--data``), trains with the loss on the assistant answers only, evaluates every task on
 val (greedy, at most 4 new tokens), and saves model + processor (safetensors) with a model card.
-Runs are deterministic given the seed, the step count and the thread count; ``--minutes`` is a
-safety cap that stops early (and is then recorded in the card).
+Runs are deterministic given the seed, the step count and the thread count on one CPU, and on any
+x86 CPU with AVX2 when the kernels are pinned (``PINNED_KERNELS``, set before the command);
+``--minutes`` is a safety cap that stops early (and is then recorded in the card).
 """
 
 from __future__ import annotations
