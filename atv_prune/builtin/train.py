@@ -3,8 +3,8 @@
 ``python -m atv_prune.builtin.train --out DIR --seed 0 --steps N`` generates the benchmark (or
 reads ``--data``), trains with the loss on the assistant answers only, evaluates every task on
 val (greedy, at most 4 new tokens), and saves model + processor (safetensors) with a model card.
-Runs are deterministic given the seed, the step count and the thread count on one CPU, and on any
-x86 CPU with AVX2 when the kernels are pinned (``PINNED_KERNELS``, set before the command);
+Runs are deterministic given the seed, the step count and the thread count on one CPU; pinning the
+kernels (``PINNED_KERNELS``, set before the command) gives other x86 CPUs with AVX2 the same code paths;
 ``--minutes`` is a safety cap that stops early (and is then recorded in the card).
 """
 
@@ -485,7 +485,7 @@ def _text_lines(args: argparse.Namespace, results: dict[str, Any]) -> str:
 
 
 #: Environment variables that pin the CPU kernels' code paths (ATen's vector width, MKL's and oneDNN's
-#: instruction sets), so that another x86 CPU with AVX2 computes the same floats; each changes the
+#: instruction sets), so that another x86 CPU with AVX2 takes the same paths; each changes the
 #: weights of a run. They are read when torch loads, so they go before the command.
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
