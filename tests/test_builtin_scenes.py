@@ -541,7 +541,7 @@ TINY_TRAINING = ["--n-train", "64", "--n-val", "2", "--n-test", "2", "--n-calib"
                  "--text-tasks", "option=1,relate=1", "--text-per-batch", "2"]
 
 
-def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
+def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys, monkeypatch) -> None:
     """The training command (vision pretraining, standardised projector, alignment loss, grounding
     tasks) writes a loadable checkpoint with its card, the same command gives the same weights, and
     the log reports the answer loss and the alignment loss apart."""
@@ -549,9 +549,11 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     from transformers import LlavaForConditionalGeneration
 
     from atv_prune.builtin.outliers import amplify_outlier_features
-    from atv_prune.builtin.train import main
+    from atv_prune.builtin.train import PINNED_KERNELS, main
 
     args = TINY_TRAINING
+    for name in PINNED_KERNELS:  # the kernels count as not pinned: the trainer says so
+        monkeypatch.delenv(name, raising=False)
     threads = torch.get_num_threads()
     try:
         first = main(["--out", str(tmp_path / "a"), *args])
@@ -584,7 +586,10 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys) -> None:
     assert "pretrained 2 steps on text-only questions (option=1, relate=1;" in card
     assert "Every batch of the image mix also holds 2 text-only questions (option=1, relate=1)." in card
     assert set(first["text_curve"][-1]) >= {"option", "relate"}
-    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3 ")]
+    out = capsys.readouterr().out
+    assert out.count("note: CPU kernels not pinned, so these weights are reproducible on this CPU type only") == 3
+    assert first["kernels"]["MKL_CBWR"] is None and first["command"].startswith("python -m atv_prune.builtin.train")
+    log = [line for line in out.splitlines() if line.startswith("step 3 ")]
     assert len(log) == 3 and all(" answer loss " in line and " align loss " in line for line in log)
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
     AutoProcessor.from_pretrained(tmp_path / "a")

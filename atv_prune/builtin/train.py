@@ -636,8 +636,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kernels = kernel_settings()
     if any(kernels[name] != value for name, value in PINNED_KERNELS.items()):
         pins = " ".join(f"{name}={value}" for name, value in PINNED_KERNELS.items())
-        print(f"note: CPU kernels not pinned; the weights are reproducible on this CPU only (for any AVX2 CPU "
-              f"run with {pins})", flush=True)
+        print(f"note: CPU kernels not pinned, so these weights are reproducible on this CPU type only; "
+              f"for other AVX2 CPUs run with {pins} before the command", flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
