@@ -127,6 +127,15 @@ def test_scale_must_be_a_power_of_two_above_one(scale: float) -> None:
         check_scale(scale)
 
 
+@pytest.mark.parametrize("channels", [[3, 32], [-1], [5, 5]])
+def test_bad_channels_are_refused_before_any_weight_changes(processor, channels: list[int]) -> None:
+    model = _model(processor)
+    before = _decoder_weights(model)
+    with pytest.raises(ValueError, match=r"outlier channels must be distinct and in \[0, 32\)"):
+        amplify_outlier_features(model, channels, 16.0)
+    assert all(torch.equal(v, before[k]) for k, v in _decoder_weights(model).items())
+
+
 def test_residual_rms_refuses_no_tokens(processor) -> None:
     with pytest.raises(ValueError, match="at least one batch with a non-padding token"):
         residual_rms(_model(processor), [])

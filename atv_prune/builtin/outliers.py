@@ -79,17 +79,22 @@ def check_scale(scale: float) -> float:
 @torch.no_grad()
 def amplify_outlier_features(model: nn.Module, channels: list[int], scale: float) -> None:
     """Scale ``channels`` of every decoder block's RMSNorm gains by ``scale`` and the same input
-    columns of the linears reading them by ``1 / scale`` (in place; the outputs stay bit-identical)."""
+    columns of the linears reading them by ``1 / scale`` (in place; the outputs stay bit-identical).
+    Everything is checked before any weight changes, so a refused call leaves the model as it was."""
     check_scale(scale)
-    index = torch.tensor(channels, dtype=torch.long)
+    pairs: list[tuple[nn.Module, list[nn.Module]]] = []
     for i, block in enumerate(resolve(model).blocks(model)):
         for norm_name, reader_names in NORM_READERS.items():
             try:
-                norm = block.get_submodule(norm_name)
-                readers = [block.get_submodule(name) for name in reader_names]
+                pairs.append((block.get_submodule(norm_name), [block.get_submodule(name) for name in reader_names]))
             except AttributeError:
                 raise ValueError(f"decoder block {i} has no {norm_name} read by {', '.join(reader_names)}: "
                                  "outlier features need a Llama/Qwen2-style decoder") from None
-            norm.weight[index] *= scale
-            for linear in readers:
-                linear.weight[:, index] /= scale
+    width = pairs[0][0].weight.numel() if pairs else 0
+    if any(not 0 <= c < width for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"outlier channels must be distinct and in [0, {width}), got {channels}")
+    index = torch.tensor(channels, dtype=torch.long)
+    for norm, readers in pairs:
+        norm.weight[index] *= scale
+        for linear in readers:
+            linear.weight[:, index] /= scale
