@@ -27,7 +27,7 @@ def main() -> None:
                    "(options given explicitly win).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="atv", show_default=True)
 @click.option("--pool", type=click.Choice(list(POOLS)), default=None,
-              help="Calibration pool [default: mixed for wanda, atv for atv].")
+              help="Calibration pool [default: mixed for wanda and sparsegpt, atv for atv, amia for tamp].")
 @click.option("--sparsity", type=float, default=None, help="Unstructured sparsity in (0, 1), per output row.")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern (N of every M weights pruned), e.g. 2:4.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="ATV visual budget scale.")

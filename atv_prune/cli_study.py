@@ -26,7 +26,7 @@ def study_options(function: Any) -> Any:
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--samples", type=int, default=128, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default=None),
+        click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu]."),
         click.option("--image-root", type=click.Path(path_type=Path), default=None),
         click.option("--max-pixels", type=int, default=None),
         click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),

@@ -34,8 +34,9 @@ def builtin_benchmark() -> Path:
     """The shipped benchmark (test split and calibration captions), or a one-line error."""
     folder = builtin.BENCHMARK_DIR
     if not (folder / "test").is_dir() or not (folder / "calib.json").is_file():
+        arguments = ", ".join(f"{k}={v}" for k, v in builtin.SHIPPED_BENCHMARK_ARGS.items())
         raise AtvPruneError(f"the built-in benchmark is not in {folder}: generate it with "
-                            f"atv_prune.builtin.scenes.generate_benchmark('{folder}', n_train=0)")
+                            f"atv_prune.builtin.scenes.generate_benchmark('{folder}', {arguments})")
     return folder
 
 

@@ -342,7 +342,7 @@ class LayerwisePruner:
         self.result.seconds["statistics"] += time.perf_counter() - start
         sparsity = {}
         if diversity is not None:
-            sparsity = allocate_sparsity(diversity.importance(), {t.name: t.weight.numel() for t in targets},
+            sparsity = allocate_sparsity(diversity.importance(), {t.name: tuple(t.weight.shape) for t in targets},
                                          self.config.sparsity)
         return results, dict(recorder.group_of), sparsity
 

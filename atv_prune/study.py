@@ -187,7 +187,8 @@ class Study:
         device = resolve_device(self.settings.device)
         model.to(device)
         result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
-                          limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device))
+                          limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
+                          progress=True)
         return result.to_dict()
 
     def dense(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def main() -> None:
 @click.option("--sparsity", type=float, default=0.5, show_default=True)
 @click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
 @click.option("--pools", nargs=2, default=("text", "visual"), show_default=True, help="The two pools compared.")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, method: str,
@@ -97,12 +97,12 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
 @common_options
 @click.option("--blocks", "block_list", type=int, multiple=True, required=True, help="Blocks to embed (repeat).")
 @click.option("--tokens", type=int, default=400, show_default=True, help="Tokens per modality and block.")
-@click.option("--perplexity", type=float, default=30.0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--perplexity", type=float, default=30.0, show_default=True, help="t-SNE perplexity.")
+@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
          max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
-         block_list: tuple[int, ...], tokens: int, perplexity: float, device: str) -> None:
+         block_list: tuple[int, ...], tokens: int, perplexity: float, device: str | None) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
     from atv_prune.export import check_output_dir, write_dir_atomic
 

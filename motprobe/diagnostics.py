@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from atv_prune import PruneConfig, prune
+from atv_prune.api import resolve_device
 from atv_prune.calibration import CalibrationSet
 from atv_prune.capture import capture_sample, module_device, next_input, non_block_modules_on, run_block
 from atv_prune.families import resolve
@@ -82,10 +83,12 @@ def iou_summary(rows: list[dict[str, Any]], bins: tuple[float, ...] = (0.6, 0.7,
 
 @torch.no_grad()
 def block_activations(
-    model: nn.Module, calibration: CalibrationSet, blocks: list[int], device: str = "cpu"
+    model: nn.Module, calibration: CalibrationSet, blocks: list[int], device: str | None = None
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The input hidden states of the chosen blocks for every calibration token, with its modality:
-    ``{block: (activations (tokens, d) fp32, visual (tokens,) bool)}``, from the dense model."""
+    ``{block: (activations (tokens, d) fp32, visual (tokens,) bool)}``, from the dense model, run
+    one block at a time on ``device`` (default: CUDA when present, else the CPU)."""
+    device = resolve_device(device)
     layout = resolve(model)
     decoder = layout.blocks(model)
     if not blocks or min(blocks) < 0 or max(blocks) >= len(decoder):

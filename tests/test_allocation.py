@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from atv_prune.allocation import allocate_sparsity, das_importance, output_similarity_sums
 from atv_prune.config import PruneConfig
 from atv_prune.errors import ConfigError
+from atv_prune.masks import prune_count, unstructured_mask
 
 
 def test_similarity_sums_match_pairwise_means() -> None:
@@ -28,13 +29,39 @@ def test_similarity_sums_match_pairwise_means() -> None:
 
 def test_allocation_keeps_the_target_and_the_cap() -> None:
     importance = {"q": 3.0, "k": 1.0, "v": 2.0, "down": 0.5}
-    sizes = {"q": 100, "k": 20, "v": 20, "down": 300}
-    sparsity = allocate_sparsity(importance, sizes, 0.5, cap=0.1)
+    shapes = {"q": (10, 10), "k": (2, 10), "v": (2, 10), "down": (10, 30)}
+    sizes = {n: r * c for n, (r, c) in shapes.items()}
+    sparsity = allocate_sparsity(importance, shapes, 0.5, cap=0.1)
     mean = sum(sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert mean == pytest.approx(0.5, abs=1e-6)
     assert all(0 <= s <= 0.6 + 1e-9 for s in sparsity.values())
     assert sparsity["q"] < sparsity["v"] < sparsity["k"] == pytest.approx(0.6)
-    assert allocate_sparsity({"a": 1.0, "b": 1.0}, {"a": 8, "b": 8}, 0.5) == pytest.approx({"a": 0.5, "b": 0.5})
+    assert allocate_sparsity({"a": 1.0, "b": 1.0}, {"a": (2, 4), "b": (2, 4)}, 0.5) == pytest.approx(
+        {"a": 0.5, "b": 0.5})
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.57, 0.7])
+def test_rounded_allocation_prunes_the_target_count_of_the_block(target: float) -> None:
+    """Per-row flooring alone undershoots (49.5% of a 50% block on the built-in model); the
+    rounded shares give the block floor(target * total) pruned weights, short by less than one row
+    of a matrix still under its cap."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"q": (96, 96), "k": (32, 96), "v": (32, 96), "o": (96, 96), "gate": (288, 96),
+              "up": (288, 96), "down": (96, 288)}
+    importance = {n: float(v) for n, v in zip(shapes, torch.rand(len(shapes), generator=g) + 0.5)}
+    sparsity = allocate_sparsity(importance, shapes, target, cap=0.1)
+    pruned, growable_rows = 0, []
+    for name, (rows, cols) in shapes.items():
+        mask = unstructured_mask(torch.rand(rows, cols, generator=g), sparsity[name])
+        per_row = mask.sum(1).unique()
+        assert per_row.numel() == 1
+        assert int(per_row) <= prune_count(target + 0.1, cols)
+        if int(per_row) < prune_count(target + 0.1, cols):
+            growable_rows.append(rows)
+        pruned += int(mask.sum())
+    total = sum(r * c for r, c in shapes.values())
+    assert 0 <= prune_count(target, total) - pruned < min(growable_rows)
+    assert pruned / total == pytest.approx(target, abs=1e-3)
 
 
 def test_das_needs_unstructured_calibrated_pruning() -> None:

@@ -56,17 +56,16 @@ def test_generator_is_deterministic(bench: Path, tmp_path: Path) -> None:
     assert other["test/count.jsonl"] != _digest(bench)["test/count.jsonl"]
 
 
-def test_generator_reproduces_the_shipped_test_split(tmp_path: Path) -> None:
-    """The shipped benchmark's test items are what the generator writes for its manifest's seed:
-    a change of any family's random draws (which would silently change the benchmark) fails here."""
-    from atv_prune.builtin import BENCHMARK_DIR
+def test_generator_reproduces_the_shipped_benchmark(tmp_path: Path) -> None:
+    """The shipped benchmark (test items, calibration captions, manifest) is what the documented
+    ``SHIPPED_BENCHMARK_ARGS`` call writes: a change of any family's random draws (which would
+    silently change the benchmark) fails here."""
+    from atv_prune.builtin import BENCHMARK_DIR, SHIPPED_BENCHMARK_ARGS
 
-    manifest = json.loads((BENCHMARK_DIR / "manifest.json").read_text())
-    scenes.generate_benchmark(tmp_path, seed=manifest["seed"], n_train=0, n_val=0, n_test=manifest["n_test"],
-                              n_calib=0, image_layout=manifest["image_layout"])
-    for task in scenes.TASKS:
-        shipped = (BENCHMARK_DIR / "test" / f"{task}.jsonl").read_text()
-        assert (tmp_path / "test" / f"{task}.jsonl").read_text() == shipped, task
+    scenes.generate_benchmark(tmp_path, **SHIPPED_BENCHMARK_ARGS)
+    names = ["manifest.json", "calib.json"] + [f"test/{task}.jsonl" for task in scenes.TASKS]
+    for name in names:
+        assert (tmp_path / name).read_text() == (BENCHMARK_DIR / name).read_text(), name
 
 
 def test_test_items_do_not_depend_on_other_split_sizes(bench: Path, tmp_path: Path) -> None:

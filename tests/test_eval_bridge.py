@@ -284,6 +284,22 @@ def test_offline_switches_the_read_flags_and_restores_them(monkeypatch: pytest.M
     assert "HF_HUB_OFFLINE" not in os.environ
 
 
+def test_progress_switches_every_bar_and_restores_them(llava, bench: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--quiet`` (progress off) silences lmms-eval's and datasets' bars too, not only ours."""
+    import datasets
+    import lmms_eval.evaluator
+
+    model, processor = llava
+    original = lmms_eval.evaluator.tqdm
+    capsys.readouterr()
+    evaluate(model, processor, ["exist"], bench_dir=bench, batch_size=4, progress=True)
+    shown = capsys.readouterr().err
+    assert "generate" in shown and "Postprocessing" in shown
+    evaluate(model, processor, ["exist"], bench_dir=bench, batch_size=4, progress=False)
+    assert "it/s" not in capsys.readouterr().err
+    assert lmms_eval.evaluator.tqdm is original and datasets.is_progress_bar_enabled()
+
+
 def test_other_lmms_eval_versions_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(env.metadata, "version", lambda name: "0.8.0")
     with pytest.raises(AtvPruneError, match="lmms-eval 0.8.0 is installed but .* pinned to 0.7.3"):

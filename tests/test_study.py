@@ -123,6 +123,10 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
     monkeypatch.setattr(demo.builtin, "CHECKPOINT_DIR", tmp_path / "nowhere")
     code, output = _invoke("demo", "--out", tmp_path / "demo2")
     assert code == 2 and "built-in model is not in" in output
+    monkeypatch.setattr(demo.builtin, "CHECKPOINT_DIR", builtin / "checkpoint")
+    monkeypatch.setattr(demo.builtin, "BENCHMARK_DIR", tmp_path / "no-bench")
+    code, output = _invoke("demo", "--out", tmp_path / "demo3")
+    assert code == 2 and "n_test=100, n_calib=256" in output and not (tmp_path / "demo3").exists()
 
 
 def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,3 +11,7 @@ from pathlib import Path
 #: Where the shipped trained model and the shipped benchmark (test split, calibration captions) live.
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmark"
+
+#: ``scenes.generate_benchmark`` arguments that rebuild the shipped benchmark (plus an empty
+#: ``val/`` and ``train.jsonl``, which are not shipped).
+SHIPPED_BENCHMARK_ARGS = dict(seed=0, n_train=0, n_val=0, n_test=100, n_calib=256)

@@ -90,3 +90,35 @@ def offline() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Leave lmms-eval's and datasets' own progress bars on, or switch them off for the enclosed
+    code (``--quiet``), then restore. lmms-eval 0.7.3 creates its bars with tqdm imported into
+    ``lmms_eval.evaluator`` and ``lmms_eval.api.task``, the first with an explicit ``disable``,
+    so those names are swapped for a silent tqdm."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import lmms_eval.api.task
+    import lmms_eval.evaluator
+    from tqdm import tqdm
+
+    def silent(*args: object, **kwargs: object) -> tqdm:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    modules = (lmms_eval.evaluator, lmms_eval.api.task)
+    saved = [module.tqdm for module in modules]
+    datasets_were_quiet = not datasets.is_progress_bar_enabled()
+    try:
+        for module in modules:
+            module.tqdm = silent
+        datasets.disable_progress_bars()
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.tqdm = original
+        if not datasets_were_quiet:
+            datasets.enable_progress_bars()

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AtvPruneError, one_line
-from .env import offline, require_lmms_eval, versions
+from .env import offline, progress_bars, require_lmms_eval, versions
 from .tasks import TASK_PREFIX, builtin_tasks, default_bench_dir, task_id, write_builtin_tasks
 
 #: Task id -> ([metric names summed], divisor): score = 100 * sum / divisor. The built-in tasks
@@ -174,7 +174,8 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
 
     ``tasks``: built-in task names (resolved against ``bench_dir``, default the shipped benchmark
     if present) or lmms-eval task ids. ``limit``: the first N documents of every task. Runs
-    offline, single process, greedy. Raises :class:`AtvPruneError` for anything the user can fix,
+    offline, single process, greedy. ``progress``: show the generation bar and lmms-eval's and
+    datasets' own bars (off: none of them). Raises :class:`AtvPruneError` for anything the user can fix,
     :class:`~atv_prune.eval.model.GenerationError` when generating fails.
     """
     started = time.perf_counter()
@@ -203,7 +204,7 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
         # Without cli_args, tasks such as textvqa and mmbench write submission files into the
         # working directory; output_path sends them to the temporary folder instead.
         cli_args = SimpleNamespace(output_path=include, process_with_media=True)
-        with offline():
+        with offline(), progress_bars(progress):
             results = simple_evaluate(model=wrapper, tasks=loaded, task_manager=task_manager, limit=limit,
                                       batch_size=batch_size, device=device, bootstrap_iters=0,
                                       log_samples=False, process_docs_parallel=1, verbosity="WARNING",
