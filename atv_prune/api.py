@@ -17,7 +17,7 @@ from . import families
 from .calibration import CalibrationSet, load_calibration
 from .capture import capture_sample, non_block_modules_on
 from .config import PruneConfig
-from .engine import LayerwisePruner, TargetFinder, linear_targets
+from .engine import LayerwisePruner, TargetFinder, check_targets, linear_targets
 from .errors import CalibrationError, ConfigError
 
 VERSIONED_PACKAGES = ("atv-prune", "torch", "transformers", "accelerate", "safetensors", "numpy", "pillow")
@@ -117,6 +117,7 @@ def prune(
     layout = families.resolve(model)
     device = resolve_device(config.device)
     blocks = layout.blocks(model)
+    check_targets(blocks, layout.block_path, config, find_targets)
     pruner = LayerwisePruner(config, device, find_targets)
     seconds = pruner.result.seconds
     was_training = model.training

@@ -292,6 +292,43 @@ def _image_token(processor: Any) -> str:
     return token
 
 
+def _draw(path: str | Path, image_root: str | Path | None, samples: int, seed: int, max_pixels: int | None
+          ) -> tuple[Path, int, list[tuple[_Record, Path | None]], list[str]]:
+    """Read and check the file, draw ``samples`` records (``random.Random(seed)``) and resolve and
+    decode each drawn record's image: every problem that does not need the processor."""
+    if samples < 1:
+        raise _fail(f"samples must be at least 1, got {samples}: pass --samples N with N >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise _fail(f"max_pixels must be positive, got {max_pixels}: pass --max-pixels N with N >= 1")
+    file = Path(path)
+    records = _read_records(file)
+    root = Path(image_root).expanduser() if image_root is not None else file.parent
+    if image_root is not None and not root.is_dir():
+        raise _fail(f"image root {root} is not a folder: pass --image-root with the images' folder")
+    warnings: list[str] = []
+    if samples > len(records):
+        warnings.append(f"{file.name} holds {len(records)} records, fewer than the {samples} samples "
+                        f"asked: using all {len(records)}")
+    drawn = []
+    for record in random.Random(seed).sample(records, min(samples, len(records))):
+        image_path = _resolve_image(record.image, root, record.where) if record.image else None
+        if image_path is not None:
+            _open_image(image_path, None).close()
+        drawn.append((record, image_path))
+    return file, len(records), drawn, warnings
+
+
+def check_calibration_file(path: str | Path, *, image_root: str | Path | None = None, samples: int = 128,
+                           seed: int = 0, max_pixels: int | None = None) -> None:
+    """Check, before any model is loaded, what :func:`load_calibration` would read: the file, the
+    drawn records and their images; and that at least one drawn record has an image (the engine
+    needs image tokens). Raises :class:`CalibrationError`."""
+    file, _, drawn, _ = _draw(path, image_root, samples, seed, max_pixels)
+    if not any(image_path for _, image_path in drawn):
+        raise _fail(f"none of the {len(drawn)} records drawn from {file} has an image: the calibration "
+                    "needs image tokens; give records with an \"image\"")
+
+
 def load_calibration(
     path: str | Path,
     processor: Any,
@@ -308,32 +345,14 @@ def load_calibration(
     (default: the file's folder). ``max_pixels`` downscales images before processing, a cap on
     visual tokens for every family. Only the drawn records' images are opened.
     """
-    if samples < 1:
-        raise _fail(f"samples must be at least 1, got {samples}: pass --samples N with N >= 1")
-    if max_pixels is not None and max_pixels < 1:
-        raise _fail(f"max_pixels must be positive, got {max_pixels}: pass --max-pixels N with N >= 1")
-    file = Path(path)
-    records = _read_records(file)
-    root = Path(image_root).expanduser() if image_root is not None else file.parent
-    if image_root is not None and not root.is_dir():
-        raise _fail(f"image root {root} is not a folder: pass --image-root with the images' folder")
-
-    warnings: list[str] = []
-    if samples > len(records):
-        warnings.append(f"{file.name} holds {len(records)} records, fewer than the {samples} samples "
-                        f"asked: using all {len(records)}")
-    drawn = random.Random(seed).sample(records, min(samples, len(records)))
-
+    file, records_in_file, drawn, warnings = _draw(path, image_root, samples, seed, max_pixels)
     image_token = None if _has_chat_template(processor) else _image_token(processor)
     if image_token is not None:
         warnings.append(f"the {type(processor).__name__} has no chat template: samples rendered as plain "
                         "'USER: ... ASSISTANT: ...' text")
-    # First pass: render every drawn record and decode its image, so that all errors come first.
+    # Render every drawn record first, so that all errors come before any processing.
     prepared: list[tuple[_Record, str, Path | None]] = []
-    for record in drawn:
-        image_path = _resolve_image(record.image, root, record.where) if record.image else None
-        if image_path is not None:
-            _open_image(image_path, None).close()
+    for record, image_path in drawn:
         if image_token is not None:
             text = _plain_text(record.messages, image_token)
         else:
@@ -363,4 +382,4 @@ def load_calibration(
                             "check the record and that the processor belongs to the model") from None
             inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
             out.append(CalibrationSample(inputs, source, str(image_path) if image_path else None))
-    return CalibrationSet(out, str(file), len(records), seed, warnings)
+    return CalibrationSet(out, str(file), records_in_file, seed, warnings)

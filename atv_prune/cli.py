@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from .cli_support import one_line_errors
+from .cli_support import Group, one_line_errors
 from .config import METHODS, POOLS, PruneConfig, parse_pattern
 from .errors import AtvPruneError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="atv-prune")
 def main() -> None:
     """Modality-aware pruning of vision-language models (ATV-Pruning, Wanda, magnitude)."""
@@ -58,6 +58,7 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     from .api import prune as run_prune
     from .api import resolve_device
     from .export import check_output_dir, save_pruned
+    from .preflight import check_run_inputs
     from .loading import compute_dtype, load_model
     from .processors import load_processor
 
@@ -76,6 +77,8 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     if calib_path is not None and not calib_path.is_file():
         raise AtvPruneError(f"calibration file {calib_path} not found: pass an existing --calib FILE")
     check_output_dir(out_dir, overwrite, protected=[model_path])
+    check_run_inputs(model_path, [config], calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
+                     device=device, trust_remote_code=trust_remote_code)
     compute = resolve_device(device)
     started = time.perf_counter()
     model, saved_dtype = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
@@ -99,6 +102,8 @@ def _apply_recipe(ctx: click.Context, path: Path, method: str, pool: str | None,
     """Method, pool and alpha from a motprobe recipe, unless given explicitly on the command line."""
     import json
 
+    if not path.is_file():
+        raise AtvPruneError(f"recipe {path} not found: pass the recipe.json 'motprobe sensitivity' wrote")
     try:
         recipe = json.loads(path.read_text())
         values = {"method": recipe["method"], "pool": recipe["pool"], "alpha": float(recipe["alpha"])}

@@ -21,11 +21,17 @@ def _read_result(path: Path) -> EvalResult:
     """The result saved in a dense model's eval_results.json."""
     from .eval.run import EvalResult
 
+    if not path.is_file():
+        raise AtvPruneError(f"--baseline {path} not found: pass the eval_results.json of the dense model")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise AtvPruneError(f"cannot read --baseline {path}: {error}") from None
-    return EvalResult.from_dict(data.get("result", data))
+    result = data.get("result", data) if isinstance(data, dict) else None
+    if not isinstance(result, dict) or not isinstance(result.get("scores"), dict):
+        raise AtvPruneError(f"--baseline {path} is not an eval_results.json (no per-task scores): "
+                            "pass the file 'atv-prune eval --out' wrote for the dense model")
+    return EvalResult.from_dict(result)
 
 
 @click.command("eval", cls=ListOptionsCommand)
@@ -61,25 +67,33 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from .api import resolve_device
     from .eval.env import require_lmms_eval
-    from .export import write_json_atomic
+    from .export import check_creatable, write_json_atomic
+    from .preflight import check_model
     from .loading import compute_dtype, load_model
     from .processors import load_processor
 
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
-    if out_file is not None and out_file.exists() and not overwrite:
-        raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
+    if out_file is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise AtvPruneError(f"--out {out_dir} is a file, not a folder: choose another --out")
+        if out_file.exists() and not out_file.is_file():
+            raise AtvPruneError(f"{out_file} is a folder: remove it or choose another --out")
+        if out_file.exists() and not overwrite:
+            raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
+        check_creatable(out_dir)
     if bench_dir is not None and not bench_dir.is_dir():
         raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
     require_lmms_eval()
-    from .eval.run import check_comparable, evaluate, resolve_tasks, retention
-    from .eval.tasks import default_bench_dir
+    from .eval.run import check_comparable, check_tasks, evaluate, retention
 
     # Everything checkable is checked before the (possibly long) model load and evaluation.
-    task_ids = resolve_tasks(list(tasks), bench_dir if bench_dir is not None else default_bench_dir())
+    task_ids = check_tasks(list(tasks), bench_dir)
     baseline = _read_result(baseline_path) if baseline_path is not None else None
     if baseline is not None:
         check_comparable(task_ids.values(), limit, baseline)
     compute = resolve_device(device)
+    compute_dtype(dtype, compute)
+    check_model(model_path, device=device, trust_remote_code=trust_remote_code)
     model, _ = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     model.to(compute)

@@ -139,6 +139,8 @@ def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, m
     from .plots import tokens_vs_retention
     from .study import Cell, Study, cell_summary, markdown_table, retention_rows
 
+    if sparsity is not None and pattern is not None:
+        raise ConfigError("give one target: --sparsity P or --pattern N:M, not both")
     adaptive = {"drift": "atv", "random": "random", "abs": "abs", "dbs": "dbs"}[saliency]
     fixed = "drift-fixed" if saliency == "drift" else f"{adaptive}-fixed"
     target = dict(sparsity=None, pattern=parse_pattern(pattern)) if pattern else dict(

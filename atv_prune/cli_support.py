@@ -12,7 +12,8 @@ from .errors import AtvPruneError
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an :class:`AtvPruneError` into ``error: ...`` on stderr and exit status 2."""
+    """Turn an :class:`AtvPruneError`, or an unforeseen file-system ``OSError``, into one
+    ``error: ...`` line on stderr and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -21,11 +22,64 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except AtvPruneError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except OSError as error:  # a file system problem no check foresaw (disk full, a path changed)
+            where = f" {error.filename}" if error.filename else ""
+            click.echo(f"error: cannot access{where}: {error.strerror or error}: check the path, its "
+                       "permissions and the free space", err=True)
+            sys.exit(2)
 
     return wrapper
 
 
-class ListOptionsCommand(click.Command):
+class OneLineUsageError(click.ClickException):
+    """A command-line usage error (unknown option or choice, bad value, missing option) shown as
+    one ``error: ...`` line with a pointer to ``--help``, instead of click's usage block."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, command_path: str) -> None:
+        super().__init__(message)
+        self.command_path = command_path
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
+
+
+def _one_line(error: click.UsageError, fallback: str) -> OneLineUsageError:
+    return OneLineUsageError(error.format_message(), error.ctx.command_path if error.ctx else fallback)
+
+
+class Command(click.Command):
+    """A click command whose usage errors are one line."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _one_line(error, info_name or self.name or "") from None
+
+
+class Group(click.Group):
+    """A click group whose usage errors (its own and its commands') are one line."""
+
+    command_class = Command
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _one_line(error, info_name or self.name or "") from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, ...]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            raise _one_line(error, ctx.command_path) from None
+
+
+class ListOptionsCommand(Command):
     """A command whose ``multiple=True`` options also take space-separated lists:
     ``--sparsity 0.5 0.6`` is read as ``--sparsity 0.5 --sparsity 0.6``."""
 

@@ -72,11 +72,11 @@ class PruneConfig:
             raise ConfigError("DAS allocation needs unstructured --sparsity and a calibrated method; "
                               "use --allocation uniform with N:M patterns")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ConfigError(f"alpha {self.alpha} must be a finite number >= 0")
+            raise ConfigError(f"alpha {self.alpha} must be a finite number >= 0: pass --alpha 0 or more (default 1)")
         if not (0 < self.visual_ratio <= 1):
-            raise ConfigError(f"visual ratio {self.visual_ratio} is outside (0, 1]")
+            raise ConfigError(f"visual ratio {self.visual_ratio} is outside (0, 1]: pass --visual-ratio R with 0 < R <= 1")
         if self.samples < 1:
-            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+            raise ConfigError(f"samples must be >= 1, got {self.samples}: pass --samples N with N >= 1")
 
     @property
     def method_spec(self) -> Method:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import builtin
-from .cli_support import one_line_errors
+from .cli_support import Command, one_line_errors
 from .errors import AtvPruneError
 
 DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
@@ -40,7 +40,7 @@ def builtin_benchmark() -> Path:
     return folder
 
 
-@click.command("demo")
+@click.command("demo", cls=Command)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("atv-demo"), show_default=True,
               help="Output folder; re-running resumes it.")
 @click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples.")

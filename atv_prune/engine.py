@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .capture import CapturedSample, module_device, next_input, run_block
 from .config import PruneConfig
-from .errors import NumericalError, UnsupportedModelError
+from .errors import ConfigError, NumericalError, UnsupportedModelError
 from .allocation import allocate_sparsity, das_importance, output_similarity_sums
 from .attention import recording_attention
 from .pools import (POOLS, PoolChoice, SampleView, adaptive_budget, budget_cap, drift_of, fixed_budget,
@@ -67,6 +67,18 @@ def linear_targets(block: nn.Module, prefix: str) -> list[PruneTarget]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Linear)
     ]
+
+
+def check_targets(blocks: nn.ModuleList, prefix: str, config: PruneConfig,
+                  find_targets: TargetFinder = linear_targets) -> None:
+    """Refuse, before any calibration work, blocks the pruner cannot handle and an N:M pattern
+    that does not divide some target's in_features (works on a meta-device model too)."""
+    for index, block in enumerate(blocks):
+        for target in find_targets(block, f"{prefix}.{index}"):
+            if config.pattern is not None and target.weight.shape[1] % config.pattern[1]:
+                n, m = config.pattern
+                raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but {target.name} has "
+                                  f"{target.weight.shape[1]}: choose another M")
 
 
 @dataclass

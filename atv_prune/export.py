@@ -63,15 +63,32 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def check_creatable(folder: Path) -> None:
+    """Refuse a ``folder`` that could not be created or written into: a file in its place or in its
+    path, or no write permission in the nearest folder that exists."""
+    folder = Path(folder).resolve()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AtvPruneError(f"cannot create {folder}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AtvPruneError(f"cannot write into {existing} (permission denied): choose a writable --out")
+
+
 def check_output_dir(out: Path, overwrite: bool, protected: list[Path] = ()) -> None:
-    """Refuse an existing ``out`` (unless ``overwrite``) and any ``out`` inside a protected folder."""
+    """Refuse an existing ``out`` (unless ``overwrite``), one that is a file or could not be
+    created beside its siblings, and any ``out`` inside a protected folder."""
     out = Path(out).resolve()
     for folder in protected:
         folder = Path(folder).resolve()
         if out == folder or folder in out.parents or out in folder.parents:
             raise AtvPruneError(f"--out {out} overlaps the input {folder}: choose a separate output folder")
+    if out.exists() and not out.is_dir():
+        raise AtvPruneError(f"--out {out} is a file, not a folder: choose another --out")
     if out.exists() and not overwrite:
         raise AtvPruneError(f"output folder {out} already exists: pass --overwrite or choose another --out")
+    check_creatable(out.parent)
 
 
 def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = False) -> None:

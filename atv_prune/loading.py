@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,42 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def read_config(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a local checkpoint folder, or a one-line error."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AtvPruneError(f"no model found at {path} (config.json missing): pass a local checkpoint folder")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise UnsupportedModelError(
+            f"cannot read the config in {path} ({str(error).splitlines()[0]}); "
+            f"supported families: {supported_families()}; pass --trust-remote-code for custom code"
+        ) from None
+
+
+def _not_image_text_to_text(path: Path, config: Any, error: ValueError) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"model type '{config.model_type}' in {path} is not an image-text-to-text model transformers can load "
+        f"({str(error).splitlines()[0]}); supported families: {supported_families()}"
+    )
+
+
+def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The checkpoint's model built on the meta device (shapes, no weights, no memory), to check
+    a run's inputs against the architecture before the weights are loaded."""
+    from transformers import AutoModelForImageTextToText
+
+    config = read_config(path, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise _not_image_text_to_text(Path(path), config, error) from None
+
+
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
 ) -> tuple[nn.Module, torch.dtype]:
@@ -29,27 +66,16 @@ def load_model(
 
     Returns the model and the dtype its checkpoint was saved in (to save the result alike).
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise AtvPruneError(f"no model found at {path} (config.json missing): pass a local checkpoint folder")
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise UnsupportedModelError(
-            f"cannot read the config in {path} ({str(error).splitlines()[0]}); "
-            f"supported families: {supported_families()}; pass --trust-remote-code for custom code"
-        ) from None
+    config = read_config(path, trust_remote_code)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except ValueError as error:
-        raise UnsupportedModelError(
-            f"model type '{config.model_type}' in {path} is not an image-text-to-text model transformers can load "
-            f"({str(error).splitlines()[0]}); supported families: {supported_families()}"
-        ) from None
+        raise _not_image_text_to_text(path, config, error) from None
     except OSError as error:
         raise AtvPruneError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from None
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from .api import PruneReport, package_versions, prune
 from .calibration import CalibrationSet
 from .config import PruneConfig
 from .errors import AtvPruneError
-from .export import write_json_atomic
+from .export import check_creatable, write_json_atomic
 
 PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, dict[str, Any]], PruneReport]
 
@@ -138,27 +139,56 @@ class Study:
     """Runs cells into a study folder, resuming finished ones."""
 
     def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
+        """Check that ``folder`` is new, or holds this same study (unless ``overwrite``); nothing
+        is written until :meth:`run_all` has checked the inputs."""
         self.folder = Path(folder)
         self.settings = settings
         self.cells_dir = self.folder / "cells"
+        self.overwrite = overwrite
+        self.versions = package_versions()
+        self.identity = {"kind": kind, **settings.identity(),
+                         "versions": {k: self.versions[k] for k in ("atv-prune", "torch", "transformers")}}
         manifest = self.folder / "study.json"
-        versions = package_versions()
-        identity = {"kind": kind, **settings.identity(),
-                    "versions": {k: versions[k] for k in ("atv-prune", "torch", "transformers")}}
+        if self.folder.exists() and not self.folder.is_dir():
+            raise AtvPruneError(f"--out {self.folder} is a file, not a folder: choose another --out")
         if manifest.exists() and not overwrite:
-            stored = json.loads(manifest.read_text())
-            if stored.get("identity") != identity:
-                changed = sorted(k for k in identity if stored.get("identity", {}).get(k) != identity[k])
+            try:
+                stored = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                raise AtvPruneError(f"{manifest} is unreadable or not JSON: pass --overwrite to start the study "
+                                    "afresh, or choose another --out") from None
+            if not isinstance(stored, dict) or stored.get("identity") != self.identity:
+                stored_identity = stored.get("identity", {}) if isinstance(stored, dict) else {}
+                changed = sorted(k for k in self.identity if stored_identity.get(k) != self.identity[k])
                 raise AtvPruneError(f"{self.folder} holds a different study (differs in {', '.join(changed)}): "
                                     "choose another --out or pass --overwrite")
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
             raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
-        if overwrite and self.cells_dir.exists():
+        check_creatable(self.folder)
+        self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
+
+    def check_inputs(self, cells: list[Cell]) -> None:
+        """Everything about the model, calibration file, tasks and device that can fail, checked
+        before the first cell: such an error then costs seconds and leaves no folder behind."""
+        from .eval.run import check_tasks
+        from .preflight import check_run_inputs
+
+        settings = self.settings
+        check_run_inputs(settings.model, [cell.config for cell in cells], calib_path=settings.calib,
+                         image_root=settings.image_root, max_pixels=settings.max_pixels, device=settings.device,
+                         trust_remote_code=settings.trust_remote_code)
+        check_tasks(settings.tasks, settings.bench_dir)
+
+    def _open(self) -> bool:
+        """Create the folder (or empty its cells for ``overwrite``) and pin the study in
+        ``study.json``; return whether this call created the folder."""
+        created = not self.folder.exists()
+        if self.overwrite and self.cells_dir.exists():
             for stale in self.cells_dir.glob("*.json"):
                 stale.unlink()
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(manifest, {"identity": identity, "versions": versions})
-        self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
+        write_json_atomic(self.folder / "study.json", {"identity": self.identity, "versions": self.versions})
+        return created
 
     def _load(self) -> tuple[nn.Module, Any]:
         from .loading import compute_dtype, load_model
@@ -232,12 +262,22 @@ class Study:
 
     def run_all(self, cells: list[Cell], prune_function: PruneFunction = _default_prune
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The dense evaluation and every cell's record, computing only what is not stored yet."""
-        dense = self.dense()
-        records = []
-        for number, cell in enumerate(cells, 1):
-            print(f"[{number}/{len(cells)}] {cell.label}", file=sys.stderr, flush=True)
-            records.append(self.run(cell, prune_function))
+        """The dense evaluation and every cell's record, computing only what is not stored yet.
+
+        The inputs are checked first; a folder this call created is removed again if it fails
+        before any result is stored."""
+        self.check_inputs(cells)
+        created = self._open()
+        try:
+            dense = self.dense()
+            records = []
+            for number, cell in enumerate(cells, 1):
+                print(f"[{number}/{len(cells)}] {cell.label}", file=sys.stderr, flush=True)
+                records.append(self.run(cell, prune_function))
+        except BaseException:
+            if created and not any(self.cells_dir.glob("*.json")):
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         return dense, records
 
 

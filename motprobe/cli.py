@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from atv_prune.cli_study import study_options
-from atv_prune.cli_support import ListOptionsCommand, one_line_errors
+from atv_prune.cli_support import Group, ListOptionsCommand, one_line_errors
 from atv_prune.config import PruneConfig, parse_pattern
 from atv_prune.errors import AtvPruneError
 
@@ -47,7 +47,7 @@ def common_options(function):
     return function
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Study how text and visual tokens behave under pruning (the paper's MoT probe and diagnostics)."""
 
@@ -55,23 +55,30 @@ def main() -> None:
 @main.command()
 @common_options
 @click.option("--method", type=click.Choice(["wanda", "sparsegpt"]), default="wanda", show_default=True)
-@click.option("--sparsity", type=float, default=0.5, show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
 @click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
 @click.option("--pools", nargs=2, default=("text", "visual"), show_default=True, help="The two pools compared.")
 @click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, method: str,
-        sparsity: float, pattern: str | None, pools: tuple[str, str], device: str | None) -> None:
+        sparsity: float | None, pattern: str | None, pools: tuple[str, str], device: str | None) -> None:
     """Mask IoU between two calibration pools for every pruned linear (table, summary, histogram)."""
     from atv_prune.export import check_output_dir, write_dir_atomic, write_json_atomic
+    from atv_prune.preflight import check_run_inputs
 
     from .diagnostics import iou_summary, mask_iou, plot_iou_histogram, pruned_masks, write_csv
 
-    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else sparsity,
+    if sparsity is not None and pattern is not None:
+        raise AtvPruneError("give one target: --sparsity P or --pattern N:M, not both")
+    if pools[0] == pools[1]:
+        raise AtvPruneError(f"--pools names {pools[0]} twice: give two different pools, e.g. --pools text visual")
+    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else (sparsity or 0.5),
                            pattern=parse_pattern(pattern) if pattern else None, samples=samples, seed=seed,
                            device=device) for pool in pools]
     check_output_dir(out_dir, overwrite, protected=[model_path])
+    check_run_inputs(model_path, configs, calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
+                     device=device, trust_remote_code=trust_remote_code)
     masks = []
     for config in configs:
         model, processor = _load(model_path, trust_remote_code)
@@ -96,19 +103,26 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
 @main.command()
 @common_options
 @click.option("--blocks", "block_list", type=int, multiple=True, required=True, help="Blocks to embed (repeat).")
-@click.option("--tokens", type=int, default=400, show_default=True, help="Tokens per modality and block.")
-@click.option("--perplexity", type=float, default=30.0, show_default=True, help="t-SNE perplexity.")
+@click.option("--tokens", type=click.IntRange(min=2), default=400, show_default=True,
+              help="Tokens per modality and block.")
+@click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="t-SNE perplexity.")
 @click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
          max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
          block_list: tuple[int, ...], tokens: int, perplexity: float, device: str | None) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
+    from atv_prune.calibration import check_calibration_file
     from atv_prune.export import check_output_dir, write_dir_atomic
+    from atv_prune.preflight import check_model
 
-    from .diagnostics import block_activations, plot_tsne, tsne_embedding, write_csv
+    from .diagnostics import block_activations, check_block_range, plot_tsne, tsne_embedding, write_csv
 
     check_output_dir(out_dir, overwrite, protected=[model_path])
+    check_block_range(sorted(set(block_list)), check_model(model_path, device=device,
+                                                           trust_remote_code=trust_remote_code))
+    check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
     model, processor = _load(model_path, trust_remote_code)
     calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)
     activations = block_activations(model, calibration, sorted(set(block_list)), device)
@@ -137,6 +151,8 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
 
     from .diagnostics import plot_drift, write_csv
 
+    if not report_path.is_file():
+        raise AtvPruneError(f"report {report_path} not found: pass the pruning_report.json atv-prune prune wrote")
     try:
         report = json.loads(report_path.read_text())
         blocks = report["blocks"]
@@ -184,14 +200,17 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     targets = [dict(sparsity=s, pattern=None) for s in sparsities] + [
         dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
     pools = tuple(p for value in pools for p in value.replace(",", " ").split())
+    if method == "magnitude":
+        if click.get_current_context().get_parameter_source("pools") == click.core.ParameterSource.COMMANDLINE:
+            raise AtvPruneError("magnitude pruning uses no calibration pool: drop --pool")
+        pools = (None,)
     cells = []
     for pathway in pathways:
         for pool in pools:
             for target in targets:
-                config = PruneConfig(method=method, pool=None if method == "magnitude" else pool,
-                                     samples=kw["samples"], seed=kw["seed"], device=kw["device"], progress=False,
-                                     **target)
-                cells.append(Cell(f"{pathway}:{pool} {config.target_label}", config,
+                config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"],
+                                     device=kw["device"], progress=False, **target)
+                cells.append(Cell(f"{pathway}:{pool or 'none'} {config.target_label}", config,
                                   {"pathway": pathway, "include_o_proj": include_o_proj}))
     settings = study_settings(kw)
     study = Study(kw["out_dir"], settings, "motprobe-sensitivity", kw["overwrite"])
@@ -200,7 +219,7 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
     hardest = (max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config).target_label
-    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} else None
+    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} and method != "magnitude" else None
     write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "table": rows, "recipe": recipe,
                                                        "cells": [cell_summary(r) for r in records]})
     write_text_atomic(kw["out_dir"] / "results.csv", csv_text(rows))

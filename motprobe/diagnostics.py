@@ -81,6 +81,12 @@ def iou_summary(rows: list[dict[str, Any]], bins: tuple[float, ...] = (0.6, 0.7,
     }
 
 
+def check_block_range(blocks: list[int], n_blocks: int) -> None:
+    """Refuse block indices outside the model's ``0 .. n_blocks - 1``."""
+    if not blocks or min(blocks) < 0 or max(blocks) >= n_blocks:
+        raise ConfigError(f"blocks {blocks} are out of range: the model has blocks 0-{n_blocks - 1}")
+
+
 @torch.no_grad()
 def block_activations(
     model: nn.Module, calibration: CalibrationSet, blocks: list[int], device: str | None = None
@@ -91,8 +97,7 @@ def block_activations(
     device = resolve_device(device)
     layout = resolve(model)
     decoder = layout.blocks(model)
-    if not blocks or min(blocks) < 0 or max(blocks) >= len(decoder):
-        raise ConfigError(f"blocks {blocks} are out of range: the model has blocks 0-{len(decoder) - 1}")
+    check_block_range(blocks, len(decoder))
     with non_block_modules_on(model, decoder, device):
         samples = [capture_sample(model, layout, s.inputs, s.source, device, "cpu") for s in calibration.samples]
     collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in blocks}
@@ -122,7 +127,7 @@ def tsne_embedding(activations: torch.Tensor, visual: torch.Tensor, tokens_per_m
         positions = (visual == flag).nonzero().squeeze(1).tolist()
         chosen += rng.sample(positions, min(tokens_per_modality, len(positions)))
     if len(chosen) < 3:
-        raise CalibrationError("too few tokens for a t-SNE: use more calibration samples")
+        raise CalibrationError(f"only {len(chosen)} tokens for a t-SNE (3 or more needed): raise --samples or --tokens")
     index = torch.tensor(sorted(chosen))
     data = activations[index].numpy()
     embedding = TSNE(n_components=2, perplexity=min(perplexity, (len(index) - 1) / 3), random_state=seed,

@@ -38,7 +38,7 @@ def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> list[dict[str
     for record in records:
         pathway, pool = record["extra"]["pathway"], record["config"]["pool"]
         target = record["label"].rsplit(" ", 1)[1]
-        row = rows.setdefault((pathway, pool), {"pathway": pathway, "calibration": pool})
+        row = rows.setdefault((pathway, pool), {"pathway": pathway, "calibration": pool or "none"})
         for task in tasks:
             row[f"{target} {task}"] = record["retention"]["tasks"].get(task)
         row[f"{target} mean"] = record["retention"]["mean"]

@@ -100,3 +100,17 @@ def test_a_bad_recipe_is_one_line(workspace, tmp_path: Path) -> None:
                                            str(tmp_path / "r.json"), "--sparsity", "0.5", "--out",
                                            str(tmp_path / "o")])
     assert result.exit_code == 2 and "is not a recipe" in result.output
+
+
+def test_a_magnitude_study_has_one_uncalibrated_row_per_pathway_and_no_recipe(workspace, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(Study, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
+    out = workspace["root"] / "magnitude-study"
+    args = ["sensitivity", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
+            "--sparsity", "0.5", "--method", "magnitude", "--out", out]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 + 2
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["pathway"], r["calibration"]) for r in results["table"]] == [("text", "none"), ("visual", "none")]
+    assert results["recipe"] is None and not (out / "recipe.json").exists()

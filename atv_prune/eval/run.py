@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import AtvPruneError, one_line
 from .env import offline, progress_bars, require_lmms_eval, versions
-from .tasks import TASK_PREFIX, builtin_tasks, default_bench_dir, task_id, write_builtin_tasks
+from .tasks import TASK_PREFIX, builtin_tasks, default_bench_dir, read_records, task_id, write_builtin_tasks
 
 #: Task id -> ([metric names summed], divisor): score = 100 * sum / divisor. The built-in tasks
 #: report accuracy in [0, 100] already; MME's perception (max 2000) and cognition (max 800)
@@ -70,10 +70,13 @@ class EvalResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         """Read back :meth:`to_dict` output (e.g. a saved ``eval_results.json``)."""
-        try:
-            return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
-        except TypeError as error:
-            raise AtvPruneError(f"not an atv-prune evaluation result: {error}") from None
+        required = [name for name, f in cls.__dataclass_fields__.items()
+                    if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise AtvPruneError(f"not an atv-prune evaluation result (no {', '.join(missing)}): pass an "
+                                "eval_results.json written by 'atv-prune eval'")
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 def resolve_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, str]:
@@ -103,6 +106,28 @@ def resolve_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, s
     return ids
 
 
+def check_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, str]:
+    """:func:`resolve_tasks` against ``bench_dir`` (default: the shipped benchmark), with every
+    built-in task's records read and checked and every other name looked up in lmms-eval's task
+    index: the task errors an evaluation would meet, before any model is loaded."""
+    require_lmms_eval()
+    bench_dir = bench_dir if bench_dir is not None else default_bench_dir()
+    task_ids = resolve_tasks(list(names), bench_dir)
+    others = [task for task in task_ids.values() if not task.startswith(TASK_PREFIX)]
+    for task in task_ids.values():
+        if task.startswith(TASK_PREFIX):
+            read_records(Path(bench_dir) / "test" / f"{task.removeprefix(TASK_PREFIX)}.jsonl", Path(bench_dir))
+    if others:
+        from lmms_eval.tasks import TaskManager
+
+        task_manager = TaskManager(verbosity="WARNING")
+        hint = (f"not a task of {bench_dir}" if bench_dir is not None
+                else "no benchmark folder for built-in tasks (pass --bench)")
+        for name in others:
+            _check_known(name, task_manager, hint)
+    return task_ids
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The exception under tenacity's RetryError (lmms-eval retries dataset loading five times)."""
     attempt = getattr(error, "last_attempt", None)
@@ -110,17 +135,22 @@ def _root_cause(error: BaseException) -> BaseException:
     return _root_cause(inner) if inner is not None else error
 
 
-def _load_task(name: str, task_manager: Any, builtin_hint: str) -> Any:
-    """Load one lmms-eval task (config, hooks and data) offline; one-line errors name the task."""
-    from lmms_eval.api.task import Task
-    from lmms_eval.tasks import get_task_dict
-
+def _check_known(name: str, task_manager: Any, builtin_hint: str) -> None:
+    """Refuse a name that is not a task in lmms-eval's index (suggesting close ones)."""
     if name not in task_manager.all_tasks:
         close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AtvPruneError(f"unknown task '{name}': not an lmms-eval task id and {builtin_hint}{hint}")
     if task_manager.task_index[name]["type"] not in ("task", "python_task"):
         raise AtvPruneError(f"'{name}' is an lmms-eval group or tag, not a task: pass its tasks by name")
+
+
+def _load_task(name: str, task_manager: Any, builtin_hint: str) -> Any:
+    """Load one lmms-eval task (config, hooks and data) offline; one-line errors name the task."""
+    from lmms_eval.api.task import Task
+    from lmms_eval.tasks import get_task_dict
+
+    _check_known(name, task_manager, builtin_hint)
     try:
         with offline():
             loaded = get_task_dict([name], task_manager)

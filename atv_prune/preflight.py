@@ -1,0 +1,47 @@
+"""Checks of a run's inputs that need neither the weights nor the processor.
+
+Every command runs them before it loads a checkpoint, reads calibration samples or evaluates:
+a bad calibration file, a model family we do not support, an N:M pattern that does not fit the
+model's widths or a device that is not there then ends in one line within seconds, and before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .api import resolve_device
+from .calibration import check_calibration_file
+from .config import PruneConfig
+from .errors import CalibrationError
+from .engine import check_targets
+from .families import resolve
+from .loading import model_skeleton
+
+
+def check_model(model_path: Path, configs: Iterable[PruneConfig] = (), *, device: str | None = None,
+                trust_remote_code: bool = False) -> int:
+    """Check the device and the model: a supported family with locatable decoder blocks, and each
+    config's N:M pattern against the widths, on a meta-device skeleton (no weights read).
+    Returns the number of decoder blocks."""
+    resolve_device(device)
+    skeleton = model_skeleton(model_path, trust_remote_code)
+    layout = resolve(skeleton)
+    for config in configs:
+        check_targets(layout.blocks(skeleton), layout.block_path, config)
+    return len(layout.blocks(skeleton))
+
+
+def check_run_inputs(model_path: Path, configs: Iterable[PruneConfig], *, calib_path: Path | None = None,
+                     image_root: Path | None = None, max_pixels: int | None = None, device: str | None = None,
+                     trust_remote_code: bool = False) -> None:
+    """:func:`check_model`, then the calibration file for every draw (samples, seed) that a
+    calibrated config makes."""
+    configs = list(configs)
+    check_model(model_path, configs, device=device, trust_remote_code=trust_remote_code)
+    draws = sorted({(c.samples, c.seed) for c in configs if c.needs_calibration})
+    if draws and calib_path is None:
+        raise CalibrationError("these methods need calibration data: pass --calib FILE")
+    for samples, seed in draws:
+        check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)

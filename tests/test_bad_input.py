@@ -1,0 +1,171 @@
+"""Bad input across the commands: one ``error:`` line, exit status 2, checked before the weights
+are loaded or any evaluation runs, and nothing left behind (no study folder, no staging folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from atv_prune import PruneConfig, prune
+from atv_prune.cli import main as atv_main
+from atv_prune.errors import ConfigError
+from atv_prune.loading import load_model
+from motprobe.cli import main as motprobe_main
+from tiny_checkpoints import make_llava_workspace
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    space = make_llava_workspace(tmp_path_factory.mktemp("bad"))
+    text_only = space["root"] / "textonly.jsonl"
+    text_only.write_text('{"image": null, "text": "just words"}\n{"text": "more words"}\n')
+    space["textonly"] = text_only
+    invalid = space["root"] / "invalid.json"
+    invalid.write_text('[{"image": "x.png", "conversations": [}]')
+    space["invalid"] = invalid
+    return space
+
+
+def _invoke(main, *args) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, lines
+
+
+def _one_error(code: int, lines: list[str], message: str) -> None:
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.fixture
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads weights: its input checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr("atv_prune.loading.load_model", refuse)
+
+
+def test_usage_errors_are_one_line() -> None:
+    _one_error(*_invoke(atv_main, "prune", "--method", "bogus"), "Invalid value for '--method'")
+    _one_error(*_invoke(atv_main, "prune"), "Missing option '--model'")
+    _one_error(*_invoke(atv_main, "nosuch"), "No such command 'nosuch'")
+    _one_error(*_invoke(atv_main, "demo", "--limit", "0"), "demo --help')")
+    _one_error(*_invoke(motprobe_main, "tsne", "--perplexity", "-1"), "'--perplexity'")
+    code, lines = _invoke(atv_main, "compare", "--help")
+    assert code == 0 and lines[0].startswith("Usage:")
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "read-only"])
+def test_unwritable_output_is_refused_before_the_work(workspace, tmp_path: Path, where: str,
+                                                       monkeypatch: pytest.MonkeyPatch, no_weights) -> None:
+    (tmp_path / "f").write_text("a file")
+    out = {"file": tmp_path / "f", "under-file": tmp_path / "f" / "out", "read-only": tmp_path / "ro" / "out"}[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path / "ro"
+                            else real_access(path, mode))
+    message = {"file": "is a file", "under-file": "is a file", "read-only": "permission denied"}[where]
+    base = ["--model", workspace["model"], "--calib", workspace["calib"], "--out", out]
+    _one_error(*_invoke(atv_main, "prune", "--quiet", "--sparsity", "0.5", *base), message)
+    _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "exist", "--out", out), message)
+    _one_error(*_invoke(atv_main, "compare", "--tasks", "exist", "--sparsity", "0.5", *base), message)
+    _one_error(*_invoke(motprobe_main, "iou", *base), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["f", "ro"] if where == "read-only" else ["f"])
+
+
+@pytest.mark.parametrize("command", ["compare", "sensitivity"])
+@pytest.mark.parametrize("case", ["invalid calibration", "text-only calibration", "no model", "unsupported model",
+                                  "pattern", "task", "device"])
+def test_studies_check_every_input_first_and_leave_no_folder(workspace, tmp_path: Path, command: str, case: str,
+                                                             no_weights) -> None:
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    model, calib, tasks, target, device = workspace["model"], workspace["calib"], "exist", ["--sparsity", "0.5"], "cpu"
+    if case == "invalid calibration":
+        calib, message = workspace["invalid"], "malformed JSON"
+    elif case == "text-only calibration":
+        calib, message = workspace["textonly"], "has an image"
+    elif case == "no model":
+        model, message = tmp_path / "nowhere", "no model found"
+    elif case == "unsupported model":
+        model, message = tmp_path / "bert", "bert"
+    elif case == "pattern":
+        target, message = ["--pattern", "2:5"], "divisible by 5"
+    elif case == "task":
+        tasks, message = "exsit", "unknown task 'exsit'"
+    else:
+        device, message = "tpu", "unknown device 'tpu'"
+    main = atv_main if command == "compare" else motprobe_main
+    out = tmp_path / "study"
+    _one_error(*_invoke(main, command, "--model", model, "--calib", calib, "--tasks", tasks, *target,
+                        "--samples", "2", "--device", device, "--out", out), message)
+    assert not out.exists()
+
+
+def test_a_corrupt_or_misplaced_study_folder_is_one_line(workspace, tmp_path: Path, no_weights) -> None:
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
+            "--sparsity", "0.5"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "study.json").write_text("{oops")
+    _one_error(*_invoke(atv_main, *args, "--out", tmp_path / "broken"), "not JSON")
+    (tmp_path / "plain").write_text("x")
+    _one_error(*_invoke(atv_main, *args, "--out", tmp_path / "plain"), "is a file")
+
+
+def test_conflicting_or_meaningless_options_are_refused(workspace, tmp_path: Path, no_weights) -> None:
+    base = ["--model", workspace["model"], "--calib", workspace["calib"]]
+    _one_error(*_invoke(atv_main, "sweep", *base, "--tasks", "exist", "--sparsity", "0.5", "--pattern", "2:4",
+                        "--out", tmp_path / "s"), "not both")
+    _one_error(*_invoke(motprobe_main, "iou", *base, "--sparsity", "0.6", "--pattern", "2:4",
+                        "--out", tmp_path / "i"), "not both")
+    _one_error(*_invoke(motprobe_main, "iou", *base, "--pools", "text", "text", "--out", tmp_path / "i"),
+               "twice")
+    _one_error(*_invoke(motprobe_main, "sensitivity", *base, "--tasks", "exist", "--sparsity", "0.5",
+                        "--method", "magnitude", "--pool", "text", "--out", tmp_path / "m"), "drop --pool")
+    _one_error(*_invoke(motprobe_main, "tsne", "--model", workspace["model"], "--calib", workspace["textonly"],
+                        "--blocks", "0", "--out", tmp_path / "t"), "has an image")
+    _one_error(*_invoke(motprobe_main, "drift", "--report", tmp_path / "nosuch.json", "--out", tmp_path / "d"),
+               "not found")
+    _one_error(*_invoke(atv_main, "prune", *base, "--recipe", tmp_path / "nosuch.json", "--sparsity", "0.5",
+                        "--out", tmp_path / "p"), "not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_checks_tasks_and_baseline_before_loading(workspace, tmp_path: Path, no_weights) -> None:
+    base = ["eval", "--model", workspace["model"], "--tasks", "exist"]
+    _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "exsit"), "unknown task 'exsit'")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    _one_error(*_invoke(atv_main, *base, "--baseline", tmp_path / "list.json"), "not an eval_results.json")
+    (tmp_path / "partial.json").write_text(json.dumps({"result": {"scores": {"atvbench_exist": 50.0}}}))
+    _one_error(*_invoke(atv_main, *base, "--baseline", tmp_path / "partial.json"), "no mean")
+    (tmp_path / "out" / "eval_results.json").mkdir(parents=True)
+    _one_error(*_invoke(atv_main, *base, "--out", tmp_path / "out", "--overwrite"), "is a folder")
+
+
+def test_an_unforeseen_file_system_error_is_one_line(workspace, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr("atv_prune.export.save_pruned", full)
+    _one_error(*_invoke(atv_main, "prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
+                        "--sparsity", "0.5", "--out", tmp_path / "out"), "No space left on device")
+
+
+def test_an_nm_pattern_that_does_not_fit_fails_before_capture(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = load_model(workspace["model"])
+    before = [p.clone() for p in model.parameters()]
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before the pattern was checked")
+
+    monkeypatch.setattr("atv_prune.api.capture_sample", no_capture)
+    with pytest.raises(ConfigError, match="divisible by 5"):
+        prune(model, None, None, PruneConfig(method="wanda", sparsity=None, pattern=(2, 5)))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
