@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,17 +22,22 @@ def _read_result(path: Path) -> EvalResult:
     """The result saved in a dense model's eval_results.json."""
     from .eval.run import EvalResult
 
+    fix = "pass the eval_results.json 'atv-prune eval --out' wrote for the dense model"
     if not path.is_file():
-        raise AtvPruneError(f"--baseline {path} not found: pass the eval_results.json of the dense model")
+        raise AtvPruneError(f"--baseline {path} is not a file: {fix}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise AtvPruneError(f"cannot read --baseline {path}: {error}") from None
+        raise AtvPruneError(f"cannot read --baseline {path} ({error}): {fix}") from None
     result = data.get("result", data) if isinstance(data, dict) else None
-    if not isinstance(result, dict) or not isinstance(result.get("scores"), dict):
-        raise AtvPruneError(f"--baseline {path} is not an eval_results.json (no per-task scores): "
-                            "pass the file 'atv-prune eval --out' wrote for the dense model")
-    return EvalResult.from_dict(result)
+    scores = result.get("scores") if isinstance(result, dict) else None
+    if not isinstance(scores, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values()):
+        raise AtvPruneError(f"--baseline {path} holds no numeric per-task scores: {fix}")
+    try:
+        return EvalResult.from_dict(result)
+    except AtvPruneError as error:
+        raise AtvPruneError(f"--baseline {path}: {error}") from None
 
 
 @click.command("eval", cls=ListOptionsCommand)
@@ -94,6 +100,10 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     compute = resolve_device(device)
     compute_dtype(dtype, compute)
     check_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, _ = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     model.to(compute)

@@ -45,8 +45,15 @@ class OneLineUsageError(click.ClickException):
         click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
 
 
-def _one_line(error: click.UsageError, fallback: str) -> OneLineUsageError:
+def _one_line(error: click.UsageError, fallback: str) -> click.UsageError:
+    """The one-line form of ``error``; a bare command without arguments keeps click's help."""
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        return error
     return OneLineUsageError(error.format_message(), error.ctx.command_path if error.ctx else fallback)
+
+
+def _path(info_name: str | None, parent: click.Context | None) -> str:
+    return " ".join(part for part in (parent.command_path if parent else "", info_name or "") if part)
 
 
 class Command(click.Command):
@@ -57,7 +64,7 @@ class Command(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
-            raise _one_line(error, info_name or self.name or "") from None
+            raise _one_line(error, _path(info_name or self.name, parent)) from None
 
 
 class Group(click.Group):
@@ -70,7 +77,7 @@ class Group(click.Group):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
-            raise _one_line(error, info_name or self.name or "") from None
+            raise _one_line(error, _path(info_name or self.name, parent)) from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, ...]:
         try:

@@ -22,10 +22,13 @@ from .loading import model_skeleton
 
 def check_model(model_path: Path, configs: Iterable[PruneConfig] = (), *, device: str | None = None,
                 trust_remote_code: bool = False) -> int:
-    """Check the device and the model: a supported family with locatable decoder blocks, and each
+    """Check the devices (compute, and each config's offload device) and the model: a supported family with locatable decoder blocks, and each
     config's N:M pattern against the widths, on a meta-device skeleton (no weights read).
     Returns the number of decoder blocks."""
+    configs = list(configs)
     resolve_device(device)
+    for config in configs:
+        resolve_device(config.offload_device)
     skeleton = model_skeleton(model_path, trust_remote_code)
     layout = resolve(skeleton)
     for config in configs:

@@ -141,6 +141,9 @@ class Study:
     def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
         """Check that ``folder`` is new, or holds this same study (unless ``overwrite``); nothing
         is written until :meth:`run_all` has checked the inputs."""
+        from .api import resolve_device
+
+        resolve_device(settings.device)  # a bad device is that, not "a different study"
         self.folder = Path(folder)
         self.settings = settings
         self.cells_dir = self.folder / "cells"

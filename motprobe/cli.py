@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -119,6 +120,8 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
 
     from .diagnostics import block_activations, check_block_range, plot_tsne, tsne_embedding, write_csv
 
+    if not math.isfinite(perplexity):
+        raise AtvPruneError(f"--perplexity {perplexity} is not a finite number: pass e.g. --perplexity 30")
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_block_range(sorted(set(block_list)), check_model(model_path, device=device,
                                                            trust_remote_code=trust_remote_code))

@@ -141,7 +141,7 @@ def test_eval_checks_tasks_and_baseline_before_loading(workspace, tmp_path: Path
     base = ["eval", "--model", workspace["model"], "--tasks", "exist"]
     _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "exsit"), "unknown task 'exsit'")
     (tmp_path / "list.json").write_text("[1, 2]")
-    _one_error(*_invoke(atv_main, *base, "--baseline", tmp_path / "list.json"), "not an eval_results.json")
+    _one_error(*_invoke(atv_main, *base, "--baseline", tmp_path / "list.json"), "no numeric per-task scores")
     (tmp_path / "partial.json").write_text(json.dumps({"result": {"scores": {"atvbench_exist": 50.0}}}))
     _one_error(*_invoke(atv_main, *base, "--baseline", tmp_path / "partial.json"), "no mean")
     (tmp_path / "out" / "eval_results.json").mkdir(parents=True)
@@ -169,3 +169,36 @@ def test_an_nm_pattern_that_does_not_fit_fails_before_capture(workspace, monkeyp
     with pytest.raises(ConfigError, match="divisible by 5"):
         prune(model, None, None, PruneConfig(method="wanda", sparsity=None, pattern=(2, 5)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_late_found_cases_are_checked_up_front(workspace, tmp_path: Path, no_weights) -> None:
+    base = ["--model", workspace["model"], "--calib", workspace["calib"]]
+    _one_error(*_invoke(motprobe_main, "tsne", *base, "--blocks", "0", "--perplexity", "nan",
+                        "--out", tmp_path / "t"), "not a finite number")
+    _one_error(*_invoke(atv_main, "prune", *base, "--sparsity", "0.5", "--offload-device", "bogus",
+                        "--out", tmp_path / "p"), "unknown device 'bogus'")
+    _one_error(*_invoke(atv_main, "sweep", *base, "--tasks", "exist", "--ratios", "2", "--out", tmp_path / "s"),
+               "--ratios 2")
+    _one_error(*_invoke(motprobe_main, "iou", *base, "--pools", "text", "--out", tmp_path / "i"), "iou --help")
+    (tmp_path / "words.json").write_text(json.dumps({"result": {"scores": {"atvbench_exist": "abc"}}}))
+    _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "exist", "--baseline",
+                        tmp_path / "words.json"), "no numeric per-task scores")
+    _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "pope"),
+               "task 'pope' cannot be loaded offline")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["words.json"]
+
+
+def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from atv_prune.study import Study
+    from test_study import _scripted_evaluate
+
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
+            "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
+    assert _invoke(atv_main, *args)[0] == 0
+    _one_error(*_invoke(atv_main, *args, "--device", "tpu"), "unknown device 'tpu'")
+
+
+def test_a_bare_command_shows_its_help() -> None:
+    code, lines = _invoke(atv_main)
+    assert code == 2 and lines[0].startswith("Usage:") and any("prune" in line for line in lines)

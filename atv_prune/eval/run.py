@@ -108,8 +108,9 @@ def resolve_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, s
 
 def check_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, str]:
     """:func:`resolve_tasks` against ``bench_dir`` (default: the shipped benchmark), with every
-    built-in task's records read and checked and every other name looked up in lmms-eval's task
-    index: the task errors an evaluation would meet, before any model is loaded."""
+    built-in task's records read and checked and every other task loaded from lmms-eval (offline,
+    from the local datasets cache): the task errors an evaluation would meet, before any model
+    is loaded."""
     require_lmms_eval()
     bench_dir = bench_dir if bench_dir is not None else default_bench_dir()
     task_ids = resolve_tasks(list(names), bench_dir)
@@ -121,11 +122,17 @@ def check_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, str
         from lmms_eval.tasks import TaskManager
 
         task_manager = TaskManager(verbosity="WARNING")
-        hint = (f"not a task of {bench_dir}" if bench_dir is not None
-                else "no benchmark folder for built-in tasks (pass --bench)")
-        for name in others:
-            _check_known(name, task_manager, hint)
+        with progress_bars(False):
+            for name in others:
+                _load_task(name, task_manager, _task_hint(bench_dir))
     return task_ids
+
+
+def _task_hint(bench_dir: str | Path | None) -> str:
+    """What an unknown task name is not, and what the built-in names are."""
+    if bench_dir is None:
+        return "no benchmark folder for built-in tasks (pass --bench)"
+    return f"not a task of {bench_dir} (built-in: {', '.join(builtin_tasks(bench_dir))})"
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -140,7 +147,8 @@ def _check_known(name: str, task_manager: Any, builtin_hint: str) -> None:
     if name not in task_manager.all_tasks:
         close = difflib.get_close_matches(name, task_manager.all_tasks, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise AtvPruneError(f"unknown task '{name}': not an lmms-eval task id and {builtin_hint}{hint}")
+        raise AtvPruneError(f"unknown task '{name}': not an lmms-eval task id and {builtin_hint}{hint}; "
+                            "pass built-in task names or lmms-eval task ids")
     if task_manager.task_index[name]["type"] not in ("task", "python_task"):
         raise AtvPruneError(f"'{name}' is an lmms-eval group or tag, not a task: pass its tasks by name")
 
@@ -228,13 +236,11 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
         # Indexing lmms-eval's ~2000 bundled task YAMLs takes seconds: only when one is asked for.
         task_manager = TaskManager(verbosity="WARNING", include_path=include,
                                    include_defaults=len(builtin) < len(ids))
-        hint = (f"not a task of {bench_dir}" if bench_dir is not None
-                else "no benchmark folder for built-in tasks (pass --bench)")
-        loaded = [_load_task(name, task_manager, hint) for name in ids]
         # Without cli_args, tasks such as textvqa and mmbench write submission files into the
         # working directory; output_path sends them to the temporary folder instead.
         cli_args = SimpleNamespace(output_path=include, process_with_media=True)
         with offline(), progress_bars(progress):
+            loaded = [_load_task(name, task_manager, _task_hint(bench_dir)) for name in ids]
             results = simple_evaluate(model=wrapper, tasks=loaded, task_manager=task_manager, limit=limit,
                                       batch_size=batch_size, device=device, bootstrap_iters=0,
                                       log_samples=False, process_docs_parallel=1, verbosity="WARNING",
