@@ -1,4 +1,5 @@
-"""Shared pieces of the command lines: one-line errors and list-valued options."""
+"""Shared pieces of the command lines: one-line errors (ours and click's usage errors) and
+list-valued options."""
 
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ class OneLineUsageError(click.ClickException):
         click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
 
 
+#: click >= 8.2 raises this for a group called without arguments (8.1 prints the help itself).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _one_line(error: click.UsageError, fallback: str) -> click.UsageError:
     """The one-line form of ``error``; a bare command without arguments keeps click's help."""
-    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+    if isinstance(error, _NO_ARGS_IS_HELP):
         return error
     return OneLineUsageError(error.format_message(), error.ctx.command_path if error.ctx else fallback)
 
