@@ -92,14 +92,15 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     require_lmms_eval()
     from .eval.run import check_comparable, check_tasks, evaluate, retention
 
-    # Everything checkable is checked before the (possibly long) model load and evaluation.
-    task_ids = check_tasks(list(tasks), bench_dir)
-    baseline = _read_result(baseline_path) if baseline_path is not None else None
-    if baseline is not None:
-        check_comparable(task_ids.values(), limit, baseline)
+    # Everything checkable is checked before the (possibly long) model load and evaluation,
+    # the cheap checks first (the tasks may need lmms-eval's task index and their datasets).
     compute = resolve_device(device)
     compute_dtype(dtype, compute)
     check_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    baseline = _read_result(baseline_path) if baseline_path is not None else None
+    task_ids = check_tasks(list(tasks), bench_dir)
+    if baseline is not None:
+        check_comparable(task_ids.values(), limit, baseline)
     if quiet:
         from transformers.utils import logging as hf_logging
 

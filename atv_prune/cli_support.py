@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import AtvPruneError
+from .errors import AtvPruneError, one_line
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,9 +24,9 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
         except OSError as error:  # a file system problem no check foresaw (disk full, a path changed)
-            where = f" {error.filename}" if error.filename else ""
-            click.echo(f"error: cannot access{where}: {error.strerror or error}: check the path, its "
-                       "permissions and the free space", err=True)
+            where = f" {error.filename}" if error.filename else " a file"
+            click.echo(f"error: cannot access{where}: {error.strerror or one_line(error)}: check the path, "
+                       "its permissions and the free space", err=True)
             sys.exit(2)
 
     return wrapper

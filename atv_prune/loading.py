@@ -46,9 +46,11 @@ def _not_image_text_to_text(path: Path, config: Any, error: ValueError) -> Unsup
     )
 
 
-def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Module | None:
     """The checkpoint's model built on the meta device (shapes, no weights, no memory), to check
-    a run's inputs against the architecture before the weights are loaded."""
+    a run's inputs against the architecture before the weights are loaded. ``None`` for a model
+    whose construction needs real tensors (custom code calling ``.item()`` while it builds): its
+    checks then happen in the run itself."""
     from transformers import AutoModelForImageTextToText
 
     config = read_config(path, trust_remote_code)
@@ -57,6 +59,8 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
             return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise _not_image_text_to_text(Path(path), config, error) from None
+    except Exception:  # noqa: BLE001 - any other construction failure: leave the checks to the run
+        return None
 
 
 def load_model(

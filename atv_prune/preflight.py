@@ -21,15 +21,18 @@ from .loading import model_skeleton
 
 
 def check_model(model_path: Path, configs: Iterable[PruneConfig] = (), *, device: str | None = None,
-                trust_remote_code: bool = False) -> int:
+                trust_remote_code: bool = False) -> int | None:
     """Check the devices (compute, and each config's offload device) and the model: a supported family with locatable decoder blocks, and each
     config's N:M pattern against the widths, on a meta-device skeleton (no weights read).
-    Returns the number of decoder blocks."""
+    Returns the number of decoder blocks (``None`` when the model cannot be built on the meta
+    device; the run then checks the blocks and patterns itself)."""
     configs = list(configs)
     resolve_device(device)
     for config in configs:
         resolve_device(config.offload_device)
     skeleton = model_skeleton(model_path, trust_remote_code)
+    if skeleton is None:
+        return None
     layout = resolve(skeleton)
     for config in configs:
         check_targets(layout.blocks(skeleton), layout.block_path, config)

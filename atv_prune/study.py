@@ -182,16 +182,14 @@ class Study:
                          trust_remote_code=settings.trust_remote_code)
         check_tasks(settings.tasks, settings.bench_dir)
 
-    def _open(self) -> bool:
+    def _open(self) -> None:
         """Create the folder (or empty its cells for ``overwrite``) and pin the study in
-        ``study.json``; return whether this call created the folder."""
-        created = not self.folder.exists()
+        ``study.json``."""
         if self.overwrite and self.cells_dir.exists():
             for stale in self.cells_dir.glob("*.json"):
                 stale.unlink()
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.folder / "study.json", {"identity": self.identity, "versions": self.versions})
-        return created
 
     def _load(self) -> tuple[nn.Module, Any]:
         from .loading import compute_dtype, load_model
@@ -267,11 +265,16 @@ class Study:
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The dense evaluation and every cell's record, computing only what is not stored yet.
 
-        The inputs are checked first; a folder this call created is removed again if it fails
-        before any result is stored."""
-        self.check_inputs(cells)
-        created = self._open()
+        The inputs are checked first (unless everything is stored already: a finished study's
+        tables can be rebuilt without its inputs); a folder this call created is removed again
+        if it fails before any result is stored."""
+        stored = {path.name for path in self.cells_dir.glob("*.json")} if not self.overwrite else set()
+        pending = [cell for cell in cells if f"{cell.key()}.json" not in stored]
+        if pending or "dense.json" not in stored:
+            self.check_inputs(pending)
+        created = not self.folder.exists()
         try:
+            self._open()
             dense = self.dense()
             records = []
             for number, cell in enumerate(cells, 1):

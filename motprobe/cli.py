@@ -74,7 +74,7 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
         raise AtvPruneError("give one target: --sparsity P or --pattern N:M, not both")
     if pools[0] == pools[1]:
         raise AtvPruneError(f"--pools names {pools[0]} twice: give two different pools, e.g. --pools text visual")
-    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else (sparsity or 0.5),
+    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else (0.5 if sparsity is None else sparsity),
                            pattern=parse_pattern(pattern) if pattern else None, samples=samples, seed=seed,
                            device=device) for pool in pools]
     check_output_dir(out_dir, overwrite, protected=[model_path])
@@ -123,8 +123,9 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
     if not math.isfinite(perplexity):
         raise AtvPruneError(f"--perplexity {perplexity} is not a finite number: pass e.g. --perplexity 30")
     check_output_dir(out_dir, overwrite, protected=[model_path])
-    check_block_range(sorted(set(block_list)), check_model(model_path, device=device,
-                                                           trust_remote_code=trust_remote_code))
+    n_blocks = check_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    if n_blocks is not None:
+        check_block_range(sorted(set(block_list)), n_blocks)
     check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
     model, processor = _load(model_path, trust_remote_code)
     calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)

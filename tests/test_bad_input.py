@@ -202,3 +202,40 @@ def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monk
 def test_a_bare_command_shows_its_help() -> None:
     code, lines = _invoke(atv_main)
     assert code == 2 and lines[0].startswith("Usage:") and any("prune" in line for line in lines)
+
+
+def test_a_finished_study_resumes_without_checking_its_inputs_again(workspace, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from atv_prune.study import Study
+    from test_study import _scripted_evaluate
+
+    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
+            "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
+    assert _invoke(atv_main, *args)[0] == 0
+
+    def refuse(self, cells):
+        raise AssertionError("a finished study checked its inputs again")
+
+    monkeypatch.setattr(Study, "check_inputs", refuse)
+    code, lines = _invoke(atv_main, *args)
+    assert code == 0 and any("magnitude 50%" in line for line in lines)
+
+
+def test_iou_refuses_a_zero_sparsity_instead_of_using_the_default(workspace, tmp_path: Path, no_weights) -> None:
+    _one_error(*_invoke(motprobe_main, "iou", "--model", workspace["model"], "--calib", workspace["calib"],
+                        "--sparsity", "0", "--out", tmp_path / "i"), "outside (0, 1)")
+
+
+def test_a_model_that_cannot_be_built_on_meta_is_left_to_the_run(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from atv_prune.preflight import check_model
+
+    assert check_model(workspace["model"]) == 2
+
+    def needs_real_tensors(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_config", needs_real_tensors)
+    assert check_model(workspace["model"], [PruneConfig(sparsity=None, pattern=(2, 5))]) is None
