@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
-from .errors import CalibrationError, one_line
+from .errors import CalibrationError, not_a_file, one_line
 
 IMAGE_MARKER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -188,7 +188,7 @@ def _is_json(text: str) -> bool:
 def _read_records(file: Path) -> list[_Record]:
     """Parse the whole file (format from suffix / first character) and check every record's shape."""
     if not file.is_file():
-        raise _fail(f"calibration file not found: {file}: pass an existing .json (conversations) "
+        raise _fail(f"calibration file {file} {not_a_file(file)}: pass an existing .json (conversations) "
                     "or .jsonl (image-text pairs) file")
     try:
         text = file.read_text(encoding="utf-8-sig")
@@ -210,6 +210,8 @@ def _resolve_image(image: str, root: Path, where: str) -> Path:
     path = Path(image).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
+        if path.is_dir():
+            raise _fail(f"the image of {where} is a folder, not a file: {path}: point the record at an image file")
         raise _fail(f"image not found for {where}: {path} (image root {root}): "
                     "pass --image-root with the folder the image paths are relative to")
     return path

@@ -9,7 +9,7 @@ import click
 
 from .cli_support import Group, one_line_errors
 from .config import METHODS, POOLS, PruneConfig, parse_pattern
-from .errors import AtvPruneError
+from .errors import AtvPruneError, ConfigError, not_a_file
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +75,7 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     if config.needs_calibration and calib_path is None:
         raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")
     if calib_path is not None and not calib_path.is_file():
-        raise AtvPruneError(f"calibration file {calib_path} not found: pass an existing --calib FILE")
+        raise AtvPruneError(f"calibration file {calib_path} {not_a_file(calib_path)}: pass an existing --calib FILE")
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_run_inputs(model_path, [config], calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
                      device=device, trust_remote_code=trust_remote_code)
@@ -103,7 +103,7 @@ def _apply_recipe(ctx: click.Context, path: Path, method: str, pool: str | None,
     import json
 
     if not path.is_file():
-        raise AtvPruneError(f"recipe {path} not found: pass the recipe.json 'motprobe sensitivity' wrote")
+        raise AtvPruneError(f"recipe {path} {not_a_file(path)}: pass the recipe.json 'motprobe sensitivity' wrote")
     try:
         recipe = json.loads(path.read_text())
         values = {"method": recipe["method"], "pool": recipe["pool"], "alpha": float(recipe["alpha"])}
@@ -111,6 +111,11 @@ def _apply_recipe(ctx: click.Context, path: Path, method: str, pool: str | None,
         raise AtvPruneError(f"{path} is not a recipe: pass the recipe.json written by 'motprobe sensitivity'") from None
     if not str(recipe.get("format", "")).startswith("atv-prune-recipe/"):
         raise AtvPruneError(f"{path} is not a recipe (no atv-prune-recipe format tag)")
+    try:
+        PruneConfig(method=values["method"], pool=values["pool"], alpha=values["alpha"])
+    except ConfigError as error:
+        raise AtvPruneError(f"recipe {path} holds an invalid setting ({error}): pass the recipe.json "
+                            "'motprobe sensitivity' wrote, or give --method, --pool and --alpha yourself") from None
     given = {name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
              for name in values}
     return (method if given["method"] else values["method"], pool if given["pool"] else values["pool"],

@@ -11,7 +11,7 @@ import click
 
 from .cli_support import ListOptionsCommand, one_line_errors
 from .config import PruneConfig, parse_pattern
-from .errors import AtvPruneError, ConfigError
+from .errors import AtvPruneError, ConfigError, not_a_file
 
 
 def study_options(function: Any) -> Any:
@@ -44,7 +44,8 @@ def study_settings(kw: dict[str, Any]):
     from .study import StudySettings
 
     if not kw["calib_path"].is_file():
-        raise AtvPruneError(f"calibration file {kw['calib_path']} not found: pass an existing --calib FILE")
+        raise AtvPruneError(f"calibration file {kw['calib_path']} {not_a_file(kw['calib_path'])}: "
+                            "pass an existing --calib FILE")
     return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=[t for v in kw["tasks"] for t in
                                                                                    v.replace(",", " ").split()],
                          bench_dir=str(kw["bench_dir"]) if kw["bench_dir"] else None, limit=kw["limit"],

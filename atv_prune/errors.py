@@ -4,6 +4,8 @@ The CLI prints ``error: <message>`` on one line and exits with status 2; the Pyt
 raises them unchanged. Messages name the problem and what to do about it.
 """
 
+from pathlib import Path
+
 
 class AtvPruneError(Exception):
     """A problem with the user's input or environment, explained in one line."""
@@ -23,6 +25,11 @@ class UnsupportedModelError(AtvPruneError):
 
 class NumericalError(AtvPruneError):
     """Non-finite weights or activations met while pruning."""
+
+
+def not_a_file(path: object) -> str:
+    """How a path that should name a file fails: ``is a folder, not a file`` or ``not found``."""
+    return "is a folder, not a file" if Path(str(path)).is_dir() else "not found"
 
 
 def one_line(error: BaseException, limit: int = 300, with_type: bool = False) -> str:

@@ -11,7 +11,7 @@ import click
 from atv_prune.cli_study import study_options
 from atv_prune.cli_support import Group, ListOptionsCommand, one_line_errors
 from atv_prune.config import PruneConfig, parse_pattern
-from atv_prune.errors import AtvPruneError
+from atv_prune.errors import AtvPruneError, not_a_file
 
 
 def _load(model_path: Path, trust_remote_code: bool):
@@ -156,7 +156,8 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
     from .diagnostics import plot_drift, write_csv
 
     if not report_path.is_file():
-        raise AtvPruneError(f"report {report_path} not found: pass the pruning_report.json atv-prune prune wrote")
+        raise AtvPruneError(f"report {report_path} {not_a_file(report_path)}: pass the pruning_report.json "
+                            "atv-prune prune wrote")
     try:
         report = json.loads(report_path.read_text())
         blocks = report["blocks"]

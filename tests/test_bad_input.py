@@ -239,3 +239,18 @@ def test_a_model_that_cannot_be_built_on_meta_is_left_to_the_run(workspace, monk
 
     monkeypatch.setattr(AutoModelForImageTextToText, "from_config", needs_real_tensors)
     assert check_model(workspace["model"], [PruneConfig(sparsity=None, pattern=(2, 5))]) is None
+
+
+def test_messages_name_what_is_wrong_with_a_path_or_a_recipe(workspace, tmp_path: Path, no_weights) -> None:
+    (tmp_path / "folder").mkdir()
+    base = ["--model", workspace["model"], "--sparsity", "0.5", "--out", tmp_path / "p"]
+    _one_error(*_invoke(atv_main, "prune", *base, "--calib", tmp_path / "folder"), "is a folder, not a file")
+    _one_error(*_invoke(atv_main, "prune", *base, "--calib", workspace["calib"], "--recipe", tmp_path / "folder"),
+               "is a folder, not a file")
+    _one_error(*_invoke(motprobe_main, "drift", "--report", tmp_path / "folder", "--out", tmp_path / "d"),
+               "is a folder, not a file")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"format": "atv-prune-recipe/1", "method": "atv", "pool": "atv", "alpha": -3}))
+    _one_error(*_invoke(atv_main, "prune", *base, "--calib", workspace["calib"], "--recipe", recipe),
+               f"recipe {recipe} holds an invalid setting (alpha -3.0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "recipe.json"]

@@ -100,6 +100,7 @@ def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
 
 def read_records(jsonl: Path, bench: Path) -> list[dict[str, Any]]:
     """All records of one task file, checked; raises :class:`AtvPruneError` naming file and line."""
+    fix = "fix the file, or regenerate the benchmark with atv_prune.builtin.scenes.generate_benchmark"
     records = []
     try:
         lines = jsonl.read_text(encoding="utf-8").splitlines()
@@ -111,10 +112,13 @@ def read_records(jsonl: Path, bench: Path) -> list[dict[str, Any]]:
         try:
             raw = json.loads(line)
         except ValueError as error:
-            raise AtvPruneError(f"{jsonl}:{number}: not valid JSON ({error})") from None
-        records.append(_record(raw, bench, f"{jsonl}:{number}"))
+            raise AtvPruneError(f"{jsonl}:{number}: not valid JSON ({error}): {fix}") from None
+        try:
+            records.append(_record(raw, bench, f"{jsonl}:{number}"))
+        except AtvPruneError as error:
+            raise AtvPruneError(f"{error}: {fix}") from None
     if not records:
-        raise AtvPruneError(f"{jsonl} holds no records")
+        raise AtvPruneError(f"{jsonl} holds no records: {fix}")
     return records
 
 
