@@ -80,13 +80,11 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
 
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
     if out_file is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise AtvPruneError(f"--out {out_dir} is a file, not a folder: choose another --out")
+        check_creatable(out_dir)
         if out_file.exists() and not out_file.is_file():
             raise AtvPruneError(f"{out_file} is a folder: remove it or choose another --out")
         if out_file.exists() and not overwrite:
             raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
-        check_creatable(out_dir)
     if bench_dir is not None and not bench_dir.is_dir():
         raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
     require_lmms_eval()
@@ -95,7 +93,7 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     # Everything checkable is checked before the (possibly long) model load and evaluation,
     # the cheap checks first (the tasks may need lmms-eval's task index and their datasets).
     compute = resolve_device(device)
-    compute_dtype(dtype, compute)
+    dtype_used = compute_dtype(dtype, compute)
     check_model(model_path, device=device, trust_remote_code=trust_remote_code)
     baseline = _read_result(baseline_path) if baseline_path is not None else None
     task_ids = check_tasks(list(tasks), bench_dir)
@@ -105,7 +103,7 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, _ = load_model(model_path, compute_dtype(dtype, compute), trust_remote_code)
+    model, _ = load_model(model_path, dtype_used, trust_remote_code)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     model.to(compute)
     result = evaluate(model, processor, list(tasks), bench_dir=bench_dir, limit=limit, batch_size=batch_size,

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .cli_support import ListOptionsCommand, one_line_errors
-from .config import PruneConfig, parse_pattern
+from .config import PruneConfig, single_target, target_list
 from .errors import AtvPruneError, ConfigError, not_a_file
 
 
@@ -98,13 +98,6 @@ def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[st
     return markdown
 
 
-def _targets(sparsities: tuple[float, ...], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
-    if not sparsities and not patterns:
-        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
-    return [dict(sparsity=s, pattern=None) for s in sparsities] + [
-        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
-
-
 @click.command("compare", cls=ListOptionsCommand)
 @study_options
 @click.option("--methods", multiple=True, default=("magnitude", "wanda", "wanda:text", "atv"), show_default=True,
@@ -118,7 +111,7 @@ def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: t
     """A Table-2-style retention table: methods x sparsity targets, with wall time and peak memory."""
     specs = [m for value in methods for m in value.replace(",", " ").split()]
     names = {"json": "results.json", "md": "table.md", "csv": "table.csv", "png": "retention.png"}
-    click.echo(run_comparison(kw, specs, _targets(sparsities, patterns), alpha, "compare", names))
+    click.echo(run_comparison(kw, specs, target_list(sparsities, patterns), alpha, "compare", names))
 
 
 @click.command("sweep", cls=ListOptionsCommand)
@@ -140,14 +133,11 @@ def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, m
     from .plots import tokens_vs_retention
     from .study import Cell, Study, cell_summary, markdown_table, retention_rows
 
-    if sparsity is not None and pattern is not None:
-        raise ConfigError("give one target: --sparsity P or --pattern N:M, not both")
     if not all(0 < r <= 1 for r in ratios):
         raise ConfigError(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: every ratio must be in (0, 1]")
     adaptive = {"drift": "atv", "random": "random", "abs": "abs", "dbs": "dbs"}[saliency]
     fixed = "drift-fixed" if saliency == "drift" else f"{adaptive}-fixed"
-    target = dict(sparsity=None, pattern=parse_pattern(pattern)) if pattern else dict(
-        sparsity=sparsity if sparsity is not None else 0.5, pattern=None)
+    target = single_target(sparsity, pattern)
     common = dict(method=method, samples=kw["samples"], seed=kw["seed"], device=kw["device"], progress=False,
                   **target)
     cells = [Cell(f"alpha={a:g}", PruneConfig(pool=adaptive, alpha=a, **common)) for a in alphas]

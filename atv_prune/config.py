@@ -25,6 +25,24 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
+def single_target(sparsity: float | None, pattern: str | None, default: float = 0.5) -> dict[str, Any]:
+    """``sparsity``/``pattern`` keyword arguments for one target given as ``--sparsity`` or
+    ``--pattern`` (not both), ``default`` sparsity when neither is given."""
+    if sparsity is not None and pattern is not None:
+        raise ConfigError("give one target: --sparsity P or --pattern N:M, not both")
+    if pattern is not None:
+        return {"sparsity": None, "pattern": parse_pattern(pattern)}
+    return {"sparsity": default if sparsity is None else sparsity, "pattern": None}
+
+
+def target_list(sparsities: tuple[float, ...], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``sparsity``/``pattern`` keyword arguments for each of a study's targets (at least one)."""
+    if not sparsities and not patterns:
+        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
+    return [{"sparsity": s, "pattern": None} for s in sparsities] + [
+        {"sparsity": None, "pattern": parse_pattern(p)} for p in patterns]
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides the masks.

@@ -65,7 +65,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def check_creatable(folder: Path) -> None:
     """Refuse a ``folder`` that could not be created or written into: a file in its place or in its
-    path, or no write permission in the nearest folder that exists."""
+    path (``... is a file``), or no write permission in the nearest folder that exists."""
     folder = Path(folder).resolve()
     existing = folder
     while not existing.exists():

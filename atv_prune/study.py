@@ -152,8 +152,7 @@ class Study:
         self.identity = {"kind": kind, **settings.identity(),
                          "versions": {k: self.versions[k] for k in ("atv-prune", "torch", "transformers")}}
         manifest = self.folder / "study.json"
-        if self.folder.exists() and not self.folder.is_dir():
-            raise AtvPruneError(f"--out {self.folder} is a file, not a folder: choose another --out")
+        check_creatable(self.folder)
         if manifest.exists() and not overwrite:
             try:
                 stored = json.loads(manifest.read_text())
@@ -167,7 +166,6 @@ class Study:
                                     "choose another --out or pass --overwrite")
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
             raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
-        check_creatable(self.folder)
         self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
 
     def check_inputs(self, cells: list[Cell]) -> None:

@@ -10,7 +10,7 @@ import click
 
 from atv_prune.cli_study import study_options
 from atv_prune.cli_support import Group, ListOptionsCommand, one_line_errors
-from atv_prune.config import PruneConfig, parse_pattern
+from atv_prune.config import PruneConfig, single_target, target_list
 from atv_prune.errors import AtvPruneError, not_a_file
 
 
@@ -70,13 +70,11 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
 
     from .diagnostics import iou_summary, mask_iou, plot_iou_histogram, pruned_masks, write_csv
 
-    if sparsity is not None and pattern is not None:
-        raise AtvPruneError("give one target: --sparsity P or --pattern N:M, not both")
     if pools[0] == pools[1]:
         raise AtvPruneError(f"--pools names {pools[0]} twice: give two different pools, e.g. --pools text visual")
-    configs = [PruneConfig(method=method, pool=pool, sparsity=None if pattern else (0.5 if sparsity is None else sparsity),
-                           pattern=parse_pattern(pattern) if pattern else None, samples=samples, seed=seed,
-                           device=device) for pool in pools]
+    target = single_target(sparsity, pattern)
+    configs = [PruneConfig(method=method, pool=pool, samples=samples, seed=seed, device=device, **target)
+               for pool in pools]
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_run_inputs(model_path, configs, calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
                      device=device, trust_remote_code=trust_remote_code)
@@ -200,10 +198,7 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
 
     from .sensitivity import derive_recipe, prune_probe_pathway, table_rows
 
-    if not sparsities and not patterns:
-        raise AtvPruneError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4")
-    targets = [dict(sparsity=s, pattern=None) for s in sparsities] + [
-        dict(sparsity=None, pattern=parse_pattern(p)) for p in patterns]
+    targets = target_list(sparsities, patterns)
     pools = tuple(p for value in pools for p in value.replace(",", " ").split())
     if method == "magnitude":
         if click.get_current_context().get_parameter_source("pools") == click.core.ParameterSource.COMMANDLINE:
