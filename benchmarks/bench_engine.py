@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atv_prune import PruneConfig, prune  # noqa: E402
-from atv_prune.calibration import CalibrationSample, CalibrationSet  # noqa: E402
+from atv_prune.model.calibration import CalibrationSample, CalibrationSet  # noqa: E402
 
 # Shapes: "small" is a >=100M-parameter model for CPU runs; "7b" follows Qwen2-VL-7B / LLaVA-NeXT-7B.
 SIZES = {

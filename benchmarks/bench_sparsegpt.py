@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atv_prune.sparsegpt import hessian_update, prepare_hessian, sparsegpt_prune  # noqa: E402
+from atv_prune.algorithms.sparsegpt import hessian_update, prepare_hessian, sparsegpt_prune  # noqa: E402
 
 # (hidden, intermediate, heads, kv_heads): "small" matches bench_engine's CPU model, "7b" Qwen2-VL-7B.
 SIZES = {"small": (768, 2048, 12, 4), "7b": (3584, 18944, 28, 4)}

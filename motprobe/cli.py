@@ -2,50 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import click
 
-from atv_prune.cli_study import study_options
-from atv_prune.cli_support import Group, ListOptionsCommand, one_line_errors
-from atv_prune.config import PruneConfig, single_target, target_list
-from atv_prune.errors import AtvPruneError, not_a_file
+from atv_prune.cli.options import (RegistryChoice, calibrated_method_names, method_names, pool_names, shared,
+                                   study_options)
+from atv_prune.cli.support import Group, ListOptionsCommand, one_line_errors
+from atv_prune.errors import AtvPruneError
 
 
-def _load(model_path: Path, trust_remote_code: bool):
-    from atv_prune.loading import load_model
-    from atv_prune.processors import load_processor
+def _load(model_path: Path, dtype: str, device: str | None, trust_remote_code: bool):
+    from atv_prune.model.loading import load_model_and_processor
 
-    model, _ = load_model(model_path, trust_remote_code=trust_remote_code)
-    return model, load_processor(model_path, trust_remote_code=trust_remote_code)
+    return load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 def _calibration(calib: Path, processor, samples: int, seed: int, image_root: Path | None, max_pixels: int | None):
-    from atv_prune.calibration import load_calibration
+    from atv_prune.model.calibration import load_calibration
 
     return load_calibration(calib, processor, image_root=image_root, samples=samples, seed=seed,
                             max_pixels=max_pixels)
 
 
-_common = [
-    click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Local checkpoint."),
-    click.option("--calib", "calib_path", required=True, type=click.Path(path_type=Path), help="Calibration file."),
-    click.option("--samples", type=int, default=32, show_default=True, help="Calibration samples drawn."),
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--image-root", type=click.Path(path_type=Path), default=None),
-    click.option("--max-pixels", type=int, default=None),
-    click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."),
-    click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
-    click.option("--trust-remote-code", is_flag=True),
-]
-
-
-def common_options(function):
-    for option in reversed(_common):
-        function = option(function)
-    return function
+#: The options iou and tsne share.
+common_options = shared("model", "calib", "samples", "seed", "image-root", "max-pixels", "out", "overwrite",
+                        "trust-remote-code", "device", "dtype")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,41 +38,42 @@ def main() -> None:
 
 @main.command()
 @common_options
-@click.option("--method", type=click.Choice(["wanda", "sparsegpt"]), default="wanda", show_default=True)
+@click.option("--method", type=RegistryChoice(calibrated_method_names), default="wanda", show_default=True)
 @click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
 @click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
-@click.option("--pools", nargs=2, default=("text", "visual"), show_default=True, help="The two pools compared.")
-@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
+@click.option("--pools", nargs=2, type=RegistryChoice(pool_names), default=("text", "visual"), show_default=True,
+              help="The two pools compared.")
 @one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-        max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, method: str,
-        sparsity: float | None, pattern: str | None, pools: tuple[str, str], device: str | None) -> None:
+        max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, device: str | None,
+        dtype: str, method: str, sparsity: float | None, pattern: str | None, pools: tuple[str, str]) -> None:
     """Mask IoU between two calibration pools for every pruned linear (table, summary, histogram)."""
-    from atv_prune.export import check_output_dir, write_dir_atomic, write_json_atomic
-    from atv_prune.preflight import check_run_inputs
+    from atv_prune.runs.config import PruneConfig, RunSettings, single_target
+    from atv_prune.runs.export import check_output_dir, write_dir_atomic, write_json_atomic
+    from atv_prune.runs.preflight import check_run_inputs
+    from atv_prune.runs.tables import write_table
 
-    from .diagnostics import iou_summary, mask_iou, plot_iou_histogram, pruned_masks, write_csv
+    from .diagnostics import iou_summary, mask_iou, plot_iou_histogram, pruned_masks
 
     if pools[0] == pools[1]:
         raise AtvPruneError(f"--pools names {pools[0]} twice: give two different pools, e.g. --pools text visual")
     target = single_target(sparsity, pattern)
-    configs = [PruneConfig(method=method, pool=pool, samples=samples, seed=seed, device=device, **target)
-               for pool in pools]
+    configs = [PruneConfig(method=method, pool=pool, samples=samples, seed=seed, **target) for pool in pools]
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_run_inputs(model_path, configs, calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
                      device=device, trust_remote_code=trust_remote_code)
     masks = []
     for config in configs:
-        model, processor = _load(model_path, trust_remote_code)
-        calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)
-        masks.append(pruned_masks(model, calibration, config))
-        del model
+        loaded = _load(model_path, dtype, device, trust_remote_code)
+        calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels)
+        masks.append(pruned_masks(loaded.model, calibration, config, RunSettings(device=device)))
+        del loaded
     rows = mask_iou(*masks)
     summary = {"pools": list(pools), "method": method, "target": configs[0].target_label, "samples": samples,
                "seed": seed, **iou_summary(rows)}
 
     def fill(folder: Path) -> None:
-        write_csv(folder / "iou.csv", rows)
+        write_table(folder / "iou.csv", rows)
         write_json_atomic(folder / "iou_summary.json", summary)
         plot_iou_histogram(rows, folder / "iou_hist.png",
                            f"{method} {configs[0].target_label}: {pools[0]} vs {pools[1]} calibration")
@@ -106,17 +90,17 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
               help="Tokens per modality and block.")
 @click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="t-SNE perplexity.")
-@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
 @one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
-         block_list: tuple[int, ...], tokens: int, perplexity: float, device: str | None) -> None:
+         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, device: str | None,
+         dtype: str, block_list: tuple[int, ...], tokens: int, perplexity: float) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
-    from atv_prune.calibration import check_calibration_file
-    from atv_prune.export import check_output_dir, write_dir_atomic
-    from atv_prune.preflight import check_model
+    from atv_prune.model.calibration import check_calibration_file
+    from atv_prune.runs.export import check_output_dir, write_dir_atomic
+    from atv_prune.runs.preflight import check_model
+    from atv_prune.runs.tables import write_table
 
-    from .diagnostics import block_activations, check_block_range, plot_tsne, tsne_embedding, write_csv
+    from .diagnostics import block_activations, check_block_range, plot_tsne, tsne_embedding
 
     if not math.isfinite(perplexity):
         raise AtvPruneError(f"--perplexity {perplexity} is not a finite number: pass e.g. --perplexity 30")
@@ -125,16 +109,16 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
     if n_blocks is not None:
         check_block_range(sorted(set(block_list)), n_blocks)
     check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
-    model, processor = _load(model_path, trust_remote_code)
-    calibration = _calibration(calib_path, processor, samples, seed, image_root, max_pixels)
-    activations = block_activations(model, calibration, sorted(set(block_list)), device)
+    loaded = _load(model_path, dtype, device, trust_remote_code)
+    calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels)
+    activations = block_activations(loaded.model, calibration, sorted(set(block_list)), device)
     embeddings = {block: tsne_embedding(acts, visual, tokens, seed, perplexity)
                   for block, (acts, visual) in activations.items()}
     rows = [{"block": block, "x": float(x), "y": float(y), "modality": "visual" if v else "text"}
             for block, (points, visual) in embeddings.items() for (x, y), v in zip(points, visual)]
 
     def fill(folder: Path) -> None:
-        write_csv(folder / "tsne.csv", rows)
+        write_table(folder / "tsne.csv", rows)
         plot_tsne(embeddings, folder / "tsne.png")
 
     write_dir_atomic(out_dir, fill, overwrite)
@@ -149,27 +133,23 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
 @one_line_errors
 def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
     """Per-block mean visual drift and visual tokens selected (the paper's Fig. A1) from a report."""
-    from atv_prune.export import write_dir_atomic
+    from atv_prune.runs.api import PruneReport
+    from atv_prune.runs.export import write_dir_atomic
+    from atv_prune.runs.tables import write_table
 
-    from .diagnostics import plot_drift, write_csv
+    from .diagnostics import plot_drift
 
-    if not report_path.is_file():
-        raise AtvPruneError(f"report {report_path} {not_a_file(report_path)}: pass the pruning_report.json "
-                            "atv-prune prune wrote")
-    try:
-        report = json.loads(report_path.read_text())
-        blocks = report["blocks"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise AtvPruneError(f"{report_path} is not a pruning_report.json: pass the report atv-prune wrote") from None
+    report = PruneReport.read(report_path, "pruning report", "pass the pruning_report.json atv-prune prune wrote")
+    blocks = report.blocks
     if not blocks or any(b.get("mean_drift") is None for b in blocks):
         raise AtvPruneError(f"{report_path} has no per-block drift: use the report of a calibrated run (e.g. atv)")
-    rows = [{k: b[k] for k in ("index", "mean_drift", "visual_tokens_per_sample", "text_tokens_per_sample")}
+    rows = [{k: b.get(k) for k in ("index", "mean_drift", "visual_tokens_per_sample", "text_tokens_per_sample")}
             for b in blocks]
-    config = report.get("config", {})
+    config = report.config
     title = f"{config.get('method')} pool {config.get('pool')}, alpha {config.get('alpha')}"
 
     def fill(folder: Path) -> None:
-        write_csv(folder / "drift.csv", rows)
+        write_table(folder / "drift.csv", rows)
         plot_drift(rows, folder / "drift.png", title)
 
     write_dir_atomic(out_dir, fill, overwrite)
@@ -184,32 +164,34 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
               default=("text", "visual"), show_default=True)
 @click.option("--pool", "pools", multiple=True, default=("text", "visual", "mixed"), show_default=True,
               help="Calibration pools to prune each pathway with.")
-@click.option("--method", type=click.Choice(["wanda", "sparsegpt", "magnitude"]), default="wanda",
-              show_default=True)
+@click.option("--method", type=RegistryChoice(method_names), default="wanda", show_default=True)
 @click.option("--include-o-proj", is_flag=True, help="Route o_proj by modality too.")
 @one_line_errors
 def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathways: tuple[str, ...],
                 pools: tuple[str, ...], method: str, include_o_proj: bool, **kw) -> None:
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
     writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
-    from atv_prune.cli_study import csv_text, study_settings
-    from atv_prune.export import write_json_atomic, write_text_atomic
-    from atv_prune.study import Cell, Study, cell_summary
+    from atv_prune.algorithms.specs import METHODS
+    from atv_prune.cli.study import study_settings, words
+    from atv_prune.runs.config import PruneConfig, target_list
+    from atv_prune.runs.export import write_json_atomic
+    from atv_prune.runs.study import Cell, Study, cell_summary
+    from atv_prune.runs.tables import write_table
 
     from .sensitivity import derive_recipe, prune_probe_pathway, table_rows
 
     targets = target_list(sparsities, patterns)
-    pools = tuple(p for value in pools for p in value.replace(",", " ").split())
-    if method == "magnitude":
+    pools = tuple(words(pools))
+    calibrated = METHODS[method].needs_calibration
+    if not calibrated:
         if click.get_current_context().get_parameter_source("pools") == click.core.ParameterSource.COMMANDLINE:
-            raise AtvPruneError("magnitude pruning uses no calibration pool: drop --pool")
+            raise AtvPruneError(f"{method} pruning uses no calibration pool: drop --pool")
         pools = (None,)
     cells = []
     for pathway in pathways:
         for pool in pools:
             for target in targets:
-                config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"],
-                                     device=kw["device"], progress=False, **target)
+                config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"], **target)
                 cells.append(Cell(f"{pathway}:{pool or 'none'} {config.target_label}", config,
                                   {"pathway": pathway, "include_o_proj": include_o_proj}))
     settings = study_settings(kw)
@@ -219,12 +201,13 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
     hardest = (max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config).target_label
-    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} and method != "magnitude" else None
-    write_json_atomic(kw["out_dir"] / "results.json", {"dense": dense, "table": rows, "recipe": recipe,
-                                                       "cells": [cell_summary(r) for r in records]})
-    write_text_atomic(kw["out_dir"] / "results.csv", csv_text(rows))
+    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} and calibrated else None
+    write_json_atomic(kw["out_dir"] / "results.json",
+                      {"dense": dense, "table": rows, "recipe": recipe.to_dict() if recipe else None,
+                       "cells": [cell_summary(r) for r in records]})
+    write_table(kw["out_dir"] / "results.csv", rows)
     if recipe is not None:
-        write_json_atomic(kw["out_dir"] / "recipe.json", recipe)
+        write_json_atomic(kw["out_dir"] / "recipe.json", recipe.to_dict())
     from .diagnostics import plot_sensitivity_heatmap
 
     plot_sensitivity_heatmap(rows, kw["out_dir"] / "heatmap.png")
@@ -233,5 +216,5 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     for row in rows:
         click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in header))
     if recipe is not None:
-        click.echo(f"recipe: --method {recipe['method']} --pool {recipe['pool']} --alpha {recipe['alpha']:g} "
-                   f"({recipe['rationale']})")
+        click.echo(f"recipe: --method {recipe.method} --pool {recipe.pool} --alpha {recipe.alpha:g} "
+                   f"({recipe.rationale})")

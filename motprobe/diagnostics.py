@@ -7,7 +7,6 @@ functions return plain data, and the ``plot_*`` / ``write_*`` helpers turn it in
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from atv_prune import PruneConfig, prune
-from atv_prune.api import resolve_device
-from atv_prune.calibration import CalibrationSet
-from atv_prune.capture import capture_sample, module_device, next_input, non_block_modules_on, run_block
-from atv_prune.families import resolve
-from atv_prune.plots import save_figure
 from atv_prune.errors import CalibrationError, ConfigError
+from atv_prune.model.calibration import CalibrationSet
+from atv_prune.model.capture import capture_sample, non_block_modules_on
+from atv_prune.model.layout import resolve
+from atv_prune.model.loading import resolve_device
+from atv_prune.model.walk import walk_blocks
+from atv_prune.runs.api import prune
+from atv_prune.runs.config import PruneConfig, RunSettings
+from atv_prune.runs.plots import save_figure
 
 
-def pruned_masks(model: nn.Module, calibration: CalibrationSet, config: PruneConfig) -> dict[str, torch.Tensor]:
+def pruned_masks(model: nn.Module, calibration: CalibrationSet, config: PruneConfig,
+                 settings: RunSettings | None = None) -> dict[str, torch.Tensor]:
     """Prune ``model`` in place with ``config`` and return the boolean mask (True = pruned) of every
     decoder linear, by weight name."""
     layout = resolve(model)
     before = {name: m.weight.detach() == 0 for name, m in _decoder_linears(model, layout.block_path).items()}
-    prune(model, None, calibration, config)
+    prune(model, None, calibration, config, settings=settings)
     return {name: (m.weight.detach() == 0) & ~before[name]
             for name, m in _decoder_linears(model, layout.block_path).items()}
 
@@ -93,7 +95,8 @@ def block_activations(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The input hidden states of the chosen blocks for every calibration token, with its modality:
     ``{block: (activations (tokens, d) fp32, visual (tokens,) bool)}``, from the dense model, run
-    one block at a time on ``device`` (default: CUDA when present, else the CPU)."""
+    one block at a time on ``device`` (default: CUDA when present, else the CPU) by the engine's
+    own block walk."""
     device = resolve_device(device)
     layout = resolve(model)
     decoder = layout.blocks(model)
@@ -101,17 +104,9 @@ def block_activations(
     with non_block_modules_on(model, decoder, device):
         samples = [capture_sample(model, layout, s.inputs, s.source, device, "cpu") for s in calibration.samples]
     collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in blocks}
-    for index in range(max(blocks) + 1):
-        block = decoder[index]
-        home = module_device(block)
-        block.to(device)
-        for sample in samples:
-            hidden = sample.hidden.to(device)
-            if index in collected:
-                collected[index].append((hidden[0].float().cpu(), sample.visual.cpu()))
-            if index < max(blocks):
-                sample.hidden = next_input(sample, index, run_block(block, sample, index, hidden)).cpu()
-        block.to(home)
+    for index, _ in walk_blocks(decoder, samples, device, last=max(blocks)):
+        if index in collected:
+            collected[index] = [(sample.hidden[0].float().cpu(), sample.visual.cpu()) for sample in samples]
     return {b: (torch.cat([h for h, _ in parts]), torch.cat([v for _, v in parts])) for b, parts in collected.items()}
 
 
@@ -133,14 +128,6 @@ def tsne_embedding(activations: torch.Tensor, visual: torch.Tensor, tokens_per_m
     embedding = TSNE(n_components=2, perplexity=min(perplexity, (len(index) - 1) / 3), random_state=seed,
                      init="pca").fit_transform(data)
     return embedding, visual[index].numpy()
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows (dicts with the same keys) as CSV."""
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_iou_histogram(rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
-import atv_prune
-from atv_prune.calibration import CalibrationSet
-from atv_prune.engine import PruneTarget, TargetFinder
+from atv_prune.model.calibration import CalibrationSet
+from atv_prune.model.engine import PruneTarget, TargetFinder
+from atv_prune.runs.api import PruneReport, prune
+from atv_prune.runs.config import PruneConfig, RunSettings
 
 from .surgery import PATHWAYS, ModalityRoutedLinear, Pathway, ProbeError, probe_linears
 
@@ -44,19 +45,20 @@ def prune_pathway(
     model: nn.Module,
     processor: Any,
     calibration: CalibrationSet | str | Path | None,
-    config: atv_prune.PruneConfig,
+    config: PruneConfig,
     pathway: Pathway,
     *,
+    settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
-) -> atv_prune.PruneReport:
+) -> PruneReport:
     """Prune the ``pathway`` copies of a probe in place with ``config`` (any method, pool,
     sparsity or N:M pattern); the other pathway and every unrouted linear stay as they are."""
     routed = probe_linears(model)
     if not routed:
         raise ProbeError("the model is not a MoT probe: call motprobe.make_probe(model) first")
-    report = atv_prune.prune(model, processor, calibration, config, image_root=image_root,
-                             max_pixels=max_pixels, find_targets=pathway_targets(pathway))
+    report = prune(model, processor, calibration, config, settings=settings, image_root=image_root,
+                   max_pixels=max_pixels, find_targets=pathway_targets(pathway))
     report.extra["probe"] = {
         "pathway": pathway,
         "routed_linears": sorted({name.rpartition(".")[2] for name in routed}),

@@ -13,23 +13,23 @@ from typing import Any
 
 from torch import nn
 
-from atv_prune.api import PruneReport
-from atv_prune.calibration import CalibrationSet
-from atv_prune.config import PruneConfig
+from atv_prune.model.calibration import CalibrationSet
+from atv_prune.runs.api import PruneReport
+from atv_prune.runs.config import PruneConfig, RunSettings
+from atv_prune.runs.recipe import Recipe
 
 from .pathways import prune_pathway
 from .surgery import make_probe
 
-RECIPE_FORMAT = "atv-prune-recipe/1"
 #: Retention points within which a pathway is considered indifferent to its calibration pool.
 TOLERANCE = 2.0
 
 
 def prune_probe_pathway(model: nn.Module, processor: Any, calibration: CalibrationSet, config: PruneConfig,
-                        extra: dict[str, Any]) -> PruneReport:
+                        settings: RunSettings, extra: dict[str, Any]) -> PruneReport:
     """A study's prune function: turn ``model`` into its probe, prune one pathway (``extra``)."""
     make_probe(model, include_o_proj=extra.get("include_o_proj", False))
-    return prune_pathway(model, processor, calibration, config, extra["pathway"])
+    return prune_pathway(model, processor, calibration, config, extra["pathway"], settings=settings)
 
 
 def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
@@ -45,7 +45,7 @@ def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> list[dict[str
     return list(rows.values())
 
 
-def derive_recipe(records: list[dict[str, Any]], target: str) -> dict[str, Any]:
+def derive_recipe(records: list[dict[str, Any]], target: str) -> Recipe:
     """The asymmetric calibration the study supports, with the evidence it rests on."""
     retention: dict[str, dict[str, float]] = {}
     for record in records:
@@ -68,12 +68,6 @@ def derive_recipe(records: list[dict[str, Any]], target: str) -> dict[str, Any]:
     else:
         method, pool, alpha = "wanda", best["text"], 1.0
         rationale = f"the text pathway is best protected by {best['text']} calibration"
-    return {
-        "format": RECIPE_FORMAT,
-        "method": method,
-        "pool": pool,
-        "alpha": alpha,
-        "rationale": rationale,
-        "evidence": {"target": target, "mean_retention": retention, "best_pool": best, "spread": spread,
-                     "sensitive_pathway": sensitive},
-    }
+    return Recipe(method=method, pool=pool, alpha=alpha, rationale=rationale,
+                  evidence={"target": target, "mean_retention": retention, "best_pool": best, "spread": spread,
+                            "sensitive_pathway": sensitive})

@@ -1,6 +1,7 @@
 """Turn a loaded vision-language model into its Mixture-of-Transformer (MoT) probe, in place.
 
-In every decoder block, q/k/v/gate/up/down (and o_proj on request) become a
+In every decoder block, the linears whose role (read from the model's family record) is q, k, v,
+gate, up or down — o on request — become a
 :class:`ModalityRoutedLinear`: a text copy and a visual copy of the same weights, each token
 going to its modality's copy. Attention, norms, residuals and positions stay shared. The
 per-token modality is the (batch, seq) visual mask of ``atv_prune.capture.current_visual_mask()``:
@@ -20,16 +21,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from atv_prune.capture import current_visual_mask, visual_mask_context
 from atv_prune.errors import AtvPruneError, UnsupportedModelError
-from atv_prune.families import ModelLayout, resolve
+from atv_prune.model.capture import current_visual_mask, visual_mask_context
+from atv_prune.model.families import ATTENTION_INPUT_ROLES, MLP_INPUT_ROLES
+from atv_prune.model.layout import ModelLayout, resolve
 
 Pathway = Literal["text", "visual"]
 PATHWAYS: tuple[str, ...] = ("text", "visual")
 
-#: Leaf names of the block linears routed by modality; o_proj joins only with ``include_o_proj``.
-ROUTED_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-OUTPUT_PROJECTION = "o_proj"
+#: Linear roles routed by modality (a fused qkv_proj or gate_up_proj is routed whole); the
+#: attention output projection ``o`` joins only with ``include_o_proj``.
+ROUTED_ROLES: tuple[str, ...] = (*ATTENTION_INPUT_ROLES, *MLP_INPUT_ROLES, "down")
+OUTPUT_ROLE = "o"
 
 
 class ProbeError(AtvPruneError):
@@ -185,27 +188,29 @@ class ProbeHandle:
 
 
 def make_probe(model: nn.Module, include_o_proj: bool = False) -> ProbeHandle:
-    """Turn ``model`` into its MoT probe in place: route q/k/v/gate/up/down (and o_proj when
-    ``include_o_proj``) of every decoder block by token modality."""
+    """Turn ``model`` into its MoT probe in place: route the q/k/v, gate/up and down linears (and the
+    attention output projection when ``include_o_proj``) of every decoder block by token modality.
+    Which linears carry which role comes from the model's family record (fused ones included)."""
     if probe_linears(model):
         raise ProbeError("this model is already a MoT probe")
     layout = resolve(model)
-    wanted = ROUTED_LINEARS + ((OUTPUT_PROJECTION,) if include_o_proj else ())
+    roles = ROUTED_ROLES + ((OUTPUT_ROLE,) if include_o_proj else ())
     replacements: dict[str, nn.Linear] = {}
     for index, block in enumerate(layout.blocks(model)):
-        found = {name: module for name, module in block.named_modules()
-                 if name.rpartition(".")[2] in wanted and isinstance(module, nn.Linear)}
+        found = layout.block_linears(block, roles)
         for name, module in found.items():
             if type(module) is not nn.Linear:
                 raise UnsupportedModelError(
                     f"block {index}'s {name} is a {type(module).__name__}, not a plain nn.Linear "
                     "(quantised?): the probe needs a model loaded in a floating dtype"
                 )
-        missing = sorted(set(wanted) - {name.rpartition(".")[2] for name in found})
+        covered = {role for name in found for role in layout.family.roles_of(name.rpartition(".")[2])}
+        missing = [role for role in roles if role not in covered]
         if missing:
             raise UnsupportedModelError(
-                f"block {index} has no {', '.join(missing)} linear: the probe routes the separate "
-                f"{', '.join(wanted)} projections of a dense decoder"
+                f"block {index} has no linear with role {', '.join(missing)}: the probe routes the "
+                f"{', '.join(roles)} projections of a dense decoder (family '{layout.family.name}' names "
+                f"{', '.join(leaf for leaf, _ in layout.family.linears)})"
             )
         replacements.update({f"{layout.block_path}.{index}.{name}": module for name, module in found.items()})
     for path, linear in replacements.items():

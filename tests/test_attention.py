@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from atv_prune.attention import recording_attention
-from atv_prune.capture import capture_sample, non_block_modules_on, run_block
-from atv_prune.families import resolve
+from atv_prune.model.attention import recording_attention
+from atv_prune.model.capture import capture_sample, non_block_modules_on, run_block
+from atv_prune.model.layout import resolve
 from tiny_models import build_tiny_model, make_inputs
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from atv_prune import PruneConfig, prune
 from atv_prune.cli import main as atv_main
 from atv_prune.errors import ConfigError
-from atv_prune.loading import load_model
+from atv_prune.model.loading import load_model
 from motprobe.cli import main as motprobe_main
 from tiny_checkpoints import make_llava_workspace
 
@@ -47,7 +47,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded before the inputs were checked")
 
-    monkeypatch.setattr("atv_prune.loading.load_model", refuse)
+    monkeypatch.setattr("atv_prune.model.loading.load_model", refuse)
 
 
 def test_usage_errors_are_one_line() -> None:
@@ -113,7 +113,7 @@ def test_a_corrupt_or_misplaced_study_folder_is_one_line(workspace, tmp_path: Pa
             "--sparsity", "0.5"]
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "study.json").write_text("{oops")
-    _one_error(*_invoke(atv_main, *args, "--out", tmp_path / "broken"), "not JSON")
+    _one_error(*_invoke(atv_main, *args, "--out", tmp_path / "broken"), "not a study manifest")
     (tmp_path / "plain").write_text("x")
     _one_error(*_invoke(atv_main, *args, "--out", tmp_path / "plain"), "is a file")
 
@@ -153,7 +153,7 @@ def test_an_unforeseen_file_system_error_is_one_line(workspace, tmp_path: Path,
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out"))
 
-    monkeypatch.setattr("atv_prune.export.save_pruned", full)
+    monkeypatch.setattr("atv_prune.runs.export.save_pruned", full)
     _one_error(*_invoke(atv_main, "prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
                         "--sparsity", "0.5", "--out", tmp_path / "out"), "No space left on device")
 
@@ -165,7 +165,7 @@ def test_an_nm_pattern_that_does_not_fit_fails_before_capture(workspace, monkeyp
     def no_capture(*args, **kwargs):
         raise AssertionError("captured before the pattern was checked")
 
-    monkeypatch.setattr("atv_prune.api.capture_sample", no_capture)
+    monkeypatch.setattr("atv_prune.runs.api.capture_sample", no_capture)
     with pytest.raises(ConfigError, match="divisible by 5"):
         prune(model, None, None, PruneConfig(method="wanda", sparsity=None, pattern=(2, 5)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -189,7 +189,7 @@ def test_late_found_cases_are_checked_up_front(workspace, tmp_path: Path, no_wei
 
 
 def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from atv_prune.study import Study
+    from atv_prune.runs.study import Study
     from test_study import _scripted_evaluate
 
     monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
@@ -206,7 +206,7 @@ def test_a_bare_command_shows_its_help() -> None:
 
 def test_a_finished_study_resumes_without_checking_its_inputs_again(workspace, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from atv_prune.study import Study
+    from atv_prune.runs.study import Study
     from test_study import _scripted_evaluate
 
     monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
@@ -230,7 +230,7 @@ def test_iou_refuses_a_zero_sparsity_instead_of_using_the_default(workspace, tmp
 def test_a_model_that_cannot_be_built_on_meta_is_left_to_the_run(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForImageTextToText
 
-    from atv_prune.preflight import check_model
+    from atv_prune.runs.preflight import check_model
 
     assert check_model(workspace["model"]) == 2
 
@@ -252,5 +252,5 @@ def test_messages_name_what_is_wrong_with_a_path_or_a_recipe(workspace, tmp_path
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"format": "atv-prune-recipe/1", "method": "atv", "pool": "atv", "alpha": -3}))
     _one_error(*_invoke(atv_main, "prune", *base, "--calib", workspace["calib"], "--recipe", recipe),
-               f"recipe {recipe} holds an invalid setting (alpha -3.0")
+               f"{recipe} is not a valid recipe: it holds an invalid setting (alpha -3.0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "recipe.json"]

@@ -15,8 +15,8 @@ from atv_prune.builtin import CHECKPOINT_DIR, scenes
 from atv_prune.builtin.outliers import NORM_READERS, amplify_outlier_features, check_scale, largest_channels, residual_rms
 from atv_prune.builtin.tokenizer import build_processor
 from atv_prune.builtin.train import Encoder, ModelShape, add_outlier_features, build_model
-from atv_prune.calibration import load_calibration
-from atv_prune.families import resolve
+from atv_prune.model.calibration import load_calibration
+from atv_prune.model.layout import resolve
 
 SHAPE = ModelShape(patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
                    text_layers=2, text_heads=2, text_intermediate=64)
@@ -76,7 +76,7 @@ def test_amplified_model_computes_bit_identical_logits(bench: Path, processor) -
 def test_activation_aware_masks_are_invariant_and_magnitude_drops_the_outliers(
         bench: Path, processor, method: str, same_masks: bool) -> None:
     calibration = load_calibration(bench / "calib.json", processor, samples=4)
-    config = PruneConfig(method=method, sparsity=0.6, progress=False)
+    config = PruneConfig(method=method, sparsity=0.6)
     plain, amplified = _model(processor), _model(processor)
     amplify_outlier_features(amplified, CHANNELS, 16.0)
     prune(plain, processor, calibration, config)

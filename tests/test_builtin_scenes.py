@@ -20,7 +20,8 @@ from transformers import AutoProcessor
 from atv_prune.builtin import CHECKPOINT_DIR, scenes
 from atv_prune.builtin.tokenizer import build_processor, build_tokenizer
 from atv_prune.builtin.train import Encoder, ModelShape, VisualWordAlignment, build_model, cell_labels
-from atv_prune.calibration import load_calibration
+from atv_prune.eval.answers import answer_matches
+from atv_prune.model.calibration import load_calibration
 
 SIZES = {"n_train": 60, "n_val": 6, "n_test": 12, "n_calib": 6}
 SMALL_SHAPE = ModelShape(patch_size=16, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
@@ -217,11 +218,11 @@ def test_option_lookup_names_the_matching_letter() -> None:
 
 
 def test_answer_matches() -> None:
-    assert scenes.answer_matches("Yes.", "yes")
-    assert scenes.answer_matches(" a ", "A")
-    assert scenes.answer_matches("three", "3")
-    assert not scenes.answer_matches("no", "yes")
-    assert not scenes.answer_matches("red circle", "red")
+    assert answer_matches("Yes.", "yes")
+    assert answer_matches(" a ", "A")
+    assert answer_matches("three", "3")
+    assert not answer_matches("no", "yes")
+    assert not answer_matches("red circle", "red")
 
 
 def test_tokenizer_round_trip_and_closed_vocabulary(bench: Path) -> None:
@@ -307,7 +308,7 @@ def test_processor_matches_model_and_trainer_encoder(processor, tmp_path: Path, 
     assert inputs["input_ids"][0].tolist() == ids
     assert torch.allclose(inputs["pixel_values"][0], encoder.pixels(item["scene"]), atol=1e-6)
     answer = [t for t in labels if t != -100]
-    assert scenes.answer_matches(processor.tokenizer.decode(answer, skip_special_tokens=True), item["answer"])
+    assert answer_matches(processor.tokenizer.decode(answer, skip_special_tokens=True), item["answer"])
     with torch.no_grad():
         features = model.get_image_features(pixel_values=inputs["pixel_values"])
         logits = model(**inputs).logits
@@ -441,7 +442,7 @@ def test_magnitude_prune_part_prunes_exactly_the_part(processor, part: str, prun
     """Only the selected decoder linears change, each to exactly floor(P * in_features) zeros per
     row at the lowest magnitudes; everything else keeps its weights."""
     from atv_prune.builtin.diagnose import decoder_parts, magnitude_prune_part
-    from atv_prune.families import resolve
+    from atv_prune.model.layout import resolve
 
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(SMALL_SHAPE, text_layers=2), processor)
@@ -636,7 +637,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     """Over an earlier checkpoint: new files replace old ones (folders too), other files stay, the
     marker is gone while files move and after a failure, and nothing is staged behind."""
     from atv_prune.errors import AtvPruneError
-    from atv_prune.export import write_files_into
+    from atv_prune.runs.export import write_files_into
 
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)

@@ -13,10 +13,10 @@ import torch
 from tiny_checkpoints import FAMILIES, make_calibration_files, make_checkpoint
 from transformers import AutoModelForImageTextToText, Qwen2VLProcessor
 
-from atv_prune import processors
-from atv_prune.calibration import CalibrationSet, load_calibration
+from atv_prune.model import processors
+from atv_prune.model.calibration import CalibrationSet, load_calibration
 from atv_prune.errors import CalibrationError
-from atv_prune.processors import load_processor
+from atv_prune.model.processors import load_processor
 
 
 class _Checkpoints(dict):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from atv_prune.cli import main
-from atv_prune.processors import load_processor
+from atv_prune.model.processors import load_processor
 from tiny_checkpoints import make_calibration_files, make_checkpoint
 
 

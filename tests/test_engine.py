@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from atv_prune import PruneConfig, prune
-from atv_prune.calibration import CalibrationSample, CalibrationSet
-from atv_prune.capture import capture_sample, next_input, non_block_modules_on, run_block
+from atv_prune import Pool, PruneConfig, RunSettings, prune, register_pool
+from atv_prune.model.calibration import CalibrationSample, CalibrationSet
+from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
 from atv_prune.errors import CalibrationError, NumericalError
-from atv_prune.families import resolve
+from atv_prune.model.layout import resolve
 from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
+QUIET = RunSettings(progress=False)
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -37,7 +38,7 @@ def _linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _pruned(model: nn.Module, calibration: CalibrationSet | None, **config) -> tuple[nn.Module, object]:
     copy_ = copy.deepcopy(model)
-    report = prune(copy_, None, calibration, PruneConfig(progress=False, **config))
+    report = prune(copy_, None, calibration, PruneConfig(**config), settings=QUIET)
     return copy_, report
 
 
@@ -244,7 +245,7 @@ def test_unsupported_layout_names_the_supported_families() -> None:
 
 
 def test_linears_fed_by_one_tensor_share_one_accumulation() -> None:
-    from atv_prune.engine import _InputRecorder, linear_targets
+    from atv_prune.model.engine import _InputRecorder, linear_targets
 
     model = build_tiny_model("qwen2_vl")
     layout = resolve(model)
@@ -307,7 +308,7 @@ def test_sparsegpt_reconstructs_block_outputs_better_than_wanda() -> None:
 
 def test_sparsegpt_factorises_each_input_group_once(monkeypatch) -> None:
     """q/k/v share one input, gate/up another: one Cholesky factor per input group and block."""
-    from atv_prune import sparsegpt
+    from atv_prune.algorithms import sparsegpt
 
     calls = []
     original = sparsegpt.inverse_hessian_factor
@@ -346,16 +347,23 @@ def test_amia_pool_runs_through_the_engine(name: str, method: str) -> None:
     assert all(0 < b["text_tokens_per_sample"] for b in report.blocks)
 
 
-def test_token_weights_enter_the_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    from atv_prune import pools
+def test_token_weights_enter_the_statistics() -> None:
+    from atv_prune.algorithms import pools
+    from atv_prune.algorithms.specs import POOLS
 
     def text_weighted(view: pools.SampleView) -> pools.PoolChoice:
         everything = pools.mixed_pool(view)
         return pools.PoolChoice(everything.fixed, everything.n_text, everything.n_visual,
                                 weights=(~view.visual).float() * 3.0)
 
-    monkeypatch.setitem(pools.POOLS, "text-by-weight", pools.Pool(text_weighted))
-    monkeypatch.setattr("atv_prune.config.POOLS", pools.POOLS)
+    register_pool("text-by-weight", Pool(text_weighted))
+    try:
+        _token_weights_match_the_text_pool()
+    finally:
+        POOLS.unregister("text-by-weight")
+
+
+def _token_weights_match_the_text_pool() -> None:
     name = "qwen2_vl"
     model = build_tiny_model(name)
     calibration = _calibration(model, name)

@@ -20,14 +20,14 @@ from lmms_eval.utils import load_yaml_config
 from PIL import Image
 from tiny_checkpoints import make_checkpoint
 
-from atv_prune.cli_eval import eval_command
+from atv_prune.cli.evaluate import eval_command
 from atv_prune.errors import AtvPruneError
 from atv_prune.eval import LMMS_EVAL_VERSION, EvalResult, env, evaluate, retention, write_builtin_tasks
 from atv_prune.eval.env import offline, require_lmms_eval
 from atv_prune.eval.hooks import doc_to_text, doc_to_visual
 from atv_prune.eval.model import GenerationError, user_content
-from atv_prune.loading import load_model
-from atv_prune.processors import load_processor
+from atv_prune.model.loading import load_model
+from atv_prune.model.processors import load_processor
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 
@@ -172,7 +172,7 @@ def test_end_to_end_tiny_checkpoint(family: str, checkpoints: dict[str, Path], b
     assert set(result.scores) == {"atvbench_exist", "atvbench_mcq"}
     assert all(0.0 <= score <= 100.0 for score in result.scores.values())
     assert result.samples == {"atvbench_exist": 4, "atvbench_mcq": 3}
-    assert result.versions["lmms_eval"] == LMMS_EVAL_VERSION
+    assert result.versions["lmms-eval"] == LMMS_EVAL_VERSION
     assert result.versions["torch"] == torch.__version__
     json.dumps(result.to_dict())
 
@@ -337,7 +337,7 @@ def test_cli_writes_results_and_retention(checkpoints: dict[str, Path], bench: P
     assert first.exit_code == 0, first.output
     assert "atvbench_exist" in first.output and "mean" in first.output
     saved = json.loads((tmp_path / "dense" / "eval_results.json").read_text())
-    assert saved["result"]["versions"]["lmms_eval"] == LMMS_EVAL_VERSION
+    assert saved["result"]["versions"]["lmms-eval"] == LMMS_EVAL_VERSION
     assert set(saved["result"]["scores"]) == {"atvbench_exist", "atvbench_mcq"}
 
     again = runner.invoke(eval_command, [*args, "--out", str(tmp_path / "dense")])

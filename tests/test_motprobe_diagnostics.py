@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from atv_prune.calibration import CalibrationSample, CalibrationSet
-from atv_prune.families import resolve
+from atv_prune.model.calibration import CalibrationSample, CalibrationSet
+from atv_prune.model.layout import resolve
 from motprobe.cli import main
 from motprobe.diagnostics import block_activations, iou_summary, mask_iou
 from tiny_checkpoints import make_llava_workspace

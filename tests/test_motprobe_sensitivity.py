@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from atv_prune.cli import main as atv_main
 from atv_prune.eval.run import EvalResult
-from atv_prune.study import Study
+from atv_prune.runs.study import Study
 from motprobe.cli import main
 from motprobe.sensitivity import derive_recipe
 from tiny_checkpoints import make_llava_workspace
@@ -27,19 +27,19 @@ def test_recipe_follows_the_papers_asymmetry() -> None:
                ("visual", "text"): 100.05, ("visual", "visual"): 99.25, ("visual", "mixed"): 99.57}
     records = [_record(p, c, "60%", v) for (p, c), v in table_1.items()]
     recipe = derive_recipe(records, "60%")
-    assert (recipe["method"], recipe["pool"], recipe["alpha"]) == ("atv", "atv", 1.0)
-    assert recipe["evidence"]["sensitive_pathway"] == "text"
-    assert recipe["evidence"]["best_pool"] == {"text": "text", "visual": "text"}
+    assert (recipe.method, recipe.pool, recipe.alpha) == ("atv", "atv", 1.0)
+    assert recipe.evidence["sensitive_pathway"] == "text"
+    assert recipe.evidence["best_pool"] == {"text": "text", "visual": "text"}
 
 
 def test_recipe_when_visual_calibration_helps_or_text_prefers_mixed() -> None:
     records = [_record("text", "text", "50%", 90), _record("text", "mixed", "50%", 85),
                _record("visual", "text", "50%", 80), _record("visual", "visual", "50%", 95)]
-    assert derive_recipe(records, "50%")["alpha"] == 4.0
+    assert derive_recipe(records, "50%").alpha == 4.0
     records = [_record("text", "text", "50%", 80), _record("text", "mixed", "50%", 85),
                _record("visual", "text", "50%", 99), _record("visual", "visual", "50%", 99)]
     recipe = derive_recipe(records, "50%")
-    assert (recipe["method"], recipe["pool"]) == ("wanda", "mixed")
+    assert (recipe.method, recipe.pool) == ("wanda", "mixed")
 
 
 def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
@@ -99,7 +99,7 @@ def test_a_bad_recipe_is_one_line(workspace, tmp_path: Path) -> None:
     result = CliRunner().invoke(atv_main, ["prune", "--model", str(workspace["model"]), "--recipe",
                                            str(tmp_path / "r.json"), "--sparsity", "0.5", "--out",
                                            str(tmp_path / "o")])
-    assert result.exit_code == 2 and "is not a recipe" in result.output
+    assert result.exit_code == 2 and "is not a valid recipe: pool: Field required" in result.output
 
 
 def test_a_magnitude_study_has_one_uncalibrated_row_per_pathway_and_no_recipe(workspace, monkeypatch) -> None:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from atv_prune import PruneConfig, prune
-from atv_prune.calibration import CalibrationSample, CalibrationSet
-from atv_prune.capture import current_visual_mask, visual_mask_context
-from atv_prune.families import resolve
+from atv_prune.model.calibration import CalibrationSample, CalibrationSet
+from atv_prune.model.capture import current_visual_mask, visual_mask_context
+from atv_prune.model.layout import resolve
 from motprobe import ModalityRoutedLinear, ProbeError, make_probe, probe_linears, prune_pathway
 from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
@@ -35,7 +35,7 @@ def _calibration(model: nn.Module, name: str, n: int = 3) -> CalibrationSet:
 
 
 def _config(**kwargs) -> PruneConfig:
-    return PruneConfig(progress=False, **{"sparsity": 0.5, **kwargs})
+    return PruneConfig(**{"sparsity": 0.5, **kwargs})
 
 
 def _block_linears(model: nn.Module) -> dict[str, nn.Linear]:

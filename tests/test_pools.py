@@ -3,8 +3,14 @@
 import torch
 import torch.nn.functional as F
 
-from atv_prune.pools import (POOLS, SampleView, adaptive_budget, budget_cap, diverse_order, fixed_budget,
-                             visual_drift)
+from atv_prune.algorithms.budget import Budget
+from atv_prune.algorithms.pools import PoolChoice, SampleView, diverse_order, visual_drift
+from atv_prune.algorithms.specs import POOLS
+
+
+def select(pool: str, view: SampleView) -> PoolChoice:
+    """The registered pool's choice for ``view``."""
+    return POOLS[pool].function()(view)
 
 
 def _view(seed: int = 0, seq: int = 20, n_visual: int = 12) -> SampleView:
@@ -26,37 +32,37 @@ def test_drift_is_one_minus_cosine_of_visual_tokens() -> None:
 
 def test_plain_pools_select_by_modality() -> None:
     view = _view()
-    assert POOLS["mixed"].select(view).fixed.tolist() == list(range(20))
-    assert POOLS["text"].select(view).fixed.tolist() == [0, 1, 2] + list(range(15, 20))
-    assert POOLS["visual"].select(view).fixed.tolist() == list(range(3, 15))
+    assert select("mixed", view).fixed.tolist() == list(range(20))
+    assert select("text", view).fixed.tolist() == [0, 1, 2] + list(range(15, 20))
+    assert select("visual", view).fixed.tolist() == list(range(3, 15))
     assert all(POOLS[name].budget == "none" for name in ("mixed", "text", "visual"))
 
 
 def test_atv_ranks_visual_tokens_by_drift() -> None:
     view = _view()
-    choice = POOLS["atv"].select(view)
+    choice = select("atv", view)
     drift = visual_drift(view)
-    assert choice.fixed.tolist() == POOLS["text"].select(view).fixed.tolist()
+    assert choice.fixed.tolist() == select("text", view).fixed.tolist()
     ranked_drift = drift[choice.ranked - 3]
     assert (ranked_drift[:-1] >= ranked_drift[1:]).all()
     assert abs(choice.saliency_sum - float(drift.sum())) < 1e-5
-    assert budget_cap(POOLS["atv"], choice, ratio=0.1) == min(12, 8)
-    assert budget_cap(POOLS["drift-fixed"], choice, ratio=0.25) == 3
+    assert Budget(POOLS["atv"].budget, ratio=0.1).limit(choice.n_visual, choice.n_text) == min(12, 8)
+    assert Budget(POOLS["drift-fixed"].budget, ratio=0.25).limit(choice.n_visual, choice.n_text) == 3
 
 
 def test_random_pool_is_seeded_and_keeps_the_atv_saliency() -> None:
-    first = POOLS["random"].select(_view(seed=4))
-    again = POOLS["random"].select(_view(seed=4))
-    other = POOLS["random"].select(_view(seed=5))
+    first = select("random", _view(seed=4))
+    again = select("random", _view(seed=4))
+    other = select("random", _view(seed=5))
     assert first.ranked.tolist() == again.ranked.tolist()
     assert first.ranked.tolist() != other.ranked.tolist()
     assert sorted(first.ranked.tolist()) == list(range(3, 15))
-    assert first.saliency_sum == POOLS["atv"].select(_view(seed=4)).saliency_sum
+    assert first.saliency_sum == select("atv", _view(seed=4)).saliency_sum
 
 
 def test_attention_pool_ranks_by_attention_from_text() -> None:
     view = _view()
-    choice = POOLS["abs"].select(view)
+    choice = select("abs", view)
     received = view.attention_from_text[3:15]
     assert choice.ranked.tolist() == (torch.argsort(received, descending=True, stable=True) + 3).tolist()
     assert abs(choice.saliency_sum - float(received.sum())) < 1e-6
@@ -72,7 +78,7 @@ def test_diverse_order_is_greedy_max_min() -> None:
 
 def test_diversity_pool_budget_saliency_is_mean_cosine_distance() -> None:
     view = _view()
-    choice = POOLS["dbs"].select(view)
+    choice = select("dbs", view)
     unit = F.normalize(view.hidden_in[3:15], dim=-1)
     diversity = (1 - unit @ unit.T).sum(1) / 11
     assert abs(choice.saliency_sum - float(diversity.sum())) < 1e-4
@@ -80,11 +86,24 @@ def test_diversity_pool_budget_saliency_is_mean_cosine_distance() -> None:
 
 
 def test_budget_rules() -> None:
-    assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=1.0) == 10
-    assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=0.0) == 0
-    assert adaptive_budget(n_visual=100, n_text=40, block_saliency=0.25, alpha=8.0) == 40
-    assert adaptive_budget(n_visual=5, n_text=40, block_saliency=0.9, alpha=1.0) == 5
-    assert fixed_budget(n_visual=200, ratio=0.1) == 20 and fixed_budget(n_visual=7, ratio=1.0) == 7
+    def adaptive(n_visual: int, n_text: int, mean: float, alpha: float) -> int:
+        return Budget("adaptive", alpha=alpha).resolve(n_visual, n_text, mean)
+
+    assert adaptive(100, 40, 0.25, alpha=1.0) == 10
+    assert adaptive(100, 40, 0.25, alpha=0.0) == 0
+    assert adaptive(100, 40, 0.25, alpha=8.0) == 40
+    assert adaptive(5, 40, 0.9, alpha=1.0) == 5
+    assert Budget("fixed", ratio=0.1).resolve(200, 50, 0.0) == 20 and Budget("fixed", ratio=1.0).resolve(7, 1, 0.0) == 7
+    assert Budget("none").resolve(100, 40, 0.9) == 0 and Budget("none").limit(100, 40) == 0
+
+
+def test_budget_limit_bounds_every_final_budget() -> None:
+    for rule in ("adaptive", "fixed", "none"):
+        for alpha in (0.0, 0.5, 1.0, 8.0):
+            budget = Budget(rule, alpha=alpha, ratio=0.3)
+            for n_visual, n_text in ((100, 40), (5, 40), (0, 10), (30, 30)):
+                limit = budget.limit(n_visual, n_text)
+                assert all(budget.resolve(n_visual, n_text, mean) <= limit for mean in (0.0, 0.1, 0.5, 1.0, 3.0))
 
 
 def _mmd(kernel: torch.Tensor, chosen: torch.Tensor) -> float:
@@ -92,7 +111,7 @@ def _mmd(kernel: torch.Tensor, chosen: torch.Tensor) -> float:
 
 
 def test_amia_stops_once_the_selection_matches_all_tokens() -> None:
-    from atv_prune.pools import amia_selection
+    from atv_prune.algorithms.pools import amia_selection
 
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(4, 16, generator=g) * 3
@@ -121,14 +140,14 @@ def test_amia_pool_needs_attention_and_weights_its_tokens() -> None:
     view = _view()
     view = SampleView(view.visual, view.hidden_in, view.hidden_out, view.generator,
                       attention_from_last=view.attention_from_text)
-    choice = POOLS["amia"].select(view)
+    choice = select("amia", view)
     assert POOLS["amia"].needs_attention and POOLS["amia"].budget == "none"
     assert choice.weights is not None and len(choice.weights) == len(choice.fixed)
     assert choice.visual_selected == int(view.visual[choice.fixed].sum())
 
 
 def test_amia_stops_at_the_first_prefix_that_meets_the_criterion() -> None:
-    from atv_prune.pools import amia_selection
+    from atv_prune.algorithms.pools import amia_selection
 
     g = torch.Generator().manual_seed(7)
     features = torch.randn(300, 12, generator=g)
@@ -152,5 +171,5 @@ def test_diverse_order_stops_at_its_limit_with_the_same_prefix() -> None:
     full = diverse_order(features, first=2)
     assert torch.equal(diverse_order(features, first=2, limit=7), full[:7])
     view = _view()
-    limited = SampleView(view.visual, view.hidden_in, view.hidden_out, view.generator, rank_limit=4)
-    assert torch.equal(POOLS["dbs"].select(limited).ranked, POOLS["dbs"].select(view).ranked[:4])
+    limited = SampleView(view.visual, view.hidden_in, view.hidden_out, view.generator, limit=4)
+    assert torch.equal(select("dbs", limited).ranked, select("dbs", view).ranked[:4])

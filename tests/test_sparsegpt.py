@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from atv_prune.masks import unstructured_mask
-from atv_prune.scoring import squared_input_sum, wanda_scores
-from atv_prune.sparsegpt import hessian_update, inverse_hessian_factor, sparsegpt_prune
+from atv_prune.algorithms.masks import unstructured_mask
+from atv_prune.algorithms.scoring import squared_input_sum, wanda_scores
+from atv_prune.algorithms.sparsegpt import hessian_update, inverse_hessian_factor, sparsegpt_prune
 
 
 def _layer(seed: int = 0, rows: int = 24, cols: int = 64, tokens: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,7 @@ def test_sparsegpt_reconstructs_better_than_wanda(target: dict) -> None:
     weight, x = _layer()
     new, mask = sparsegpt_prune(weight, 2 * hessian_update(x), block_size=16, **target)
     if "pattern" in target:
-        from atv_prune.masks import nm_mask
+        from atv_prune.algorithms.masks import nm_mask
 
         wanda_mask = nm_mask(wanda_scores(weight, squared_input_sum(x)), *target["pattern"])
     else:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from atv_prune.cli import main
 from atv_prune.eval.run import EvalResult
-from atv_prune.study import Study
+from atv_prune.runs.study import Study
 from tiny_checkpoints import make_llava_workspace
 
 TASKS = ("exist", "count")
@@ -98,7 +98,7 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from atv_prune import demo
+    from atv_prune.cli import demo
 
     builtin = tmp_path / "builtin"
     shutil.copytree(workspace["model"], builtin / "checkpoint")

@@ -190,7 +190,7 @@ def _save_qwen2_vl(dest: Path) -> None:
         Qwen2VLProcessor,
     )
 
-    from atv_prune.processors import without_video
+    from atv_prune.model.processors import without_video
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]

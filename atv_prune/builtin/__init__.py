@@ -15,3 +15,8 @@ BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmark"
 #: ``scenes.generate_benchmark`` arguments that rebuild the shipped benchmark (plus an empty
 #: ``val/`` and ``train.jsonl``, which are not shipped).
 SHIPPED_BENCHMARK_ARGS = dict(seed=0, n_train=0, n_val=0, n_test=100, n_calib=256)
+
+
+def default_benchmark() -> Path | None:
+    """The shipped benchmark folder, when its test split is there (the commands' default ``--bench``)."""
+    return BENCHMARK_DIR if (BENCHMARK_DIR / "test").is_dir() else None

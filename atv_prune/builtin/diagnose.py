@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..families import resolve
+from ..algorithms.prune import magnitude_prune
 from ..eval.run import retention_of
-from ..methods import METHODS
+from ..model.layout import resolve
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
 from .train import Encoder, data_image_layout, evaluate, load_split
 
@@ -63,7 +63,7 @@ def magnitude_prune_part(model: nn.Module, part: Callable[[int, str], bool], spa
         for i, block in enumerate(resolve(model).blocks(model)):
             for name, linear in block.named_modules():
                 if isinstance(linear, nn.Linear) and part(i, name):
-                    linear.weight.copy_(METHODS["magnitude"].prune_weight(linear.weight, None, sparsity, None))
+                    linear.weight.copy_(magnitude_prune(linear.weight, None, sparsity, None))
                     pruned += 1
     return pruned
 

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..families import resolve
+from ..model.layout import resolve
 
 #: Each RMSNorm of a Llama/Qwen2-style decoder block and the linears that read its output.
 NORM_READERS: dict[str, tuple[str, ...]] = {

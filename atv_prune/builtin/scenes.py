@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..eval.tasks import IMAGE_POSITIONS
+
 IMAGE_SIZE = 96
 GRID = 3
 CELL = IMAGE_SIZE // GRID
@@ -59,7 +61,6 @@ CAPTION_PROMPT = "Describe the image in detail."
 #: Where the image goes in a question's prompt: after the question (the visual tokens can attend to
 #: what is asked; the shipped model's layout) or before it (LLaVA's layout: the question's tokens
 #: can attend to the image; learned slower here, pilot P21 in docs/builtin.md).
-IMAGE_POSITIONS = ("before", "after")
 DEFAULT_IMAGE_POSITION = "after"
 
 Scene = dict[str, Any]
@@ -435,21 +436,6 @@ def vocabulary() -> list[str]:
     words |= {w.lower() for w in CAPTION_PROMPT.replace(".", " ").split()}
     words |= set(string.punctuation)
     return sorted(words)
-
-
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation removed, whitespace collapsed, number words as digits."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in text.split())
-
-
-def answer_matches(prediction: str, answer: str) -> bool:
-    """Exact match of a model's short answer after normalisation ("Yes." matches "yes", "A" matches "a")."""
-    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 # ----------------------------------------------------------------------------- the benchmark files

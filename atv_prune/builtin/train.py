@@ -33,7 +33,8 @@ from transformers import (
     LlavaProcessor,
 )
 
-from ..export import write_files_into
+from ..eval.answers import answer_matches
+from ..runs.export import write_files_into
 from . import outliers, scenes
 from .tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, build_processor
 
@@ -374,7 +375,7 @@ def evaluate(model: LlavaForConditionalGeneration, encoder: Encoder, items: list
             for (item, _), row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
                 row = row[: row.index(eos)] if eos in row else row
                 prediction = encoder.tok.decode(row, skip_special_tokens=True)
-                correct[item["task"]].append(scenes.answer_matches(prediction, item["answer"]))
+                correct[item["task"]].append(answer_matches(prediction, item["answer"]))
     model.train()
     accuracy = {task: 100.0 * sum(v) / len(v) for task, v in sorted(correct.items())}
     accuracy["mean"] = sum(accuracy.values()) / len(accuracy)

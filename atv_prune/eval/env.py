@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from importlib import metadata
 
 from ..errors import AtvPruneError
+from ..versions import package_versions
 
 #: The one lmms-eval release this bridge is written and tested against.
 LMMS_EVAL_VERSION = "0.7.3"
@@ -46,18 +46,9 @@ def require_lmms_eval() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions that decide a score: lmms-eval, transformers, torch, datasets, atv_prune, Python.
-
-    Read from package metadata because lmms-eval reports "unknown@unknown" for a pip install.
-    """
-    found = {"python": sys.version.split()[0]}
-    for key, dist in (("lmms_eval", "lmms-eval"), ("transformers", "transformers"), ("torch", "torch"),
-                      ("datasets", "datasets"), ("atv_prune", "atv-prune")):
-        try:
-            found[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[key] = "not installed"
-    return found
+    """Versions that decide a score: the package versions record plus lmms-eval and datasets
+    (from package metadata: lmms-eval reports "unknown@unknown" for a pip install)."""
+    return package_versions(extra=("lmms-eval", "datasets"))
 
 
 @contextlib.contextmanager

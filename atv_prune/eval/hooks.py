@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..builtin.scenes import answer_matches
+from .answers import answer_matches
 
 LETTERS = string.ascii_uppercase
 

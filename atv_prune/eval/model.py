@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import AtvPruneError
-from ..families import resolve
+from ..model.layout import resolve
 from .env import require_lmms_eval
 from .hooks import IMAGE_MARKER
 

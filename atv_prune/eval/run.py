@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import AtvPruneError, one_line
 from .env import offline, progress_bars, require_lmms_eval, versions
-from .tasks import TASK_PREFIX, builtin_tasks, default_bench_dir, read_records, task_id, write_builtin_tasks
+from .tasks import TASK_PREFIX, builtin_tasks, read_records, task_id, write_builtin_tasks
 
 #: Task id -> ([metric names summed], divisor): score = 100 * sum / divisor. The built-in tasks
 #: report accuracy in [0, 100] already; MME's perception (max 2000) and cognition (max 800)
@@ -107,12 +107,11 @@ def resolve_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, s
 
 
 def check_tasks(names: list[str], bench_dir: str | Path | None) -> dict[str, str]:
-    """:func:`resolve_tasks` against ``bench_dir`` (default: the shipped benchmark), with every
+    """:func:`resolve_tasks` against ``bench_dir`` (None: no built-in tasks), with every
     built-in task's records read and checked and every other task loaded from lmms-eval (offline,
     from the local datasets cache): the task errors an evaluation would meet, before any model
     is loaded."""
     require_lmms_eval()
-    bench_dir = bench_dir if bench_dir is not None else default_bench_dir()
     task_ids = resolve_tasks(list(names), bench_dir)
     others = [task for task in task_ids.values() if not task.startswith(TASK_PREFIX)]
     for task in task_ids.values():
@@ -210,9 +209,9 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
              progress: bool = False) -> EvalResult:
     """Evaluate ``model`` (on ``device`` already) with lmms-eval on ``tasks``; scores in [0, 100].
 
-    ``tasks``: built-in task names (resolved against ``bench_dir``, default the shipped benchmark
-    if present) or lmms-eval task ids. ``limit``: the first N documents of every task. Runs
-    offline, single process, greedy. ``progress``: show the generation bar and lmms-eval's and
+    ``tasks``: built-in task names (resolved against the benchmark folder ``bench_dir``; the
+    command line defaults it to the shipped benchmark) or lmms-eval task ids. ``limit``: the
+    first N documents of every task. Runs offline, single process, greedy. ``progress``: show the generation bar and lmms-eval's and
     datasets' own bars (off: none of them). Raises :class:`AtvPruneError` for anything the user can fix,
     :class:`~atv_prune.eval.model.GenerationError` when generating fails.
     """
@@ -225,7 +224,6 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
 
     if limit is not None and limit < 1:
         raise AtvPruneError(f"limit must be at least 1, got {limit}")
-    bench_dir = bench_dir if bench_dir is not None else default_bench_dir()
     task_ids = resolve_tasks(list(tasks), bench_dir)
     ids = list(task_ids.values())
     builtin = [task.removeprefix(TASK_PREFIX) for task in ids if task.startswith(TASK_PREFIX)]

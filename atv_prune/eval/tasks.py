@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from ..builtin.scenes import IMAGE_POSITIONS
 from ..errors import AtvPruneError
 from .hooks import LETTERS, METRIC
 
 TASK_PREFIX = "atvbench_"
+#: Where a record's image goes relative to its question.
+IMAGE_POSITIONS = ("before", "after")
 #: Answers are a word or two; 8 new tokens leave room for a tokenizer that splits words.
 MAX_NEW_TOKENS = 8
 
@@ -39,13 +40,6 @@ _FUNCTIONS = (
     "doc_to_text: !function utils.doc_to_text\n"
     "process_results: !function utils.process_results\n"
 )
-
-
-def default_bench_dir() -> Path | None:
-    """The benchmark shipped with the package (``atv_prune/builtin/benchmark``), if it is there."""
-    from ..builtin import BENCHMARK_DIR
-
-    return BENCHMARK_DIR if (BENCHMARK_DIR / "test").is_dir() else None
 
 
 def builtin_tasks(bench_dir: str | Path) -> list[str]:

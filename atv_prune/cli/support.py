@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from .errors import AtvPruneError, one_line
+from ..errors import AtvPruneError, one_line
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:

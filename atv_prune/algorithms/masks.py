@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def prune_count(sparsity: float, size: int) -> int:

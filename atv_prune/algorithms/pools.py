@@ -10,14 +10,15 @@ token received) returning a :class:`PoolChoice`:
   fixed fraction of the sample's visual tokens. Rankings are prefix-consistent, so one forward
   per sample suffices.
 
-A pool is registered in :data:`POOLS` as a :class:`Pool`: the function, its budget rule, and
-whether it needs attention probabilities. Adding a pool is one function and one line.
+A pool is registered by name (:func:`~.specs.register_pool`) as a :class:`~.specs.Pool`: the
+function, its budget rule (:class:`~.budget.Budget`), and whether it needs attention
+probabilities. Adding a pool is one function and one registration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class SampleView:
     generator: torch.Generator  # seeded per (seed, block, sample), on the CPU
     attention_from_text: torch.Tensor | None = None  # (seq,) mean attention received from text queries
     attention_from_last: torch.Tensor | None = None  # (seq,) attention received from the last query
-    rank_limit: int | None = None  # ranked candidates beyond this are never used (None: rank all)
+    limit: int | None = None  # ranked candidates beyond this are never used (None: rank all)
     drift: torch.Tensor | None = None  # visual drift when the caller computed it already
 
 
@@ -51,16 +52,6 @@ class PoolChoice:
 
 
 PoolFunction = Callable[[SampleView], PoolChoice]
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A registered pool: its function, its budget rule for ranked candidates, what it needs."""
-
-    select: PoolFunction
-    budget: str = "none"  # "none" (no ranked candidates), "adaptive" or "fixed"
-    needs_attention: bool = False
-    summary: str = ""
 
 
 def drift_of(hidden_in: torch.Tensor, hidden_out: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -163,7 +154,7 @@ def diversity_pool(view: SampleView) -> PoolChoice:
     distance = 1.0 - unit @ unit.T
     diversity = distance.sum(dim=1) / max(1, n_visual - 1)
     first = int(_descending(diversity)[0]) if n_visual else 0
-    limit = n_visual if view.rank_limit is None else min(n_visual, view.rank_limit)
+    limit = n_visual if view.limit is None else min(n_visual, view.limit)
     order = diverse_order(features, first, limit) if limit else torch.empty(0, dtype=torch.long,
                                                                              device=features.device)
     return _text_plus_ranked(view, diversity, order)
@@ -233,47 +224,3 @@ def amia_pool(view: SampleView) -> PoolChoice:
     n_text, n_visual = _counts(view)
     return PoolChoice(positions, n_text, n_visual, visual_selected=int(view.visual[positions].sum()),
                       weights=weights)
-
-
-POOLS: dict[str, Pool] = {
-    "mixed": Pool(mixed_pool, summary="all tokens"),
-    "text": Pool(text_pool, summary="text tokens only"),
-    "visual": Pool(visual_pool, summary="visual tokens only"),
-    "atv": Pool(drift_pool, "adaptive", summary="text + visual tokens of largest drift, adaptive budget"),
-    "drift-fixed": Pool(drift_pool, "fixed", summary="text + top visual_ratio of visual tokens by drift"),
-    "random": Pool(random_pool, "adaptive", summary="text + random visual tokens, ATV's budget"),
-    "random-fixed": Pool(random_pool, "fixed", summary="text + random visual_ratio of visual tokens"),
-    "abs": Pool(attention_pool, "adaptive", needs_attention=True,
-                summary="text + visual tokens most attended by text, adaptive budget"),
-    "abs-fixed": Pool(attention_pool, "fixed", needs_attention=True,
-                      summary="text + top visual_ratio of visual tokens by text attention"),
-    "dbs": Pool(diversity_pool, "adaptive", summary="text + max-min diverse visual tokens, adaptive budget"),
-    "dbs-fixed": Pool(diversity_pool, "fixed", summary="text + visual_ratio of visual tokens, max-min diverse"),
-    "amia": Pool(amia_pool, needs_attention=True,
-                 summary="TAMP: attention- and diversity-guided tokens of both modalities, attention-weighted"),
-}
-
-
-def adaptive_budget(n_visual: int, n_text: int, block_saliency: float, alpha: float) -> int:
-    """ATV's per-sample visual budget ``K_j = min(n_vis, round(min(1, alpha * s_bar) * n_text))``."""
-    return min(n_visual, round(min(1.0, alpha * block_saliency) * n_text))
-
-
-def fixed_budget(n_visual: int, ratio: float) -> int:
-    """A fixed fraction of the sample's visual tokens."""
-    return min(n_visual, round(ratio * n_visual))
-
-
-def ranking_limit(pool: Pool, n_visual: int, n_text: int, ratio: float) -> int:
-    """The most ranked candidates any budget can take, known before the block mean:
-    ``min(n_vis, n_text)`` for the adaptive rule (since min(1, alpha * s_bar) <= 1)."""
-    if pool.budget == "fixed":
-        return fixed_budget(n_visual, ratio)
-    return min(n_visual, n_text) if pool.budget == "adaptive" else 0
-
-
-def budget_cap(pool: Pool, choice: PoolChoice, ratio: float) -> int:
-    """How many of a choice's ranked candidates to keep until the block-level budget is known."""
-    if choice.ranked is None:
-        return 0
-    return min(len(choice.ranked), ranking_limit(pool, choice.n_visual, choice.n_text, ratio))

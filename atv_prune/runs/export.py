@@ -8,9 +8,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from .errors import AtvPruneError
+from ..errors import AtvPruneError
 
 
 def _umask() -> int:

@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
-from . import builtin
-from .cli_support import Command, one_line_errors
-from .errors import AtvPruneError
+from .. import builtin
+from ..errors import AtvPruneError
+from .options import shared
+from .support import Command, one_line_errors
 
 DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
 DEMO_TARGETS = [dict(sparsity=0.5, pattern=None), dict(sparsity=0.6, pattern=None), dict(sparsity=None, pattern=(2, 4))]
@@ -43,24 +44,21 @@ def builtin_benchmark() -> Path:
 @click.command("demo", cls=Command)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("atv-demo"), show_default=True,
               help="Output folder; re-running resumes it.")
-@click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N test items per task.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@shared("samples", "limit", "batch-size", "device", "dtype", "seed")
 @click.option("--overwrite", is_flag=True, help="Recompute everything in --out.")
+@shared("quiet")
 @one_line_errors
-def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device: str | None, seed: int,
-         overwrite: bool) -> None:
+def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device: str | None, dtype: str,
+         seed: int, overwrite: bool, quiet: bool) -> None:
     """Prune the built-in model with magnitude, Wanda, Wanda (text) and ATV; print the retention table."""
-    from .cli_study import run_comparison
-    from .eval.tasks import builtin_tasks
+    from ..eval.tasks import builtin_tasks
+    from .study import run_comparison
 
     model, bench = builtin_checkpoint(), builtin_benchmark()
     kw: dict[str, Any] = dict(model_path=model, calib_path=bench / "calib.json", tasks=tuple(builtin_tasks(bench)),
                               bench_dir=bench, limit=limit, batch_size=batch_size, samples=samples, seed=seed,
-                              device=device, image_root=None, max_pixels=None, out_dir=out_dir, overwrite=overwrite,
-                              trust_remote_code=False)
+                              device=device, dtype=dtype, image_root=None, max_pixels=None, out_dir=out_dir,
+                              overwrite=overwrite, trust_remote_code=False, quiet=quiet)
     names = {"json": "report.json", "md": "report.md", "csv": "report.csv", "png": "retention.png"}
     click.echo(run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names))
     click.echo(f"written to {out_dir}: report.md, report.json, report.csv, retention.png")

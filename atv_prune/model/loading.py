@@ -1,17 +1,36 @@
-"""Loading a local checkpoint: safetensors only, remote code off unless asked for."""
+"""Loading a local checkpoint: devices, dtypes, the model and its processor, in one place.
+
+Safetensors only, remote code off unless asked for. :func:`load_model_and_processor` is what every
+command and study uses; :func:`model_skeleton` builds the architecture on the meta device for the
+checks that need shapes but no weights.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import AtvPruneError, ConfigError, UnsupportedModelError
+from ..errors import AtvPruneError, ConfigError, UnsupportedModelError
 from .families import supported_families
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The compute device: the one asked for, else CUDA when present, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for but CUDA is not available: use --device cpu")
+    return device
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -85,3 +104,26 @@ def load_model(
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
     return model.eval(), saved_dtype
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint loaded for a run: the model (on the CPU, in eval mode), its processor, the dtype
+    its weights were saved in (to save a result alike) and the run's compute device."""
+
+    model: nn.Module
+    processor: Any
+    saved_dtype: torch.dtype
+    device: torch.device
+
+
+def load_model_and_processor(path: str | Path, *, dtype: str = "auto", device: str | None = None,
+                             trust_remote_code: bool = False) -> LoadedModel:
+    """The model and processor of a local checkpoint, in the compute dtype for ``device``
+    (``dtype="auto"``: fp32 on the CPU, the checkpoint's own dtype on a GPU). The model stays on
+    the CPU: the engine moves one block at a time, an evaluation moves it whole."""
+    from .processors import load_processor
+
+    compute = resolve_device(device)
+    model, saved_dtype = load_model(path, compute_dtype(dtype, compute), trust_remote_code)
+    return LoadedModel(model, load_processor(path, trust_remote_code=trust_remote_code), saved_dtype, compute)

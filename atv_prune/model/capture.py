@@ -15,13 +15,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import NumericalError
-from .families import ModelLayout
+from ..errors import NumericalError
+from .layout import ModelLayout
 
 
 _VISUAL_MASK: ContextVar[torch.Tensor | None] = ContextVar("atv_prune_visual_mask", default=None)
@@ -149,12 +150,6 @@ def _recording(blocks: nn.ModuleList) -> Iterator[_BlockRecorder]:
                 block.forward = forward
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The model without its LM head (no logits are needed to capture block inputs)."""
-    base = getattr(model, "model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
 def prepare_forward_inputs(
     layout: ModelLayout, inputs: Mapping[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype
 ) -> dict[str, Any]:
@@ -183,7 +178,7 @@ def capture_sample(
     dtype = next(blocks.parameters()).dtype
     forward_inputs = prepare_forward_inputs(layout, inputs, compute_device, dtype)
     with _recording(blocks) as recorder:
-        _base_model(model)(**forward_inputs, use_cache=False)
+        layout.base_model(model)(**forward_inputs, use_cache=False)
     if recorder.first_input is None:
         raise RuntimeError("the model's forward never called its first decoder block")
     hidden = recorder.first_input

@@ -1,4 +1,4 @@
-"""``atv-prune eval``: score a checkpoint on built-in and lmms-eval tasks (registered in cli.py)."""
+"""``atv-prune eval``: score a checkpoint on built-in and lmms-eval tasks."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli_support import ListOptionsCommand, one_line_errors
-from .errors import AtvPruneError
+from ..errors import AtvPruneError
+from .options import shared
+from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
-    from .eval.run import EvalResult
+    from ..eval.run import EvalResult
 
 RESULTS_FILE = "eval_results.json"
 
 
 def _read_result(path: Path) -> EvalResult:
     """The result saved in a dense model's eval_results.json."""
-    from .eval.run import EvalResult
+    from ..eval.run import EvalResult
 
     fix = "pass the eval_results.json 'atv-prune eval --out' wrote for the dense model"
     if not path.is_file():
@@ -41,42 +42,24 @@ def _read_result(path: Path) -> EvalResult:
 
 
 @click.command("eval", cls=ListOptionsCommand)
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="Local checkpoint folder.")
-@click.option("--tasks", required=True, multiple=True,
-              help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, mme, ...), "
-                   "e.g. --tasks exist count pope.")
-@click.option("--bench", "bench_dir", type=click.Path(path_type=Path), default=None,
-              help="Benchmark folder with test/<task>.jsonl "
-                   "[default: atv_prune/builtin/benchmark if present].")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Evaluate the first N documents of each task.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Documents per generate call (batch size > 1 can change some scores slightly).")
-@click.option("--device", default=None, help="Compute device [default: cuda if available, else cpu].")
-@click.option("--dtype", default="auto", show_default=True,
-              help="Compute dtype: auto (float32 on CPU, checkpoint dtype on GPU), "
-                   "float32, bfloat16, float16.")
+@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype")
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
               help="eval_results.json of the dense model: adds retention (pruned / dense) "
                    "per task and its mean.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help=f"Folder to write {RESULTS_FILE} into (created if missing).")
 @click.option("--overwrite", is_flag=True, help=f"Replace an existing {RESULTS_FILE} in --out.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow custom model code shipped with the checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@shared("trust-remote-code", "quiet")
 @one_line_errors
 def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | None, limit: int | None,
                  batch_size: int, device: str | None, dtype: str, baseline_path: Path | None,
                  out_dir: Path | None, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
-    from .api import resolve_device
-    from .eval.env import require_lmms_eval
-    from .export import check_creatable, write_json_atomic
-    from .preflight import check_model
-    from .loading import compute_dtype, load_model
-    from .processors import load_processor
+    from ..builtin import default_benchmark
+    from ..eval.env import require_lmms_eval
+    from ..model.loading import compute_dtype, load_model_and_processor, resolve_device
+    from ..runs.export import check_creatable, write_json_atomic
+    from ..runs.preflight import check_model
 
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
     if out_file is not None:
@@ -87,13 +70,13 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
             raise AtvPruneError(f"{out_file} already exists: pass --overwrite or choose another --out")
     if bench_dir is not None and not bench_dir.is_dir():
         raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
+    bench_dir = bench_dir if bench_dir is not None else default_benchmark()
     require_lmms_eval()
-    from .eval.run import check_comparable, check_tasks, evaluate, retention
+    from ..eval.run import check_comparable, check_tasks, evaluate, retention
 
     # Everything checkable is checked before the (possibly long) model load and evaluation,
     # the cheap checks first (the tasks may need lmms-eval's task index and their datasets).
-    compute = resolve_device(device)
-    dtype_used = compute_dtype(dtype, compute)
+    compute_dtype(dtype, resolve_device(device))
     check_model(model_path, device=device, trust_remote_code=trust_remote_code)
     baseline = _read_result(baseline_path) if baseline_path is not None else None
     task_ids = check_tasks(list(tasks), bench_dir)
@@ -103,11 +86,10 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, _ = load_model(model_path, dtype_used, trust_remote_code)
-    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
-    model.to(compute)
-    result = evaluate(model, processor, list(tasks), bench_dir=bench_dir, limit=limit, batch_size=batch_size,
-                      device=str(compute), progress=not quiet)
+    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded.model.to(loaded.device)
+    result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,
+                      batch_size=batch_size, device=str(loaded.device), progress=not quiet)
     kept = retention(result, baseline) if baseline is not None else None
 
     header = f"{'task':28s} {'lmms-eval id':28s} {'docs':>6s} {'score':>8s}"
@@ -119,7 +101,7 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
         click.echo(line)
     footer = f"{'mean':28s} {'':28s} {'':6s} {result.mean:8.2f}"
     click.echo(footer + (f"  {kept['mean']:9.2f}" if kept else ""))
-    click.echo(f"lmms-eval {result.versions['lmms_eval']}, transformers {result.versions['transformers']}, "
+    click.echo(f"lmms-eval {result.versions['lmms-eval']}, transformers {result.versions['transformers']}, "
                f"torch {result.versions['torch']}; {result.seconds:.1f}s")
     if out_file is not None:
         record = {"model": str(model_path), "result": result.to_dict()}

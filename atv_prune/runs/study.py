@@ -19,18 +19,31 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from .api import PruneReport, package_versions, prune
-from .calibration import CalibrationSet
-from .config import PruneConfig
-from .errors import AtvPruneError
+from ..errors import AtvPruneError
+from ..model.calibration import CalibrationSet, load_calibration
+from ..model.loading import load_model_and_processor, resolve_device
+from ..validation import Record
+from ..versions import package_versions
+from .api import PruneReport, prune
+from .config import PruneConfig, RunSettings
 from .export import check_creatable, write_json_atomic
+from .tables import markdown_text
 
-PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, dict[str, Any]], PruneReport]
+PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, RunSettings, dict[str, Any]], PruneReport]
+
+
+class StudyManifest(Record):
+    """``study.json``: what the study is (its identity) and the versions that started it."""
+
+    identity: dict[str, Any]
+    versions: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -49,26 +62,29 @@ class Cell:
 
 @dataclass
 class StudySettings:
-    """What every cell of a study shares."""
+    """What every cell of a study shares: its inputs and evaluation (the study's identity), and how
+    it runs (``device``, ``progress``: not part of the identity)."""
 
     model: Path
     calib: Path
     tasks: list[str]
     bench_dir: str | None = None
     limit: int | None = None
-    batch_size: int = 8
-    device: str | None = None
+    batch_size: int = 16
+    dtype: str = "auto"
     image_root: Path | None = None
     max_pixels: int | None = None
     trust_remote_code: bool = False
+    device: str | None = None
+    progress: bool = True
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
         return {"model": str(self.model.resolve()), "model_fingerprint": _fingerprint(self.model),
                 "calib": str(self.calib.resolve()), "calib_sha1": _file_sha1(self.calib), "tasks": self.tasks,
                 "bench_dir": self.bench_dir, "limit": self.limit, "batch_size": self.batch_size,
-                "image_root": str(self.image_root) if self.image_root else None, "max_pixels": self.max_pixels,
-                "device": self.device}
+                "dtype": self.dtype, "image_root": str(self.image_root) if self.image_root else None,
+                "max_pixels": self.max_pixels}
 
 
 def _file_sha1(path: Path) -> str:
@@ -131,8 +147,8 @@ class PeakMemory:
 
 
 def _default_prune(model: nn.Module, processor: Any, calibration: CalibrationSet, config: PruneConfig,
-                   extra: dict[str, Any]) -> PruneReport:
-    return prune(model, processor, calibration, config)
+                   settings: RunSettings, extra: dict[str, Any]) -> PruneReport:
+    return prune(model, processor, calibration, config, settings=settings)
 
 
 class Study:
@@ -141,8 +157,6 @@ class Study:
     def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
         """Check that ``folder`` is new, or holds this same study (unless ``overwrite``); nothing
         is written until :meth:`run_all` has checked the inputs."""
-        from .api import resolve_device
-
         resolve_device(settings.device)  # a bad device is that, not "a different study"
         self.folder = Path(folder)
         self.settings = settings
@@ -155,13 +169,12 @@ class Study:
         check_creatable(self.folder)
         if manifest.exists() and not overwrite:
             try:
-                stored = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                raise AtvPruneError(f"{manifest} is unreadable or not JSON: pass --overwrite to start the study "
-                                    "afresh, or choose another --out") from None
-            if not isinstance(stored, dict) or stored.get("identity") != self.identity:
-                stored_identity = stored.get("identity", {}) if isinstance(stored, dict) else {}
-                changed = sorted(k for k in self.identity if stored_identity.get(k) != self.identity[k])
+                stored = StudyManifest.model_validate(json.loads(manifest.read_text()))
+            except (OSError, ValueError, ValidationError):
+                raise AtvPruneError(f"{manifest} is unreadable or not a study manifest: pass --overwrite to start "
+                                    "the study afresh, or choose another --out") from None
+            if stored.identity != self.identity:
+                changed = sorted(k for k in self.identity if stored.identity.get(k) != self.identity[k])
                 raise AtvPruneError(f"{self.folder} holds a different study (differs in {', '.join(changed)}): "
                                     "choose another --out or pass --overwrite")
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
@@ -171,7 +184,7 @@ class Study:
     def check_inputs(self, cells: list[Cell]) -> None:
         """Everything about the model, calibration file, tasks and device that can fail, checked
         before the first cell: such an error then costs seconds and leaves no folder behind."""
-        from .eval.run import check_tasks
+        from ..eval.run import check_tasks
         from .preflight import check_run_inputs
 
         settings = self.settings
@@ -187,21 +200,17 @@ class Study:
             for stale in self.cells_dir.glob("*.json"):
                 stale.unlink()
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.folder / "study.json", {"identity": self.identity, "versions": self.versions})
+        write_json_atomic(self.folder / "study.json",
+                          StudyManifest(identity=self.identity, versions=self.versions).to_dict())
 
     def _load(self) -> tuple[nn.Module, Any]:
-        from .loading import compute_dtype, load_model
-        from .processors import load_processor
-        from .api import resolve_device
-
-        device = resolve_device(self.settings.device)
-        model, _ = load_model(self.settings.model, compute_dtype("auto", device), self.settings.trust_remote_code)
-        return model, load_processor(self.settings.model, trust_remote_code=self.settings.trust_remote_code)
+        loaded = load_model_and_processor(self.settings.model, dtype=self.settings.dtype,
+                                          device=self.settings.device,
+                                          trust_remote_code=self.settings.trust_remote_code)
+        return loaded.model, loaded.processor
 
     def _calibration_for(self, processor: Any, config: PruneConfig) -> CalibrationSet:
         """The calibration draw for the cell's samples and seed (read once per draw)."""
-        from .calibration import load_calibration
-
         key = (config.samples, config.seed)
         if key not in self._calibrations:
             self._calibrations[key] = load_calibration(
@@ -210,14 +219,13 @@ class Study:
         return self._calibrations[key]
 
     def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
-        from .api import resolve_device
-        from .eval.run import evaluate
+        from ..eval.run import evaluate
 
         device = resolve_device(self.settings.device)
         model.to(device)
         result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
                           limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
-                          progress=True)
+                          progress=self.settings.progress)
         return result.to_dict()
 
     def dense(self) -> dict[str, Any]:
@@ -235,15 +243,15 @@ class Study:
         path = self.cells_dir / f"{cell.key()}.json"
         if path.exists():
             return json.loads(path.read_text())
-        from .api import resolve_device
-        from .eval.run import EvalResult, retention
+        from ..eval.run import EvalResult, retention
 
         model, processor = self._load()
         calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
-        memory = PeakMemory(resolve_device(cell.config.device))
+        settings = RunSettings(device=self.settings.device, progress=False)
+        memory = PeakMemory(resolve_device(settings.device))
         start = time.perf_counter()
         with memory.measure():
-            report = prune_function(model, processor, calibration, cell.config, cell.extra)
+            report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
         seconds = time.perf_counter() - start
         evaluation = self._evaluate(model, processor)
         dense = EvalResult.from_dict(self.dense()["evaluation"])
@@ -305,16 +313,9 @@ def retention_rows(records: list[dict[str, Any]], dense: dict[str, Any]) -> list
 
 
 def markdown_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
-    """The rows as a Table-2-style markdown table (retention %, dense scores in the header note)."""
-    columns = list(rows[0])
-    def cell(value: Any) -> str:
-        if value is None:
-            return "–"
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    """The rows as a Table-2-style markdown table (retention %, dense scores in the note below)."""
     scores = ", ".join(f"{t} {s:.1f}" for t, s in dense["evaluation"]["scores"].items())
-    return "\n".join(lines) + f"\n\nRetention = pruned / dense × 100 per task. Dense scores: {scores}.\n"
+    return markdown_text(rows) + f"\nRetention = pruned / dense × 100 per task. Dense scores: {scores}.\n"
 
 
 def cell_summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
 
-from .errors import CalibrationError, one_line
+from ..errors import CalibrationError, one_line
 
 #: Files in which transformers records the processor class, in AutoProcessor's lookup order.
 _CLASS_FILES = (

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image
 
-from .errors import CalibrationError, not_a_file, one_line
+from ..errors import CalibrationError, not_a_file, one_line
 
 IMAGE_MARKER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -2,70 +2,53 @@
 
 from __future__ import annotations
 
-import platform
 import time
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
+from pydantic import ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import families
-from .calibration import CalibrationSet, load_calibration
-from .capture import capture_sample, non_block_modules_on
-from .config import PruneConfig
-from .engine import LayerwisePruner, TargetFinder, check_targets, linear_targets
-from .errors import CalibrationError, ConfigError
-
-VERSIONED_PACKAGES = ("atv-prune", "torch", "transformers", "accelerate", "safetensors", "numpy", "pillow")
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages that decide the result."""
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+from ..algorithms.specs import POOLS
+from ..errors import CalibrationError
+from ..model.calibration import CalibrationSet, load_calibration
+from ..model.capture import capture_sample, non_block_modules_on
+from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
+from ..model.layout import ModelLayout, resolve
+from ..model.loading import resolve_device
+from ..validation import Record
+from ..versions import package_versions
+from .config import PruneConfig, RunSettings
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The compute device: the one asked for, else CUDA when present, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for but CUDA is not available: use --device cpu")
-    return device
-
-
-@dataclass
-class PruneReport:
+class PruneReport(Record):
     """Everything needed to reproduce and audit one pruning run (``pruning_report.json``)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     config: dict[str, Any]
+    settings: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any]
     versions: dict[str, str]
     calibration: dict[str, Any] | None
     sparsity: dict[str, Any]
     blocks: list[dict[str, Any]]
     seconds: dict[str, float]
-    warnings: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    warnings: list[str] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
 
 
-def _model_summary(model: nn.Module, layout: families.ModelLayout) -> dict[str, Any]:
+def plan_of(config: PruneConfig) -> PrunePlan:
+    """The engine's plan for a config: its method, pool, budget, target, allocation and seed."""
+    return PrunePlan(method=config.method_spec,
+                     pool=POOLS[config.resolved_pool] if config.needs_calibration else None,
+                     budget=config.budget, sparsity=config.sparsity, pattern=config.pattern,
+                     allocation=config.resolved_allocation, seed=config.seed, label=config.method)
+
+
+def _model_summary(model: nn.Module, layout: ModelLayout) -> dict[str, Any]:
     return {
         "class": type(model).__name__,
         "model_type": getattr(model.config, "model_type", None),
@@ -102,8 +85,9 @@ def prune(
     model: nn.Module,
     processor: Any = None,
     calibration: CalibrationSet | str | Path | None = None,
-    config: PruneConfig = PruneConfig(),
+    config: PruneConfig | None = None,
     *,
+    settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
     find_targets: TargetFinder = linear_targets,
@@ -111,32 +95,36 @@ def prune(
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
-    file (read with ``processor``); it is ignored by data-free methods (magnitude).
+    file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
+    the device, offload device and progress bars (default :class:`RunSettings`).
     """
     started = time.perf_counter()
-    layout = families.resolve(model)
-    device = resolve_device(config.device)
+    config = config if config is not None else PruneConfig()
+    settings = settings or config.legacy_settings or RunSettings()
+    layout = resolve(model)
+    device = resolve_device(settings.device)
     blocks = layout.blocks(model)
-    check_targets(blocks, layout.block_path, config, find_targets)
-    pruner = LayerwisePruner(config, device, find_targets)
+    check_targets(blocks, layout.block_path, config.pattern, find_targets)
+    pruner = LayerwisePruner(plan_of(config), device, find_targets, offload_device=settings.offload_device,
+                             progress=settings.progress)
     seconds = pruner.result.seconds
     was_training = model.training
     model.eval()
     calibration_summary = None
     warnings: list[str] = []
+    captured = []
     try:
-        if not config.needs_calibration:
-            pruner.prune_data_free(blocks, layout.block_path)
-        else:
+        if config.needs_calibration:
             start = time.perf_counter()
             calib = _calibration_set(calibration, processor, config, image_root, max_pixels)
             warnings.extend(calib.warnings)
             seconds["load_calibration"] += time.perf_counter() - start
             start = time.perf_counter()
-            captured, skipped = [], 0
+            skipped = 0
             with non_block_modules_on(model, blocks, device):
-                for sample in tqdm(calib.samples, desc="capture", disable=not config.progress):
-                    state = capture_sample(model, layout, sample.inputs, sample.source, device, config.offload_device)
+                for sample in tqdm(calib.samples, desc="capture", disable=not settings.progress):
+                    state = capture_sample(model, layout, sample.inputs, sample.source, device,
+                                           settings.offload_device)
                     if state.visual.any():
                         captured.append(state)
                     else:
@@ -159,13 +147,14 @@ def prune(
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
             }
-            pruner.prune_calibrated(blocks, layout.block_path, captured)
+        pruner.prune(blocks, layout.block_path, captured)
     finally:
         model.train(was_training)
     seconds["total"] = time.perf_counter() - started
     result = pruner.result
     return PruneReport(
         config=config.to_dict(),
+        settings={"device": str(device), "offload_device": settings.offload_device},
         model=_model_summary(model, layout),
         versions=package_versions(),
         calibration=calibration_summary,

@@ -13,14 +13,30 @@ import warnings
 
 import torch
 
-from .errors import ConfigError, NumericalError
+from ..errors import ConfigError, NumericalError
 from .masks import prune_count
+from .scoring import weighted_rows
 
 
 def hessian_update(rows: torch.Tensor) -> torch.Tensor:
     """``Σ x xᵀ`` over the token rows, in fp32 (one sample's contribution before the 2/N scale)."""
     x = rows.reshape(-1, rows.shape[-1]).float()
     return x.T @ x
+
+
+class HessianSum:
+    """SparseGPT's statistic of one input group: ``H = (2/N) Σ_samples Σ_tokens w_t x_t x_tᵀ``."""
+
+    def __init__(self, features: int, device: torch.device | str) -> None:
+        self.total = torch.zeros(features, features, dtype=torch.float32, device=device)
+
+    def add(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add one sample's pool rows ``(tokens, features)`` (optionally token-weighted)."""
+        self.total += hessian_update(weighted_rows(rows, weights))
+
+    def finish(self, samples: int) -> torch.Tensor:
+        """``H`` over ``samples`` calibration samples."""
+        return self.total * (2.0 / samples)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The ``atv-prune`` command line. Commands import torch, transformers and lmms-eval only when they
+run, so ``--help`` and usage errors answer at once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .options import RegistryChoice, method_names, pool_names, shared
+from .support import Group, one_line_errors
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="atv-prune")
+def main() -> None:
+    """Modality-aware pruning of vision-language models (ATV-Pruning, Wanda, SparseGPT, TAMP, magnitude)."""
+
+
+@main.command()
+@shared("model")
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path),
+              help="Calibration file: conversation JSON or image-text JSONL (not needed for magnitude).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="recipe.json from 'motprobe sensitivity': sets --method, --pool and --alpha "
+                   "(options given explicitly win).")
+@click.option("--method", type=RegistryChoice(method_names), default="atv", show_default=True)
+@click.option("--pool", type=RegistryChoice(pool_names), default=None,
+              help="Calibration pool [default: mixed for wanda and sparsegpt, atv for atv, amia for tamp].")
+@click.option("--sparsity", type=float, default=None, help="Unstructured sparsity in (0, 1), per output row.")
+@click.option("--pattern", default=None, help="N:M semi-structured pattern (N of every M weights pruned), e.g. 2:4.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="ATV visual budget scale.")
+@click.option("--visual-ratio", type=float, default=0.1, show_default=True,
+              help="Fraction of visual tokens kept by the *-fixed pools.")
+@click.option("--allocation", type=click.Choice(["uniform", "das"]), default=None,
+              help="Per-matrix sparsity: uniform, or TAMP's diversity-aware DAS [default: das for tamp].")
+@shared("samples", "seed", "device")
+@click.option("--offload-device", default="cpu", show_default=True, help="Where calibration activations live.")
+@shared("dtype", "image-root", "max-pixels", "out", "overwrite", "trust-remote-code", "quiet")
+@click.pass_context
+@one_line_errors
+def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
+          pool: str | None, sparsity: float | None, pattern: str | None, alpha: float, visual_ratio: float,
+          allocation: str | None, samples: int, seed: int, device: str | None, offload_device: str, dtype: str,
+          image_root: Path | None, max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+          quiet: bool) -> None:
+    """Prune a checkpoint's language model and save it with pruning_report.json."""
+    from ..errors import AtvPruneError, not_a_file
+    from ..model.loading import load_model_and_processor
+    from ..runs.api import prune as run_prune
+    from ..runs.config import PruneConfig, RunSettings, parse_pattern
+    from ..runs.export import check_output_dir, save_pruned
+    from ..runs.preflight import check_run_inputs
+    from ..runs.recipe import Recipe
+
+    if recipe_path is not None:
+        given = {name for name in ("method", "pool", "alpha")
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        recipe = {k: v for k, v in Recipe.load(recipe_path).settings().items() if k not in given}
+        method, pool, alpha = recipe.get("method", method), recipe.get("pool", pool), recipe.get("alpha", alpha)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    config = PruneConfig(method=method, pool=pool, sparsity=sparsity, pattern=parse_pattern(pattern) if pattern else None,
+                         alpha=alpha, visual_ratio=visual_ratio, allocation=allocation, samples=samples, seed=seed)
+    settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet)
+    if config.needs_calibration and calib_path is None:
+        raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")
+    if calib_path is not None and not calib_path.is_file():
+        raise AtvPruneError(f"calibration file {calib_path} {not_a_file(calib_path)}: pass an existing --calib FILE")
+    check_output_dir(out_dir, overwrite, protected=[model_path])
+    check_run_inputs(model_path, [config], calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
+                     device=device, offload_device=offload_device, trust_remote_code=trust_remote_code)
+    started = time.perf_counter()
+    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    load_seconds = time.perf_counter() - started
+    report = run_prune(loaded.model, loaded.processor, calib_path if config.needs_calibration else None, config,
+                       settings=settings, image_root=image_root, max_pixels=max_pixels)
+    report.model["path"] = str(model_path.resolve())
+    if recipe_path is not None:
+        report.extra["recipe"] = str(recipe_path.resolve())
+    report.seconds["load_model"] = round(load_seconds, 4)
+    save_start = time.perf_counter()
+    save_pruned(loaded.model.to(loaded.saved_dtype), loaded.processor, report.to_dict(), out_dir, overwrite)
+    click.echo(f"pruned {report.model['blocks']} blocks to {report.sparsity['overall']:.2%} sparsity "
+               f"({config.method}, pool {config.resolved_pool}, {config.target_label}) in "
+               f"{report.seconds['total']:.1f}s; saved to {out_dir} in {time.perf_counter() - save_start:.1f}s")
+
+
+@main.command()
+def families() -> None:
+    """List the model families the registry knows."""
+    from ..model.families import FAMILIES
+
+    for family in FAMILIES.values():
+        click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {family.notes}")
+
+
+def _register() -> None:
+    from .demo import demo
+    from .evaluate import eval_command
+    from .study import compare, sweep
+
+    for command in (demo, eval_command, compare, sweep):
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,118 @@
+"""The command-line options every command shares, defined once with one default each.
+
+``shared("model", "calib", ...)`` decorates a command with those options in order. Choices that
+come from a registry (methods, pools) are :class:`RegistryChoice`: read when an option is parsed
+or its help is shown, so a family, pool or method registered from outside appears in every
+command, and listing them imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: Calibration samples drawn by every command (the paper's 128 ShareGPT4V pairs).
+DEFAULT_SAMPLES = 128
+#: Documents per generate call in every evaluation.
+DEFAULT_BATCH_SIZE = 16
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read from a registry each time they are needed."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
+        super().__init__([])
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:
+        """click's constructor assigns the static list; the registry is the source instead."""
+
+
+def method_names() -> tuple[str, ...]:
+    from ..algorithms.specs import METHODS
+
+    return METHODS.names()
+
+
+def pool_names() -> tuple[str, ...]:
+    from ..algorithms.specs import POOLS
+
+    return POOLS.names()
+
+
+def calibrated_method_names() -> tuple[str, ...]:
+    from ..algorithms.specs import METHODS
+
+    return tuple(name for name, method in METHODS.items() if method.needs_calibration)
+
+
+_PATH = click.Path(path_type=Path)
+
+OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
+    "model": lambda: click.option("--model", "model_path", required=True, type=_PATH,
+                                  help="Local checkpoint folder."),
+    "calib": lambda: click.option("--calib", "calib_path", required=True, type=_PATH,
+                                  help="Calibration file: conversation JSON or image-text JSONL."),
+    "samples": lambda: click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES,
+                                    show_default=True, help="Calibration samples drawn."),
+    "seed": lambda: click.option("--seed", type=int, default=0, show_default=True,
+                                 help="Seed of the calibration draw and of random pools."),
+    "device": lambda: click.option("--device", default=None,
+                                   help="Compute device [default: cuda if available, else cpu]."),
+    "dtype": lambda: click.option("--dtype", default="auto", show_default=True,
+                                  help="Compute dtype: auto (float32 on CPU, checkpoint dtype on GPU), float32, "
+                                       "bfloat16, float16."),
+    "image-root": lambda: click.option("--image-root", type=_PATH, default=None,
+                                       help="Folder image paths are relative to [default: the calibration "
+                                            "file's folder]."),
+    "max-pixels": lambda: click.option("--max-pixels", type=int, default=None,
+                                       help="Downscale calibration images to at most this many pixels."),
+    "out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
+                                help="Output folder (must not exist unless --overwrite)."),
+    "overwrite": lambda: click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+    "trust-remote-code": lambda: click.option("--trust-remote-code", is_flag=True,
+                                              help="Allow custom model code shipped with the checkpoint."),
+    "quiet": lambda: click.option("--quiet", is_flag=True, help="No progress bars."),
+    "tasks": lambda: click.option("--tasks", multiple=True, required=True,
+                                  help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, "
+                                       "mme, ...), e.g. --tasks exist count pope."),
+    "bench": lambda: click.option("--bench", "bench_dir", type=_PATH, default=None,
+                                  help="Benchmark folder with test/<task>.jsonl [default: the shipped one]."),
+    "limit": lambda: click.option("--limit", type=click.IntRange(min=1), default=None,
+                                  help="Evaluate the first N documents of each task."),
+    "batch-size": lambda: click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
+                                       show_default=True,
+                                       help="Documents per generate call (batch size > 1 can change some scores "
+                                            "slightly)."),
+    "study-out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
+                                      help="Study folder; re-running the same study there resumes it."),
+    "study-overwrite": lambda: click.option("--overwrite", is_flag=True, help="Discard the cells already in --out."),
+}
+
+#: The options of every study command (compare, sweep, motprobe sensitivity).
+STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
+                 "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+
+
+def shared(*names: str) -> Callable[[Any], Any]:
+    """Decorate a command with the named shared options, in the order given."""
+
+    def decorate(function: Any) -> Any:
+        for name in reversed(names):
+            function = OPTIONS[name]()(function)
+        return function
+
+    return decorate
+
+
+def study_options(function: Any) -> Any:
+    """The options every study command shares (model, data, tasks, evaluation, output)."""
+    return shared(*STUDY_OPTIONS)(function)

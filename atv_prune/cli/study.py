@@ -1,0 +1,145 @@
+"""``atv-prune compare`` and ``atv-prune sweep``: resumable method tables and budget sweeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..errors import AtvPruneError, ConfigError, not_a_file
+from .options import RegistryChoice, calibrated_method_names, study_options
+from .support import ListOptionsCommand, one_line_errors
+
+
+def _saliency_names() -> tuple[str, ...]:
+    from ..algorithms.specs import saliency_pools
+
+    return tuple(saliency_pools())
+
+
+def words(values: tuple[str, ...]) -> list[str]:
+    """A list option's values, each also split at commas and spaces (``--tasks exist,count``)."""
+    return [word for value in values for word in value.replace(",", " ").split()]
+
+
+def study_settings(kw: dict[str, Any]):
+    """StudySettings from the shared study options (the shipped benchmark when --bench is not given)."""
+    from ..builtin import default_benchmark
+    from ..runs.study import StudySettings
+
+    if not kw["calib_path"].is_file():
+        raise AtvPruneError(f"calibration file {kw['calib_path']} {not_a_file(kw['calib_path'])}: "
+                            "pass an existing --calib FILE")
+    bench = kw["bench_dir"] if kw["bench_dir"] is not None else default_benchmark()
+    return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=words(kw["tasks"]),
+                         bench_dir=str(bench) if bench else None, limit=kw["limit"], batch_size=kw["batch_size"],
+                         dtype=kw["dtype"], image_root=kw["image_root"], max_pixels=kw["max_pixels"],
+                         trust_remote_code=kw["trust_remote_code"], device=kw["device"], progress=not kw["quiet"])
+
+
+def write_study_outputs(kw: dict[str, Any], names: dict[str, str], dense: dict[str, Any],
+                        records: list[dict[str, Any]], rows: list[dict[str, Any]],
+                        extra: dict[str, Any] | None = None) -> str:
+    """Write a study's ``results.json``-style summary, Markdown and CSV tables (file names from
+    ``names``: keys json, md, csv) and return the Markdown."""
+    from ..runs.export import write_json_atomic, write_text_atomic
+    from ..runs.study import cell_summary, markdown_table
+    from ..runs.tables import write_table
+
+    markdown = markdown_table(rows, dense)
+    write_json_atomic(kw["out_dir"] / names["json"],
+                      {"dense": dense, **(extra or {}), "cells": [cell_summary(r) for r in records]})
+    write_text_atomic(kw["out_dir"] / names["md"], markdown)
+    write_table(kw["out_dir"] / names["csv"], rows)
+    return markdown
+
+
+def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[str, Any]], alpha: float, kind: str,
+                   names: dict[str, str]) -> str:
+    """Run methods x targets as a resumable study in ``kw["out_dir"]``; write the JSON, markdown and
+    CSV tables and the chart under ``names`` (keys json, md, csv, png); return the markdown table."""
+    from ..runs.config import PruneConfig
+    from ..runs.plots import retention_bars
+    from ..runs.study import Cell, Study, retention_rows
+
+    cells = []
+    for spec in methods:
+        method, _, pool = spec.partition(":")
+        for target in targets:
+            # DAS spreads unstructured sparsity; N:M fixes it per group, so such cells are uniform.
+            allocation = "uniform" if target["pattern"] is not None else None
+            config = PruneConfig(method=method, pool=pool or None, alpha=alpha, samples=kw["samples"],
+                                 seed=kw["seed"], allocation=allocation, **target)
+            cells.append(Cell(f"{spec} {config.target_label}", config))
+    study = Study(kw["out_dir"], study_settings(kw), kind, kw["overwrite"])
+    dense, records = study.run_all(cells)
+    rows = retention_rows(records, dense)
+    for row, record in zip(rows[1:], records):
+        row["method"], row["target"] = record["label"].rsplit(" ", 1)
+    table = [{k: v for k, v in row.items() if k not in ("method", "target")} for row in rows]
+    markdown = write_study_outputs(kw, names, dense, records, table)
+    retention_bars(kw["out_dir"] / names["png"], rows[1:], "mean retention by method and target")
+    return markdown
+
+
+@click.command("compare", cls=ListOptionsCommand)
+@study_options
+@click.option("--methods", multiple=True, default=("magnitude", "wanda", "wanda:text", "atv"), show_default=True,
+              help="METHOD or METHOD:POOL, e.g. wanda wanda:text atv sparsegpt sparsegpt:atv.")
+@click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
+@click.option("--pattern", "patterns", multiple=True, help="N:M targets, e.g. 2:4 4:8.")
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@one_line_errors
+def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: tuple[str, ...], alpha: float,
+            **kw: Any) -> None:
+    """A Table-2-style retention table: methods x sparsity targets, with wall time and peak memory."""
+    from ..runs.config import target_list
+
+    names = {"json": "results.json", "md": "table.md", "csv": "table.csv", "png": "retention.png"}
+    click.echo(run_comparison(kw, words(methods), target_list(sparsities, patterns), alpha, "compare", names))
+
+
+@click.command("sweep", cls=ListOptionsCommand)
+@study_options
+@click.option("--alpha", "alphas", type=float, multiple=True, default=(0, 0.5, 1, 2, 4, 8), show_default=True,
+              help="Adaptive-budget scales to try.")
+@click.option("--ratios", type=float, multiple=True, default=(0.05, 0.1, 0.2, 0.3), show_default=True,
+              help="Fixed visual ratios to try.")
+@click.option("--saliency", type=RegistryChoice(_saliency_names), default="drift", show_default=True,
+              help="Which visual-token saliency the sweep uses (the pools registered with it).")
+@click.option("--method", type=RegistryChoice(calibrated_method_names), default="atv", show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
+@click.option("--pattern", default=None, help="N:M target instead of --sparsity.")
+@one_line_errors
+def sweep(alphas: tuple[float, ...], ratios: tuple[float, ...], saliency: str, method: str,
+          sparsity: float | None, pattern: str | None, **kw: Any) -> None:
+    """Retention against visual tokens selected: alpha sweep (adaptive) and fixed visual ratios."""
+    from ..algorithms.specs import saliency_pools
+    from ..runs.config import PruneConfig, single_target
+    from ..runs.plots import tokens_vs_retention
+    from ..runs.study import Cell, Study, retention_rows
+
+    if not all(0 < r <= 1 for r in ratios):
+        raise ConfigError(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: every ratio must be in (0, 1]")
+    pools = saliency_pools()[saliency]
+    missing = [rule for rule in ("adaptive", "fixed") if rule not in pools]
+    if missing:
+        raise ConfigError(f"saliency '{saliency}' has no {missing[0]}-budget pool registered: register one to sweep it")
+    adaptive, fixed = pools["adaptive"], pools["fixed"]
+    target = single_target(sparsity, pattern)
+    common = dict(method=method, samples=kw["samples"], seed=kw["seed"], **target)
+    cells = [Cell(f"alpha={a:g}", PruneConfig(pool=adaptive, alpha=a, **common)) for a in alphas]
+    cells += [Cell(f"ratio={r:g}", PruneConfig(pool=fixed, visual_ratio=r, **common)) for r in ratios]
+    study = Study(kw["out_dir"], study_settings(kw), "sweep", kw["overwrite"])
+    dense, records = study.run_all(cells)
+    rows = retention_rows(records, dense)
+    names = {"json": "results.json", "md": "sweep.md", "csv": "sweep.csv"}
+    markdown = write_study_outputs(kw, names, dense, records, rows)
+    series = {f"adaptive ({adaptive}, alpha)": [], f"fixed ratio ({fixed})": []}
+    for record in records:
+        name = list(series)[0] if record["label"].startswith("alpha") else list(series)[1]
+        series[name].append((record["visual_tokens_per_sample"], record["retention"]["mean"],
+                             record["label"].split("=")[1]))
+    tokens_vs_retention(kw["out_dir"] / "sweep.png", series,
+                        f"{method} {PruneConfig(**common).target_label}: retention vs visual tokens")
+    click.echo(markdown)

@@ -1,0 +1,2 @@
+"""Configs in, results out: the ``prune`` API, validated configs and recipes, atomic export, input
+checks, resumable studies, tables and plots."""

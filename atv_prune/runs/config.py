@@ -1,0 +1,172 @@
+"""What defines a pruning result (:class:`PruneConfig`) and how a run is carried out (:class:`RunSettings`).
+
+The two are kept apart so that a result's identity (a study cell's key, a report's config) never
+depends on the device it was computed on. Both are validated records: a bad value is one
+:class:`~atv_prune.errors.ConfigError` line. Method, pool and allocation names are checked against
+the registries at run time, so a pool registered from outside is accepted like a built-in one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from pydantic import PrivateAttr, model_validator
+
+from ..algorithms.budget import Budget
+from ..algorithms.specs import ALLOCATIONS, METHODS, POOLS, Method, plain_pools
+from ..errors import ConfigError
+from ..validation import Record
+
+#: PruneConfig keywords that moved to RunSettings (accepted with a DeprecationWarning).
+RUN_SETTING_FIELDS = ("device", "offload_device", "progress")
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """Parse ``"N:M"`` (N weights pruned in every M consecutive inputs) into ``(N, M)``."""
+    try:
+        n_text, m_text = text.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise ConfigError(f"pattern '{text}' is not of the form N:M (e.g. 2:4 or 4:8)") from None
+    return n, m
+
+
+def single_target(sparsity: float | None, pattern: str | None, default: float = 0.5) -> dict[str, Any]:
+    """``sparsity``/``pattern`` keyword arguments for one target given as ``--sparsity`` or
+    ``--pattern`` (not both), ``default`` sparsity when neither is given."""
+    if sparsity is not None and pattern is not None:
+        raise ConfigError("give one target: --sparsity P or --pattern N:M, not both")
+    if pattern is not None:
+        return {"sparsity": None, "pattern": parse_pattern(pattern)}
+    return {"sparsity": default if sparsity is None else sparsity, "pattern": None}
+
+
+def target_list(sparsities: tuple[float, ...], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``sparsity``/``pattern`` keyword arguments for each of a study's targets (at least one)."""
+    if not sparsities and not patterns:
+        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
+    return [{"sparsity": s, "pattern": None} for s in sparsities] + [
+        {"sparsity": None, "pattern": parse_pattern(p)} for p in patterns]
+
+
+class RunSettings(Record):
+    """How a run is carried out, not what it computes: the compute device (None: CUDA when
+    present, else the CPU), where calibration activations wait, and progress bars."""
+
+    error_class = ConfigError
+
+    device: str | None = None
+    offload_device: str = "cpu"
+    progress: bool = True
+
+
+class PruneConfig(Record):
+    """Everything that decides the masks.
+
+    Exactly one of ``sparsity`` (unstructured, row-wise) or ``pattern`` (N:M: N of every M
+    consecutive input weights pruned, so 2:4 and 4:8 give 50%) must be set. ``device``,
+    ``offload_device`` and ``progress`` are run settings (:class:`RunSettings`); given here they
+    still work, with a DeprecationWarning.
+    """
+
+    error_class = ConfigError
+
+    method: str = "atv"
+    sparsity: float | None = 0.5
+    pattern: tuple[int, int] | None = None
+    pool: str | None = None
+    alpha: float = 1.0
+    visual_ratio: float = 0.1
+    allocation: str | None = None
+    samples: int = 128
+    seed: int = 0
+    _legacy_settings: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        legacy = {name: data.pop(name) for name in RUN_SETTING_FIELDS if name in data}
+        if legacy:
+            given = "=..., ".join(legacy) + "=..."
+            warnings.warn(f"PruneConfig({given}) is deprecated: pass prune(..., settings=RunSettings({given})) "
+                          "instead", DeprecationWarning, stacklevel=2)
+        super().__init__(**data)
+        self._legacy_settings = legacy
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of --sparsity P (0 < P < 1) or --pattern N:M")
+        if self.sparsity is not None and not (math.isfinite(self.sparsity) and 0 < self.sparsity < 1):
+            raise ValueError(f"sparsity {self.sparsity} is outside (0, 1): pass e.g. --sparsity 0.5 for 50%")
+        if self.pattern is not None:
+            n, m = self.pattern
+            if not (0 < n < m):
+                raise ValueError(f"pattern {n}:{m} is invalid: need 0 < N < M (e.g. 2:4 or 4:8)")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"unknown pool '{self.pool}': choose one of {', '.join(POOLS)}")
+        method = METHODS[self.method]
+        if not method.needs_calibration and self.pool is not None:
+            raise ValueError(f"{self.method} pruning uses no calibration data: drop --pool")
+        if not method.plain_pools and self.pool in plain_pools():
+            raise ValueError(f"--method {self.method} builds its own pool; for the '{self.pool}' pool use --method wanda")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation '{self.allocation}': choose one of {', '.join(ALLOCATIONS)}")
+        if self.resolved_allocation == "das" and (self.pattern is not None or not self.needs_calibration):
+            raise ValueError("DAS allocation needs unstructured --sparsity and a calibrated method; "
+                             "use --allocation uniform with N:M patterns")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha {self.alpha} must be a finite number >= 0: pass --alpha 0 or more (default 1)")
+        if not (0 < self.visual_ratio <= 1):
+            raise ValueError(f"visual ratio {self.visual_ratio} is outside (0, 1]: pass --visual-ratio R with "
+                             "0 < R <= 1")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}: pass --samples N with N >= 1")
+        return self
+
+    @property
+    def method_spec(self) -> Method:
+        """The registered method: its accumulator and weight-pruning function."""
+        return METHODS[self.method]
+
+    @property
+    def resolved_pool(self) -> str | None:
+        """The calibration pool actually used (None for data-free methods)."""
+        return self.pool or METHODS[self.method].default_pool
+
+    @property
+    def resolved_allocation(self) -> str:
+        """How sparsity is spread over a block's matrices: 'uniform' or 'das'."""
+        return self.allocation or METHODS[self.method].allocation
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.resolved_pool is not None
+
+    @property
+    def budget(self) -> Budget:
+        """The visual budget rule of the resolved pool, with this config's alpha and ratio."""
+        rule = POOLS[self.resolved_pool].budget if self.needs_calibration else "none"
+        return Budget(rule, self.alpha, self.visual_ratio)
+
+    @property
+    def target_label(self) -> str:
+        """Human-readable target, e.g. '50%' or '2:4'."""
+        if self.pattern is not None:
+            return f"{self.pattern[0]}:{self.pattern[1]}"
+        return f"{self.sparsity:.0%}"
+
+    @property
+    def legacy_settings(self) -> RunSettings | None:
+        """Run settings given to this config the deprecated way, if any."""
+        return RunSettings(**self._legacy_settings) if self._legacy_settings else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What defines the result, with the resolved pool and allocation (a report's ``config``)."""
+        data = self.model_dump()
+        data["pattern"] = None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
+        data["pool"] = self.resolved_pool
+        data["allocation"] = self.resolved_allocation
+        return data
