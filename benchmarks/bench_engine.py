@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atv_prune import PruneConfig, prune  # noqa: E402
+from atv_prune import PruneConfig, RunSettings, prune  # noqa: E402
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet  # noqa: E402
 
 # Shapes: "small" is a >=100M-parameter model for CPU runs; "7b" follows Qwen2-VL-7B / LLaVA-NeXT-7B.
@@ -100,10 +100,9 @@ def run_one(args: argparse.Namespace, method: str, queue: mp.Queue) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     name, _, pool = method.partition(":")
-    config = PruneConfig(method=name, pool=pool or None, sparsity=0.5, samples=args.samples, device=args.device,
-                         progress=False)
+    config = PruneConfig(method=name, pool=pool or None, sparsity=0.5, samples=args.samples)
     start = time.perf_counter()
-    report = prune(model, None, calibration, config)
+    report = prune(model, None, calibration, config, settings=RunSettings(device=args.device, progress=False))
     wall = time.perf_counter() - start
     queue.put(dict(method=method, wall_s=wall, peak_bytes=_peak_bytes(device), baseline_bytes=baseline,
                    params=sum(p.numel() for p in model.parameters()), seconds=report.seconds,

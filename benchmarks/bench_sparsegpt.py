@@ -15,8 +15,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -85,12 +86,13 @@ def main() -> None:
             seconds, results[shared] = timed(shared)
             times[shared].append(seconds)
         for group in weights:
-            factor_times[group].append(timed_call(lambda: prepare_hessian(hessians[group]))[0])
+            factor_times[group].append(timed_call(lambda hessian=hessians[group]: prepare_hessian(hessian))[0])
     same = all(torch.equal(results[True][name], results[False][name]) for name in results[True])
     factor = {group: statistics.median(seconds) for group, seconds in factor_times.items()}
     all_factors = sum(factor[group] * len(members) for group, members in weights.items())
     per_weight, per_group = statistics.median(times[False]), statistics.median(times[True])
-    print(f"SparseGPT, one {args.size} block ({', '.join(f'{n} {tuple(w.shape)}' for m in weights.values() for n, w in m)}), "
+    shapes = ", ".join(f"{n} {tuple(w.shape)}" for m in weights.values() for n, w in m)
+    print(f"SparseGPT, one {args.size} block ({shapes}), "
           f"{args.tokens} tokens, {args.sparsity:.0%}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}:")
     print(f"  factor per weight (7 factorisations): {per_weight:.2f} s")

@@ -7,8 +7,9 @@ changes no mask and no SparseGPT update. Run it before and after a change, on th
     python benchmarks/mask_fingerprints.py --out before.json      # on the old commit
     python benchmarks/mask_fingerprints.py --compare before.json  # on the new one
 
-It uses only the public API (``atv_prune.prune``, ``PruneConfig``, ``CalibrationSet``) and the MoT
-probe (``motprobe.make_probe`` / ``prune_pathway``), so it runs on both sides of a refactor.
+It uses only the public API (``atv_prune.prune``, ``PruneConfig``, ``RunSettings``, ``CalibrationSet``)
+and the MoT probe (``motprobe.make_probe`` / ``prune_pathway``). The fingerprints of 2b561b9 (before
+the package was layered) were reproduced exactly by d6e7bbc (288 cells).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E402
 
-from atv_prune import CalibrationSample, CalibrationSet, PruneConfig, prune  # noqa: E402
+from atv_prune import CalibrationSample, CalibrationSet, PruneConfig, RunSettings, prune  # noqa: E402
 
 #: (method, pool) pairs covering every method and every pool.
 METHOD_POOLS: tuple[tuple[str, str | None], ...] = (
@@ -36,6 +37,7 @@ METHOD_POOLS: tuple[tuple[str, str | None], ...] = (
     ("atv", "abs-fixed"), ("atv", "dbs"), ("atv", "dbs-fixed"), ("sparsegpt", "mixed"), ("sparsegpt", "atv"),
     ("tamp", "amia"),
 )
+QUIET = RunSettings(progress=False)
 TARGETS: tuple[dict, ...] = ({"sparsity": 0.5, "pattern": None}, {"sparsity": None, "pattern": (2, 4)})
 
 
@@ -55,7 +57,7 @@ def _fingerprint(model: nn.Module) -> str:
 
 def _config(method: str, pool: str | None, target: dict) -> PruneConfig:
     allocation = "uniform" if method == "tamp" and target["pattern"] is not None else None
-    return PruneConfig(method=method, pool=pool, allocation=allocation, seed=0, progress=False, **target)
+    return PruneConfig(method=method, pool=pool, allocation=allocation, seed=0, **target)
 
 
 def fingerprints() -> dict[str, str]:
@@ -71,12 +73,12 @@ def fingerprints() -> dict[str, str]:
             for target in TARGETS:
                 pruned = copy.deepcopy(model)
                 config = _config(method, pool, target)
-                prune(pruned, None, calibration, config)
+                prune(pruned, None, calibration, config, settings=QUIET)
                 results[f"{family} {method}:{pool} {config.target_label}"] = _fingerprint(pruned)
         for pathway in ("text", "visual"):
             probe = copy.deepcopy(model)
             make_probe(probe)
-            prune_pathway(probe, None, calibration, _config("wanda", "text", TARGETS[0]), pathway)
+            prune_pathway(probe, None, calibration, _config("wanda", "text", TARGETS[0]), pathway, settings=QUIET)
             results[f"{family} probe-{pathway}:text 50%"] = _fingerprint(probe)
         print(f"{family}: done", file=sys.stderr, flush=True)
     return results

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import click
 
-from atv_prune.cli.options import (RegistryChoice, calibrated_method_names, method_names, pool_names, shared,
-                                   study_options)
+from atv_prune.cli.options import (
+    RegistryChoice,
+    calibrated_method_names,
+    method_names,
+    pool_names,
+    shared,
+    study_options,
+)
 from atv_prune.cli.support import Group, ListOptionsCommand, one_line_errors
 from atv_prune.errors import AtvPruneError
 

@@ -3,8 +3,9 @@
 Each cell prunes one pathway of the MoT probe (text or visual copies) with one calibration pool
 at one target, leaves the other pathway dense, and is evaluated like any pruned model; retention
 is relative to the dense model (the unpruned probe equals it). The recipe reads the study at its
-highest unstructured sparsity (else its last N:M pattern): the pool that best protects each pathway, which pathway is the sensitive one,
-and the calibration pool (and ATV visual budget) to prune the original model with.
+highest unstructured sparsity (else its last N:M pattern): the pool that best protects each
+pathway, which pathway is the sensitive one, and the calibration pool (and ATV visual budget) to
+prune the original model with.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from atv_prune.algorithms.allocation import allocate_sparsity, das_importance, output_similarity_sums
-from atv_prune.runs.config import PruneConfig
-from atv_prune.errors import ConfigError
 from atv_prune.algorithms.masks import prune_count, unstructured_mask
+from atv_prune.errors import ConfigError
+from atv_prune.runs.config import PruneConfig
 
 
 def test_similarity_sums_match_pairwise_means() -> None:

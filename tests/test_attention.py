@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import build_tiny_model, make_inputs
 
 from atv_prune.model.attention import recording_attention
 from atv_prune.model.capture import capture_sample, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
-from tiny_models import build_tiny_model, make_inputs
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
@@ -28,7 +28,7 @@ def test_recorded_attention_matches_eager_probabilities(name: str) -> None:
 
         eager_weights: list[torch.Tensor] = []
         attention = next(m for n, m in blocks[index].named_modules() if n.endswith("self_attn"))
-        hook = attention.register_forward_hook(lambda m, a, out: eager_weights.append(out[1]))
+        hook = attention.register_forward_hook(lambda m, a, out, sink=eager_weights: sink.append(out[1]))
         configs = {id(m.config): m.config for m in blocks[index].modules() if hasattr(m, "config")}
         try:
             run_block(blocks[index], sample, index, sample.hidden)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_checkpoints import make_llava_workspace
 
 from atv_prune import PruneConfig, prune
 from atv_prune.cli import main as atv_main
 from atv_prune.errors import ConfigError
 from atv_prune.model.loading import load_model
 from motprobe.cli import main as motprobe_main
-from tiny_checkpoints import make_llava_workspace
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +189,9 @@ def test_late_found_cases_are_checked_up_front(workspace, tmp_path: Path, no_wei
 
 
 def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from atv_prune.runs.study import Study
     from test_study import _scripted_evaluate
+
+    from atv_prune.runs.study import Study
 
     monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
@@ -206,8 +207,9 @@ def test_a_bare_command_shows_its_help() -> None:
 
 def test_a_finished_study_resumes_without_checking_its_inputs_again(workspace, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from atv_prune.runs.study import Study
     from test_study import _scripted_evaluate
+
+    from atv_prune.runs.study import Study
 
     monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",

@@ -12,7 +12,13 @@ import torch
 
 from atv_prune import PruneConfig, prune
 from atv_prune.builtin import CHECKPOINT_DIR, scenes
-from atv_prune.builtin.outliers import NORM_READERS, amplify_outlier_features, check_scale, largest_channels, residual_rms
+from atv_prune.builtin.outliers import (
+    NORM_READERS,
+    amplify_outlier_features,
+    check_scale,
+    largest_channels,
+    residual_rms,
+)
 from atv_prune.builtin.tokenizer import build_processor
 from atv_prune.builtin.train import Encoder, ModelShape, add_outlier_features, build_model
 from atv_prune.model.calibration import load_calibration

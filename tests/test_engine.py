@@ -6,14 +6,14 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 from torch import nn
 
 from atv_prune import Pool, PruneConfig, RunSettings, prune, register_pool
+from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
-from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.layout import resolve
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
 QUIET = RunSettings(progress=False)
@@ -50,7 +50,8 @@ def test_replay_equals_the_models_own_hidden_states(family_model: tuple[str, nn.
     for with_image in (True, False):
         inputs = layout.prepare_inputs(make_inputs(model, name, seed=3, with_image=with_image))
         recorded: list[torch.Tensor] = []
-        hooks = [b.register_forward_hook(lambda m, a, k, out: recorded.append(out), with_kwargs=True)
+        hooks = [b.register_forward_hook(lambda m, a, k, out, sink=recorded: sink.append(out),
+                                         with_kwargs=True)
                  for b in blocks]
         try:
             model(**inputs, use_cache=False)
@@ -312,7 +313,8 @@ def test_sparsegpt_factorises_each_input_group_once(monkeypatch) -> None:
 
     calls = []
     original = sparsegpt.inverse_hessian_factor
-    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda h, *a, **k: calls.append(h.shape) or original(h, *a, **k))
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor",
+                        lambda h, *a, **k: calls.append(h.shape) or original(h, *a, **k))
     name = "llava"
     model = build_tiny_model(name)
     _, report = _pruned(model, _calibration(model, name), method="sparsegpt", sparsity=0.5)

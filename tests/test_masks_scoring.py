@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from atv_prune.runs.config import PruneConfig, parse_pattern
-from atv_prune.errors import ConfigError
 from atv_prune.algorithms.masks import make_mask, nm_mask, unstructured_mask
 from atv_prune.algorithms.scoring import magnitude_scores, squared_input_sum, wanda_scores
+from atv_prune.errors import ConfigError
+from atv_prune.runs.config import PruneConfig, parse_pattern
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6, 0.73, 0.99])

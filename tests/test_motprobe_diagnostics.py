@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_checkpoints import make_llava_workspace
+from tiny_models import build_tiny_model, make_inputs
 
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.layout import resolve
 from motprobe.cli import main
 from motprobe.diagnostics import block_activations, iou_summary, mask_iou
-from tiny_checkpoints import make_llava_workspace
-from tiny_models import build_tiny_model, make_inputs
 
 
 def test_mask_iou_arithmetic() -> None:
@@ -38,7 +38,7 @@ def test_block_activations_are_the_models_own_block_inputs(name: str) -> None:
     activations = block_activations(model, calibration, blocks)
     for block in blocks:
         seen = []
-        hook = layout.blocks(model)[block].register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
+        hook = layout.blocks(model)[block].register_forward_pre_hook(lambda m, args, sink=seen: sink.append(args[0][0]))
         for x in inputs:
             model(**layout.prepare_inputs(x), use_cache=False)
         hook.remove()

@@ -8,16 +8,15 @@ import pytest
 import torch
 import transformers
 from packaging import version
-from torch import nn
-
 from tiny_models import (
     FAMILY_NAMES,
     TEXT_ID_RANGE,
-    TOKEN_TYPE_INPUT,
     build_tiny_model,
     make_inputs,
+    token_type_input,
     visual_token_ids,
 )
+from torch import nn
 
 #: Decoder-block path, block count and image placeholder count per family.
 EXPECTED: dict[str, tuple[str, int, int]] = {
@@ -77,7 +76,7 @@ def test_placeholder_count_matches_what_the_forward_consumes(family: Family) -> 
     # one placeholder fewer than the image yields: the forward must refuse
     last = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[-1])
     short = dict(inputs)
-    for key in ("input_ids", "attention_mask", TOKEN_TYPE_INPUT.get(name)):
+    for key in ("input_ids", "attention_mask", token_type_input(model)):
         if key is not None:
             short[key] = torch.cat([inputs[key][:, :last], inputs[key][:, last + 1 :]], dim=1)
     with pytest.raises(ValueError):
@@ -93,10 +92,10 @@ def test_text_ids_are_never_special(family: Family) -> None:
 
 def test_token_types_mark_the_image_tokens(family: Family) -> None:
     name, model = family
-    if name not in TOKEN_TYPE_INPUT:
+    if token_type_input(model) is None:
         pytest.skip("this family's forward takes no token-type input")
     inputs = make_inputs(model, name)
-    types = inputs[TOKEN_TYPE_INPUT[name]]
+    types = inputs[token_type_input(model)]
     assert torch.equal(types == 1, inputs["input_ids"] == model.config.image_token_id)
     assert set(types.unique().tolist()) == {0, 1}
 

@@ -15,11 +15,14 @@ Token-id layout shared by every family (vocabulary of 256):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
+
+from atv_prune.model.layout import resolve
 
 FAMILY_NAMES: tuple[str, ...] = (
     "llava",
@@ -293,12 +296,9 @@ _IMAGE_INPUTS: dict[str, Callable[[Any, torch.Generator], _ImageInputs]] = {
 }
 
 #: Per-token modality input each family's forward needs (0 text, 1 image, 2 video).
-TOKEN_TYPE_INPUT: dict[str, str] = {
-    "qwen2_vl": "mm_token_type_ids",
-    "qwen2_5_vl": "mm_token_type_ids",
-    "qwen3_vl": "mm_token_type_ids",
-    "gemma3": "token_type_ids",
-}
+def token_type_input(model: transformers.PreTrainedModel) -> str | None:
+    """The per-token type input the model's family record says its forward reads (None: none)."""
+    return resolve(model).family.token_type_input
 
 
 def make_inputs(
@@ -318,6 +318,7 @@ def make_inputs(
         text = text[:split] + image_ids + text[split:]
     input_ids = torch.tensor([text])
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if name in TOKEN_TYPE_INPUT:  # 1 on image placeholders, 0 elsewhere (no video is ever built)
-        inputs[TOKEN_TYPE_INPUT[name]] = (input_ids == model.config.image_token_id).long()
+    layout = resolve(model)
+    if layout.family.token_type_input:  # 1 on image placeholders, 0 elsewhere (no video is ever built)
+        inputs[layout.family.token_type_input] = layout.token_types(input_ids)
     return {**inputs, **extras}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .masks import prune_count
 
+
 def output_similarity_sums(output: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """One sample's ``[s_v, s_t, s_vt]`` (mean pairwise cosine similarity of the outputs of visual
     tokens, of text tokens, and between the two; self-pairs excluded), from unit-vector sums."""

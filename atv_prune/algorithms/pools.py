@@ -17,8 +17,8 @@ probabilities. Adding a pool is one function and one registration.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ are invariant to it; magnitude's are not.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn

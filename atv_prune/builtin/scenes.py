@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import string
 from collections.abc import Callable
 from pathlib import Path

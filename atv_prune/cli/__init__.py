@@ -63,8 +63,9 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    config = PruneConfig(method=method, pool=pool, sparsity=sparsity, pattern=parse_pattern(pattern) if pattern else None,
-                         alpha=alpha, visual_ratio=visual_ratio, allocation=allocation, samples=samples, seed=seed)
+    config = PruneConfig(method=method, pool=pool, sparsity=sparsity, alpha=alpha, visual_ratio=visual_ratio,
+                         pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
+                         samples=samples, seed=seed)
     settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet)
     if config.needs_calibration and calib_path is None:
         raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")

@@ -211,9 +211,10 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
 
     ``tasks``: built-in task names (resolved against the benchmark folder ``bench_dir``; the
     command line defaults it to the shipped benchmark) or lmms-eval task ids. ``limit``: the
-    first N documents of every task. Runs offline, single process, greedy. ``progress``: show the generation bar and lmms-eval's and
-    datasets' own bars (off: none of them). Raises :class:`AtvPruneError` for anything the user can fix,
-    :class:`~atv_prune.eval.model.GenerationError` when generating fails.
+    first N documents of every task. Runs offline, single process, greedy. ``progress``: show the
+    generation bar and lmms-eval's and datasets' own bars (off: none of them). Raises
+    :class:`AtvPruneError` for anything the user can fix, :class:`~atv_prune.eval.model.GenerationError`
+    when generating fails.
     """
     started = time.perf_counter()
     require_lmms_eval()

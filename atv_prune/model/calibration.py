@@ -14,12 +14,14 @@ import copy
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any
 
 import torch
 from PIL import Image
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..errors import CalibrationError, not_a_file, one_line
 
@@ -85,32 +87,71 @@ def _user_content(text: str, with_image: bool) -> list[dict[str, str]]:
     return content
 
 
-def _image_field(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(f'{where} has an invalid "image" (expected one image path as a string): '
-                    "use one image per record")
-    return value
+class _Turn(BaseModel):
+    """One turn of a LLaVA/ShareGPT4V conversation (``from``/``value``, or ``role``/``content``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    role: str = Field(validation_alias=AliasChoices("from", "role"))
+    value: str = Field(validation_alias=AliasChoices("value", "content"))
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role: Any) -> str:
+        if not isinstance(role, str) or role.lower() not in _ROLES:
+            raise ValueError("unknown role")
+        return _ROLES[role.lower()]
+
+
+def _one_image(value: Any) -> Any:
+    """A record's image: one path, also given as a one-element list."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+class _ConversationRecord(BaseModel):
+    """A conversation record: turns, and at most one image (extra keys such as ``id`` are kept)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    conversations: list[_Turn] = Field(min_length=1)
+    image: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)] | None = None
+
+    _image = field_validator("image", mode="before")(_one_image)
+
+
+class _PairRecord(BaseModel):
+    """An image-text JSONL row: the text (the answer), an optional prompt, an optional image."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    text: str
+    prompt: str | None = None
+    image: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)] | None = None
+
+    _image = field_validator("image", mode="before")(_one_image)
+
+
+def _record_error(error: ValidationError, where: str) -> CalibrationError:
+    """What is wrong with a record, in the words of its format, from the validation's first error."""
+    location = error.errors(include_url=False)[0]["loc"]
+    if location[:1] == ("image",):
+        return _fail(f'{where} has an invalid "image" (expected one image path as a string): use one image per record')
+    if location[:1] == ("conversations",) and len(location) > 1:
+        return _fail(f'{where}, turn {int(location[1]) + 1}: expected {{"from": "human"|"gpt", "value": "..."}} '
+                     f"(roles human/user, gpt/assistant, system): {_CONVERSATION_HINT}")
+    if location[:1] == ("conversations",):
+        return _fail(f'{where} has no "conversations" list: {_CONVERSATION_HINT}')
+    return _fail(f'{where}: expected {{"image": "...", "text": "...", "prompt": "..." (optional)}}: '
+                 'add a "text" string to every line')
 
 
 def _conversation_record(raw: dict, number: int, where: str) -> _Record:
     """A LLaVA/ShareGPT4V record -> chat messages; the image goes to the first user turn with a marker."""
-    turns = raw.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise _fail(f'{where} has no "conversations" list: {_CONVERSATION_HINT}')
-    image = _image_field(raw.get("image"), where)
-    parsed: list[tuple[str, str]] = []
-    for i, turn in enumerate(turns, 1):
-        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        role = role.lower() if isinstance(role, str) else None
-        if role not in _ROLES or not isinstance(value, str):
-            raise _fail(f'{where}, turn {i}: expected {{"from": "human"|"gpt", "value": "..."}} '
-                        f"(roles human/user, gpt/assistant, system): {_CONVERSATION_HINT}")
-        parsed.append((_ROLES[role], value))
+    try:
+        record = _ConversationRecord.model_validate(raw)
+    except ValidationError as error:
+        raise _record_error(error, where) from None
+    parsed = [(turn.role, turn.value) for turn in record.conversations]
     users = [i for i, (role, _) in enumerate(parsed) if role == "user"]
     if not users:
         raise _fail(f'{where} has no user turn ("from": "human"): {_CONVERSATION_HINT}')
@@ -118,24 +159,23 @@ def _conversation_record(raw: dict, number: int, where: str) -> _Record:
     messages = []
     for i, (role, text) in enumerate(parsed):
         if role == "user":
-            content = _user_content(text, with_image=image is not None and i == image_turn)
+            content = _user_content(text, with_image=record.image is not None and i == image_turn)
         else:
             content = [_text_item(text.replace(IMAGE_MARKER, "").strip())]
         messages.append({"role": role, "content": content})
-    return _Record(number, where, messages, image)
+    return _Record(number, where, messages, record.image)
 
 
 def _pair_record(raw: dict, number: int, where: str) -> _Record:
     """An image-text JSONL row -> a user turn (image, optional prompt) and an assistant turn (text)."""
-    text, prompt = raw.get("text"), raw.get("prompt") or ""
-    if not isinstance(text, str) or not isinstance(prompt, str):
-        raise _fail(f'{where}: expected {{"image": "...", "text": "...", "prompt": "..." (optional)}}: '
-                    'add a "text" string to every line')
-    image = _image_field(raw.get("image"), where)
-    user = _user_content(prompt, with_image=image is not None)
-    answer = [_text_item(text.strip())]
+    try:
+        record = _PairRecord.model_validate(raw)
+    except ValidationError as error:
+        raise _record_error(error, where) from None
+    user = _user_content(record.prompt or "", with_image=record.image is not None)
+    answer = [_text_item(record.text.strip())]
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return _Record(number, where, messages, image)
+    return _Record(number, where, messages, record.image)
 
 
 def _parse_json(text: str, name: str) -> list[_Record]:

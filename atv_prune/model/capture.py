@@ -12,10 +12,10 @@ capture costs the vision tower plus the embeddings, not a forward through the de
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ from torch import nn
 
 from ..errors import NumericalError
 from .layout import ModelLayout
-
 
 _VISUAL_MASK: ContextVar[torch.Tensor | None] = ContextVar("atv_prune_visual_mask", default=None)
 
@@ -98,7 +97,8 @@ def module_device(module: nn.Module) -> torch.device:
 def non_block_modules_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> Iterator[None]:
     """Temporarily place every module outside the decoder blocks (embeddings, vision tower,
     rotary tables, ...) on ``device``; the blocks stay where they are."""
-    original = module_device(model.get_input_embeddings())
+    in_blocks = {id(p) for p in blocks.parameters()}
+    original = next((p.device for p in model.parameters() if id(p) not in in_blocks), torch.device("cpu"))
     keep = {id(block) for block in blocks}
     _move_outside(model, keep, device)
     try:

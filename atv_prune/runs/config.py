@@ -111,7 +111,8 @@ class PruneConfig(Record):
         if not method.needs_calibration and self.pool is not None:
             raise ValueError(f"{self.method} pruning uses no calibration data: drop --pool")
         if not method.plain_pools and self.pool in plain_pools():
-            raise ValueError(f"--method {self.method} builds its own pool; for the '{self.pool}' pool use --method wanda")
+            raise ValueError(f"--method {self.method} builds its own pool; for the '{self.pool}' pool use "
+                             "--method wanda")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation '{self.allocation}': choose one of {', '.join(ALLOCATIONS)}")
         if self.resolved_allocation == "das" and (self.pattern is not None or not self.needs_calibration):
