@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import RegistryChoice, method_names, pool_names, shared
+from .options import RegistryChoice, method_names, pool_names, quiet_loading, shared
 from .support import Group, one_line_errors
 
 
@@ -59,10 +59,7 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         recipe = {k: v for k, v in Recipe.load(recipe_path).settings().items() if k not in given}
         method, pool, alpha = recipe.get("method", method), recipe.get("pool", pool), recipe.get("alpha", alpha)
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_loading(quiet)
     config = PruneConfig(method=method, pool=pool, sparsity=sparsity, alpha=alpha, visual_ratio=visual_ratio,
                          pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
                          samples=samples, seed=seed)

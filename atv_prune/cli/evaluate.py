@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import AtvPruneError
-from .options import shared
+from .options import quiet_loading, shared
 from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
@@ -82,10 +82,7 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     task_ids = check_tasks(list(tasks), bench_dir)
     if baseline is not None:
         check_comparable(task_ids.values(), limit, baseline)
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_loading(quiet)
     loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     loaded.model.to(loaded.device)
     result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,
