@@ -26,9 +26,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E402
-
 from atv_prune import CalibrationSample, CalibrationSet, PruneConfig, RunSettings, prune  # noqa: E402
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E402
 
 #: (method, pool) pairs covering every method and every pool.
 METHOD_POOLS: tuple[tuple[str, str | None], ...] = (

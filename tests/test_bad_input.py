@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
 
 from atv_prune import PruneConfig, prune
 from atv_prune.cli import main as atv_main
 from atv_prune.errors import ConfigError
 from atv_prune.model.loading import load_model
 from motprobe.cli import main as motprobe_main
+from tiny_checkpoints import make_llava_workspace
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 from torch import nn
 
 from atv_prune import Pool, PruneConfig, RunSettings, prune, register_pool
@@ -14,6 +13,7 @@ from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
 QUIET = RunSettings(progress=False)

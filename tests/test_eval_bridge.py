@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from lmms_eval.api.task import ConfigurableTask, _resolve_hf_datasets_cache_dir
 from lmms_eval.utils import load_yaml_config
 from PIL import Image
-from tiny_checkpoints import make_checkpoint
 
 from atv_prune.cli.evaluate import eval_command
 from atv_prune.errors import AtvPruneError
@@ -28,6 +27,7 @@ from atv_prune.eval.hooks import doc_to_text, doc_to_visual
 from atv_prune.eval.model import GenerationError, user_content
 from atv_prune.model.loading import load_model
 from atv_prune.model.processors import load_processor
+from tiny_checkpoints import make_checkpoint
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 

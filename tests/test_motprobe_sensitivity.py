@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
 
 from atv_prune.cli import main as atv_main
 from atv_prune.eval.run import EvalResult
 from atv_prune.runs.study import Study
 from motprobe.cli import main
 from motprobe.sensitivity import derive_recipe
+from tiny_checkpoints import make_llava_workspace
 
 
 def _record(pathway: str, pool: str, target: str, mean: float) -> dict:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
 
 from atv_prune.cli import main
 from atv_prune.eval.run import EvalResult
 from atv_prune.runs.study import Study
+from tiny_checkpoints import make_llava_workspace
 
 TASKS = ("exist", "count")
 
