@@ -17,6 +17,14 @@ def prune_count(sparsity: float, size: int) -> int:
     return math.floor(sparsity * size + 1e-9)
 
 
+def check_pattern(pattern: tuple[int, int], in_features: int, where: str = "a weight") -> None:
+    """Refuse an N:M pattern whose group size M does not divide ``in_features``."""
+    n, m = pattern
+    if in_features % m:
+        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but {where} has {in_features}: "
+                          "choose another M")
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune exactly ``floor(sparsity * in_features)`` lowest-scored weights in every row."""
     n_prune = prune_count(sparsity, scores.shape[1])
@@ -31,8 +39,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the ``n`` lowest-scored weights in every row and every group of ``m`` consecutive inputs."""
     rows, cols = scores.shape
-    if cols % m:
-        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}: choose another M")
+    check_pattern((n, m), cols)
     groups = scores.reshape(rows, cols // m, m)
     order = torch.sort(groups, dim=2, stable=True).indices
     mask = torch.zeros_like(groups, dtype=torch.bool)

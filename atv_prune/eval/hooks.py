@@ -13,14 +13,13 @@ from typing import Any
 
 from PIL import Image
 
+from ..model.chat import IMAGE_MARKER
 from .answers import answer_matches
 
 LETTERS = string.ascii_uppercase
 
 #: The metric the built-in tasks report, already in [0, 100].
 METRIC = "accuracy"
-#: Where an image goes in a prompt (lmms-eval tasks such as MMMU interleave images this way).
-IMAGE_MARKER = "<image>"
 
 
 def listed_choices(choices: list[str]) -> str:

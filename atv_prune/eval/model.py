@@ -20,9 +20,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import AtvPruneError
+from ..model.chat import user_content
 from ..model.layout import resolve
 from .env import require_lmms_eval
-from .hooks import IMAGE_MARKER
 
 try:
     from lmms_eval.api.instance import Instance
@@ -37,22 +37,6 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 class GenerationError(RuntimeError):
     """Generation failed for a batch of documents; the evaluation stops instead of scoring 0."""
-
-
-def user_content(context: str, images: list[Image.Image]) -> list[dict[str, Any]]:
-    """The user turn: images where the prompt has ``<image>`` markers (one per image), else first."""
-    pieces = context.split(IMAGE_MARKER)
-    if images and len(pieces) == len(images) + 1:
-        content: list[dict[str, Any]] = []
-        for text, image in zip(pieces, images):
-            if text.strip():
-                content.append({"type": "text", "text": text.strip()})
-            content.append({"type": "image", "image": image})
-        if pieces[-1].strip():
-            content.append({"type": "text", "text": pieces[-1].strip()})
-        return content
-    text = " ".join(piece.strip() for piece in pieces if piece.strip()) if images else context
-    return [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:

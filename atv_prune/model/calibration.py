@@ -24,8 +24,8 @@ from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..errors import CalibrationError, not_a_file, one_line
+from .chat import IMAGE_MARKER, user_content
 
-IMAGE_MARKER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _CONVERSATION_HINT = (
     'each record needs "conversations": [{"from": "human", "value": "<image>\\n..."}, '
@@ -70,21 +70,6 @@ def _fail(message: str) -> CalibrationError:
 
 def _text_item(text: str) -> dict[str, str]:
     return {"type": "text", "text": text}
-
-
-def _user_content(text: str, with_image: bool) -> list[dict[str, str]]:
-    """Content list of a user turn: the image where ``<image>`` stood (default: first), then text."""
-    if not with_image:
-        return [_text_item(text.replace(IMAGE_MARKER, "").strip())]
-    before, marker, after = text.partition(IMAGE_MARKER)
-    if not marker:
-        before, after = "", text
-    content = [_text_item(before.strip())] if before.strip() else []
-    content.append({"type": "image"})
-    rest = after.replace(IMAGE_MARKER, "").strip()
-    if rest:
-        content.append(_text_item(rest))
-    return content
 
 
 class _Turn(BaseModel):
@@ -159,7 +144,7 @@ def _conversation_record(raw: dict, number: int, where: str) -> _Record:
     messages = []
     for i, (role, text) in enumerate(parsed):
         if role == "user":
-            content = _user_content(text, with_image=record.image is not None and i == image_turn)
+            content = user_content(text, [None] if record.image is not None and i == image_turn else [])
         else:
             content = [_text_item(text.replace(IMAGE_MARKER, "").strip())]
         messages.append({"role": role, "content": content})
@@ -172,7 +157,7 @@ def _pair_record(raw: dict, number: int, where: str) -> _Record:
         record = _PairRecord.model_validate(raw)
     except ValidationError as error:
         raise _record_error(error, where) from None
-    user = _user_content(record.prompt or "", with_image=record.image is not None)
+    user = user_content(record.prompt or "", [None] if record.image is not None else [])
     answer = [_text_item(record.text.strip())]
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return _Record(number, where, messages, record.image)

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..algorithms.allocation import allocate_sparsity, das_importance, output_similarity_sums
 from ..algorithms.budget import Budget
+from ..algorithms.masks import check_pattern
 from ..algorithms.pools import PoolChoice, SampleView, drift_of
 from ..algorithms.specs import Method, Pool
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..registry import resolve_ref
 from .attention import recording_attention
 from .capture import CapturedSample, run_block
@@ -92,10 +93,8 @@ def check_targets(blocks: nn.ModuleList, prefix: str, pattern: tuple[int, int] |
     that does not divide some target's in_features (works on a meta-device model too)."""
     for index, block in enumerate(blocks):
         for target in find_targets(block, f"{prefix}.{index}"):
-            if pattern is not None and target.weight.shape[1] % pattern[1]:
-                n, m = pattern
-                raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but {target.name} has "
-                                  f"{target.weight.shape[1]}: choose another M")
+            if pattern is not None:
+                check_pattern(pattern, target.weight.shape[1], target.name)
 
 
 @dataclass
