@@ -101,10 +101,10 @@ def families() -> None:
 
 def _register() -> None:
     from .demo import demo
-    from .evaluate import eval_command
+    from .evaluate import eval_command, tasks_command
     from .study import compare, sweep
 
-    for command in (demo, eval_command, compare, sweep):
+    for command in (demo, eval_command, tasks_command, compare, sweep):
         main.add_command(command)
 
 
