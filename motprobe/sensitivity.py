@@ -4,8 +4,9 @@ Each cell prunes one pathway of the MoT probe (text or visual copies) with one c
 at one target, leaves the other pathway dense, and is evaluated like any pruned model; retention
 is relative to the dense model (the unpruned probe equals it). The recipe reads the study at its
 highest unstructured sparsity (else its last N:M pattern): the pool that best protects each
-pathway, which pathway is the sensitive one, and the calibration pool (and ATV visual budget) to
-prune the original model with.
+pathway, which pathway is the sensitive one, and the calibration pool to prune the original model
+with; an ATV recipe's alpha is 1 unless a sweep on the original model (:func:`alpha_cells`,
+:func:`with_measured_alpha`) measured a better one.
 """
 
 from __future__ import annotations

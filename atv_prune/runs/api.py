@@ -68,7 +68,7 @@ def _sparsity_summary(per_linear: dict[str, float], sizes: dict[str, int]) -> di
     return {"overall": zeros / total if total else 0.0, "per_linear": per_linear}
 
 
-def empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int) -> str | None:
+def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int) -> str | None:
     """The warning for an adaptive pool whose visual budget rounded to zero for most samples of
     some blocks (there the pool is the text pool), or None."""
     empty = [b for b in blocks if (b.get("samples_without_visual") or 0) * 2 > samples]
@@ -166,7 +166,7 @@ def prune(
     result = pruner.result
     blocks = [asdict(block) for block in result.blocks]
     if config.budget.rule == "adaptive":
-        message = empty_budget_warning(config.resolved_pool, blocks, len(captured))
+        message = _empty_budget_warning(config.resolved_pool, blocks, len(captured))
         if message is not None:
             warnings.append(message)
             warn(message, stacklevel=2)
