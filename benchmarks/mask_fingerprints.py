@@ -33,7 +33,8 @@ from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E40
 METHOD_POOLS: tuple[tuple[str, str | None], ...] = (
     ("magnitude", None), ("wanda", "mixed"), ("wanda", "text"), ("wanda", "visual"),
     ("atv", "atv"), ("atv", "drift-fixed"), ("atv", "random"), ("atv", "random-fixed"), ("atv", "abs"),
-    ("atv", "abs-fixed"), ("atv", "dbs"), ("atv", "dbs-fixed"), ("sparsegpt", "mixed"), ("sparsegpt", "atv"),
+    ("atv", "abs-fixed"), ("atv", "abs-rel"), ("atv", "abs-rel-fixed"), ("atv", "dbs"), ("atv", "dbs-fixed"),
+    ("sparsegpt", "mixed"), ("sparsegpt", "atv"),
     ("tamp", "amia"),
 )
 QUIET = RunSettings(progress=False)

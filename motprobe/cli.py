@@ -172,9 +172,13 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
               help="Calibration pools to prune each pathway with.")
 @click.option("--method", type=RegistryChoice(method_names), default="wanda", show_default=True)
 @click.option("--include-o-proj", is_flag=True, help="Route o_proj by modality too.")
+@click.option("--recipe-alphas", "recipe_alphas", type=float, multiple=True,
+              help="If the recipe is ATV: prune the original model at the recipe's target with each of these "
+                   "alphas (e.g. 0.5 1 2 4) and recommend the best [default: alpha 1, not measured].")
 @one_line_errors
 def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathways: tuple[str, ...],
-                pools: tuple[str, ...], method: str, include_o_proj: bool, **kw) -> None:
+                pools: tuple[str, ...], method: str, include_o_proj: bool, recipe_alphas: tuple[float, ...],
+                **kw) -> None:
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
     writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
     from atv_prune.algorithms.specs import METHODS
@@ -184,11 +188,17 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     from atv_prune.runs.study import Cell, Study, cell_summary
     from atv_prune.runs.tables import write_table
 
-    from .sensitivity import derive_recipe, prune_probe_pathway, table_rows
+    from .sensitivity import alpha_cells, derive_recipe, prune_probe_pathway, table_rows, with_measured_alpha
 
     targets = target_list(sparsities, patterns)
     pools = tuple(words(pools))
     calibrated = METHODS[method].needs_calibration
+    makes_recipe = set(pathways) == {"text", "visual"} and calibrated
+    if recipe_alphas and not makes_recipe:
+        raise AtvPruneError("--recipe-alphas tunes the recipe, which needs both pathways and a calibrated "
+                            "--method: drop --recipe-alphas")
+    for alpha in recipe_alphas:
+        PruneConfig(method="atv", alpha=alpha)  # a bad alpha fails here, before the study
     if not calibrated:
         if click.get_current_context().get_parameter_source("pools") == click.core.ParameterSource.COMMANDLINE:
             raise AtvPruneError(f"{method} pruning uses no calibration pool: drop --pool")
@@ -206,11 +216,22 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
-    hardest = (max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config).target_label
-    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} and calibrated else None
+    hardest = max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config
+    recipe = derive_recipe(records, hardest.target_label) if makes_recipe else None
+    alpha_records = []
+    if recipe is not None and recipe_alphas:
+        if recipe.method == "atv":
+            target = {"sparsity": hardest.sparsity, "pattern": hardest.pattern}
+            _, alpha_records = study.run_all(alpha_cells(recipe, list(recipe_alphas), target, kw["samples"],
+                                                         kw["seed"]))
+            recipe = with_measured_alpha(recipe, alpha_records)
+        else:
+            click.echo(f"--recipe-alphas not used: the recipe is --method {recipe.method} --pool {recipe.pool}, "
+                       "which has no visual budget", err=True)
     write_json_atomic(kw["out_dir"] / "results.json",
                       {"dense": dense, "table": rows, "recipe": recipe.to_dict() if recipe else None,
-                       "cells": [cell_summary(r) for r in records]})
+                       "cells": [cell_summary(r) for r in records],
+                       "recipe_alphas": [cell_summary(r) for r in alpha_records]})
     write_table(kw["out_dir"] / "results.csv", rows)
     if recipe is not None:
         write_json_atomic(kw["out_dir"] / "recipe.json", recipe.to_dict())
@@ -221,6 +242,9 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     click.echo(" | ".join(header))
     for row in rows:
         click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in header))
+    for record in alpha_records:
+        click.echo(f"{record['label']}: mean retention {record['retention']['mean']:.2f}, "
+                   f"{record['visual_tokens_per_sample']:.2f} visual tokens per sample")
     if recipe is not None:
         click.echo(f"recipe: --method {recipe.method} --pool {recipe.pool} --alpha {recipe.alpha:g} "
                    f"({recipe.rationale})")

@@ -28,7 +28,9 @@ def main() -> None:
 @click.option("--method", type=RegistryChoice(method_names), default="atv", show_default=True)
 @click.option("--pool", type=RegistryChoice(pool_names), default=None,
               help="Calibration pool [default: mixed for wanda and sparsegpt, atv for atv, amia for tamp].")
-@click.option("--sparsity", type=float, default=None, help="Unstructured sparsity in (0, 1), per output row.")
+@click.option("--sparsity", type=float, default=None,
+              help="Unstructured sparsity in (0, 1): exact in every output row (SparseGPT: in every 128-column "
+                   "block).")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern (N of every M weights pruned), e.g. 2:4.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="ATV visual budget scale.")
 @click.option("--visual-ratio", type=float, default=0.1, show_default=True,
@@ -98,10 +100,10 @@ def families() -> None:
 
 def _register() -> None:
     from .demo import demo
-    from .evaluate import eval_command
+    from .evaluate import eval_command, tasks_command
     from .study import compare, sweep
 
-    for command in (demo, eval_command, compare, sweep):
+    for command in (demo, eval_command, tasks_command, compare, sweep):
         main.add_command(command)
 
 

@@ -107,3 +107,30 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
             record["retention"] = kept
         write_json_atomic(out_file, record)
         click.echo(f"wrote {out_file}")
+
+
+@click.command("tasks", cls=ListOptionsCommand)
+@click.option("--tasks", multiple=True, help="Built-in task names, e.g. exist count [default: every task of --bench].")
+@shared("bench", "out", "overwrite")
+@one_line_errors
+def tasks_command(tasks: tuple[str, ...], bench_dir: Path | None, out_dir: Path, overwrite: bool) -> None:
+    """Write the built-in tasks as an lmms-eval task folder, to score any checkpoint with the stock
+    lmms-eval command line (--include_path)."""
+    from ..builtin import default_benchmark
+    from ..eval.tasks import TASK_PREFIX, builtin_tasks, write_builtin_tasks
+    from ..runs.export import write_dir_atomic
+    from .study import words
+
+    bench = bench_dir if bench_dir is not None else default_benchmark()
+    if bench is None or not Path(bench).is_dir():
+        raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
+    names = [name.removeprefix(TASK_PREFIX) for name in words(tasks)] or builtin_tasks(bench)
+    out = out_dir.resolve()
+    ids: dict[str, str] = {}
+    write_dir_atomic(out, lambda folder: ids.update(write_builtin_tasks(bench, folder, names, located_at=out)),
+                     overwrite)
+    click.echo(f"wrote {len(ids)} lmms-eval tasks to {out}: {' '.join(ids.values())}")
+    click.echo("score a checkpoint with the stock lmms-eval command line (offline, greedy), e.g.:\n"
+               f"  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lmms_eval --model llava_hf "
+               f"--model_args pretrained=CHECKPOINT,device_map=cpu,dtype=float32 --include_path {out} "
+               f"--tasks {','.join(ids.values())} --batch_size 1 --device cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,14 +14,21 @@ import click
 from ..errors import AtvPruneError, one_line
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an :class:`AtvPruneError`, or an unforeseen file-system ``OSError``, into one
-    ``error: ...`` line on stderr and exit status 2."""
+    ``error: ...`` line on stderr and exit status 2; show warnings as one ``warning: ...`` line."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return command(*args, **kwargs)
         except AtvPruneError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)

@@ -4,6 +4,12 @@ The task YAMLs written by :mod:`atv_prune.eval.tasks` reference these through a 
 ``utils.py`` next to them (lmms-eval resolves ``!function utils.name`` beside the YAML).
 Documents are the normalised records of :func:`atv_prune.eval.tasks.write_builtin_tasks`:
 ``image`` is an absolute path or None and ``choices`` a (possibly empty) list.
+
+They follow lmms-eval's conventions, so that its stock model classes run the tasks as our own
+does: simple (``is_simple``) classes read :func:`doc_to_text`, where an ``<image>`` marker places
+the image as ``llava_hf`` expects (and the Qwen classes strip); chat classes read
+:func:`doc_to_messages`, a user turn of image and text items in the record's order, with no
+marker in the text.
 """
 
 from __future__ import annotations
@@ -27,16 +33,31 @@ def listed_choices(choices: list[str]) -> str:
     return " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
 
 
-def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
-    """The question, followed by its lettered choices unless the question already lists them, and
-    an image marker at the end when the record puts its image after the text."""
+def _question(doc: dict[str, Any]) -> str:
+    """The question, followed by its lettered choices unless the question already lists them."""
     text = doc["question"]
     choices = doc.get("choices") or []
     if choices and listed_choices(choices) not in text:
         text = f"{text} {listed_choices(choices)}"
+    return text
+
+
+def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:
+    """The question (with its choices), and an image marker at the end when the record puts its
+    image after the text (without a marker, lmms-eval's classes put the image first)."""
+    text = _question(doc)
     if doc.get("image") and doc.get("image_position") == "after":
         text = f"{text} {IMAGE_MARKER}"
     return text
+
+
+def doc_to_messages(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> list[dict[str, Any]]:
+    """The chat form of the document: one user turn holding the image (if any) and the question,
+    in the record's order (the chat classes' format: ``{"type": "image", "url": PIL image}``)."""
+    text = {"type": "text", "text": _question(doc)}
+    images = [{"type": "image", "url": image} for image in doc_to_visual(doc)]
+    content = [text, *images] if doc.get("image_position") == "after" else [*images, text]
+    return [{"role": "user", "content": content}]
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
@@ -48,5 +69,8 @@ def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """100 when the generated answer matches the reference after normalisation, else 0."""
-    return {METRIC: 100.0 if answer_matches(results[0], doc["answer"]) else 0.0}
+    """100 when the generated answer's first line matches the reference after normalisation, else
+    0. The first line is the task's ``until``, applied here because not every model class stops
+    at it (lmms-eval's ``llava_hf`` does not)."""
+    answer = results[0].split("\n", 1)[0]
+    return {METRIC: 100.0 if answer_matches(answer, doc["answer"]) else 0.0}

@@ -105,6 +105,8 @@ class BlockReport:
     mean_drift: float | None = None
     visual_tokens_per_sample: float | None = None
     text_tokens_per_sample: float | None = None
+    #: Samples with visual tokens of which the pool kept none (an adaptive budget that rounded to 0).
+    samples_without_visual: int | None = None
 
 
 @dataclass
@@ -234,10 +236,11 @@ class _BlockStatistics:
         """Resolve every sample's budget from the block mean, add the chosen candidates, and return
         each group's statistic with the block's report."""
         block_mean = self.saliency_sum / max(1, sum(choice.n_visual for choice, _ in self.waiting))
-        visual_selected = 0
+        visual_selected = without_visual = 0
         for choice, parked in self.waiting:
             budget = self.budget.resolve(choice.n_visual, choice.n_text, block_mean)
             visual_selected += choice.visual_selected + budget
+            without_visual += choice.n_visual > 0 and choice.visual_selected + budget == 0
             for leader, rows in parked.items():
                 if budget:
                     self.accumulators[leader].add(rows[:budget].to(self.device))
@@ -247,7 +250,8 @@ class _BlockStatistics:
             check_finite(statistic, f"input statistics of {leader}")
         report = BlockReport(index, mean_drift=self.drift_sum / self.drift_count if self.drift_count else None,
                              visual_tokens_per_sample=visual_selected / samples,
-                             text_tokens_per_sample=sum(choice.n_text for choice, _ in self.waiting) / samples)
+                             text_tokens_per_sample=sum(choice.n_text for choice, _ in self.waiting) / samples,
+                             samples_without_visual=without_visual)
         return statistics, report
 
 

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from warnings import warn
 
 from pydantic import ConfigDict, Field
 from torch import nn
@@ -65,6 +66,17 @@ def _sparsity_summary(per_linear: dict[str, float], sizes: dict[str, int]) -> di
     total = sum(sizes.values())
     zeros = sum(per_linear[name] * sizes[name] for name in per_linear)
     return {"overall": zeros / total if total else 0.0, "per_linear": per_linear}
+
+
+def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int) -> str | None:
+    """The warning for an adaptive pool whose visual budget rounded to zero for most samples of
+    some blocks (there the pool is the text pool), or None."""
+    empty = [b for b in blocks if (b.get("samples_without_visual") or 0) * 2 > samples]
+    if not empty:
+        return None
+    return (f"the {pool} pool selected no visual tokens for most samples in {len(empty)} of {len(blocks)} blocks: "
+            "there it equals the text pool (its adaptive budget round(min(1, alpha * mean saliency) * n_text) "
+            "rounded to 0; a larger alpha or a fixed-budget pool keeps some)")
 
 
 def _calibration_set(
@@ -152,6 +164,12 @@ def prune(
         model.train(was_training)
     seconds["total"] = time.perf_counter() - started
     result = pruner.result
+    blocks = [asdict(block) for block in result.blocks]
+    if config.budget.rule == "adaptive":
+        message = _empty_budget_warning(config.resolved_pool, blocks, len(captured))
+        if message is not None:
+            warnings.append(message)
+            warn(message, stacklevel=2)
     return PruneReport(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
@@ -159,7 +177,7 @@ def prune(
         versions=package_versions(),
         calibration=calibration_summary,
         sparsity=_sparsity_summary(result.sparsity, result.sizes),
-        blocks=[asdict(block) for block in result.blocks],
+        blocks=blocks,
         seconds={key: round(value, 4) for key, value in seconds.items()},
         warnings=warnings,
     )
