@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import RegistryChoice, method_names, pool_names, quiet_loading, shared
+from .options import RegistryChoice, method_names, pool_names, shared
 from .support import Group, one_line_errors
 
 
@@ -49,7 +49,7 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
           quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
-    from ..model.loading import load_model_and_processor
+    from ..model.loading import load_model_and_processor, silence_loading_bars
     from ..runs.api import prune as run_prune
     from ..runs.config import PruneConfig, RunSettings, parse_pattern
     from ..runs.export import check_output_dir, save_pruned
@@ -61,7 +61,8 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         recipe = {k: v for k, v in Recipe.load(recipe_path).settings().items() if k not in given}
         method, pool, alpha = recipe.get("method", method), recipe.get("pool", pool), recipe.get("alpha", alpha)
-    quiet_loading(quiet)
+    if quiet:
+        silence_loading_bars()
     config = PruneConfig(method=method, pool=pool, sparsity=sparsity, alpha=alpha, visual_ratio=visual_ratio,
                          pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
                          samples=samples, seed=seed)

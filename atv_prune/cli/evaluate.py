@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import AtvPruneError
-from .options import quiet_loading, shared
+from .options import shared
 from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from ..builtin import default_benchmark
     from ..eval.env import require_lmms_eval
-    from ..model.loading import compute_dtype, load_model_and_processor, resolve_device
+    from ..model.loading import compute_dtype, load_model_and_processor, resolve_device, silence_loading_bars
     from ..runs.export import check_creatable, write_json_atomic
     from ..runs.preflight import check_model
 
@@ -82,7 +82,8 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     task_ids = check_tasks(list(tasks), bench_dir)
     if baseline is not None:
         check_comparable(task_ids.values(), limit, baseline)
-    quiet_loading(quiet)
+    if quiet:
+        silence_loading_bars()
     loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     loaded.model.to(loaded.device)
     result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,

@@ -102,14 +102,6 @@ STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "sam
                  "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
 
 
-def quiet_loading(quiet: bool) -> None:
-    """With ``--quiet``, also silence transformers' weight-loading bars (imported only then)."""
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-
 def shared(*names: str) -> Callable[[Any], Any]:
     """Decorate a command with the named shared options, in the order given."""
 

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..errors import AtvPruneError, ConfigError, not_a_file
-from .options import RegistryChoice, calibrated_method_names, quiet_loading, study_options
+from .options import RegistryChoice, calibrated_method_names, study_options
 from .support import ListOptionsCommand, one_line_errors
 
 
@@ -30,7 +30,10 @@ def study_settings(kw: dict[str, Any]):
     if not kw["calib_path"].is_file():
         raise AtvPruneError(f"calibration file {kw['calib_path']} {not_a_file(kw['calib_path'])}: "
                             "pass an existing --calib FILE")
-    quiet_loading(kw["quiet"])
+    if kw["quiet"]:
+        from ..model.loading import silence_loading_bars
+
+        silence_loading_bars()
     bench = kw["bench_dir"] if kw["bench_dir"] is not None else default_benchmark()
     return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=words(kw["tasks"]),
                          bench_dir=str(bench) if bench else None, limit=kw["limit"], batch_size=kw["batch_size"],

@@ -20,6 +20,13 @@ from .families import supported_families
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def silence_loading_bars() -> None:
+    """Switch off transformers' weight-loading progress bars (``--quiet``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The compute device: the one asked for, else CUDA when present, else the CPU."""
     if name is None:
