@@ -75,6 +75,10 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                             "file's folder]."),
     "max-pixels": lambda: click.option("--max-pixels", type=int, default=None,
                                        help="Downscale calibration images to at most this many pixels."),
+    "max-length": lambda: click.option("--max-length", type=click.IntRange(min=1), default=None,
+                                       help="Truncate calibration samples to at most this many tokens (from the "
+                                            "end of their text) [default: the model's context, "
+                                            "max_position_embeddings]."),
     "out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
                                 help="Output folder (must not exist unless --overwrite)."),
     "overwrite": lambda: click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
@@ -99,7 +103,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
 
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+                 "image-root", "max-pixels", "max-length", "study-out", "study-overwrite", "trust-remote-code", "quiet")
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

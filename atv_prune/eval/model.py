@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import AtvPruneError
+from ..model.images import to_rgb
 from ..model.layout import resolve
 from .env import require_lmms_eval
 from .hooks import IMAGE_MARKER
@@ -56,14 +57,15 @@ def user_content(context: str, images: list[Image.Image]) -> list[dict[str, Any]
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:
-    """A document's visuals as RGB PIL images; videos, audio and paths are refused."""
+    """A document's visuals as 8-bit RGB PIL images (:func:`~atv_prune.model.images.to_rgb`: high
+    bit depths scaled, transparency on white); videos, audio and paths are refused."""
     if visuals is None:
         return []
     visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
     if not all(isinstance(v, Image.Image) for v in visuals):
         kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
         raise AtvPruneError(f"{where}: visuals of type {', '.join(kinds)} are not supported (images only)")
-    return [v.convert("RGB") for v in visuals]
+    return [to_rgb(v) for v in visuals]
 
 
 def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[int, tuple[str, ...]]:

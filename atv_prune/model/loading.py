@@ -2,7 +2,8 @@
 
 Safetensors only, remote code off unless asked for. :func:`load_model_and_processor` is what every
 command and study uses; :func:`model_skeleton` builds the architecture on the meta device for the
-checks that need shapes but no weights.
+checks that need shapes but no weights. Loading is strict (:mod:`.checkpoint`): no weight of a
+loaded model comes from random initialisation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AtvPruneError, ConfigError, UnsupportedModelError
+from .checkpoint import check_checkpoint, loading_problems
 from .families import supported_families
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,14 +72,17 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
     a run's inputs against the architecture before the weights are loaded. ``None`` for a model
     whose construction needs real tensors (custom code calling ``.item()`` while it builds): its
     checks then happen in the run itself."""
+    return _skeleton(Path(path), read_config(path, trust_remote_code), trust_remote_code)
+
+
+def _skeleton(path: Path, config: Any, trust_remote_code: bool) -> nn.Module | None:
     from transformers import AutoModelForImageTextToText
 
-    config = read_config(path, trust_remote_code)
     try:
         with torch.device("meta"):
             return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        raise _not_image_text_to_text(Path(path), config, error) from None
+        raise _not_image_text_to_text(path, config, error) from None
     except Exception:  # noqa: BLE001 - any other construction failure: leave the checks to the run
         return None
 
@@ -85,7 +90,10 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
 ) -> tuple[nn.Module, torch.dtype]:
-    """Load an image-text-to-text model from a local folder onto the CPU, in eval mode.
+    """Load an image-text-to-text model from a local folder onto the CPU, in eval mode, strictly:
+    damaged weight files, and weights missing, unexpected or of the wrong shape for the config,
+    are a one-line :class:`CheckpointError` (checked from the headers before loading, and from
+    transformers' loading info after), never random values in the model.
 
     Returns the model and the dtype its checkpoint was saved in (to save the result alike).
     """
@@ -93,14 +101,17 @@ def load_model(
 
     path = Path(path)
     config = read_config(path, trust_remote_code)
+    check_checkpoint(path, _skeleton(path, config, trust_remote_code))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except ValueError as error:
         raise _not_image_text_to_text(path, config, error) from None
     except OSError as error:
         raise AtvPruneError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from None
+    loading_problems(info).raise_if_any(path)
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
     return model.eval(), saved_dtype
