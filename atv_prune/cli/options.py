@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from ..algorithms.specs import MAX_SEED
+
 #: Calibration samples drawn by every command (the paper's 128 ShareGPT4V pairs).
 DEFAULT_SAMPLES = 128
 #: Documents per generate call in every evaluation.
@@ -63,7 +65,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                   help="Calibration file: conversation JSON or image-text JSONL."),
     "samples": lambda: click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES,
                                     show_default=True, help="Calibration samples drawn."),
-    "seed": lambda: click.option("--seed", type=int, default=0, show_default=True,
+    "seed": lambda: click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                                  help="Seed of the calibration draw and of random pools."),
     "device": lambda: click.option("--device", default=None,
                                    help="Compute device [default: cuda if available, else cpu]."),

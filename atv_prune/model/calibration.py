@@ -245,6 +245,28 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _whole_json(text: str) -> Any:
+    """The file's content as one JSON document, or None when it is not one (JSONL, malformed)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _one_object(raw: dict, file: Path) -> _Record:
+    """A file holding one JSON object: a single record (conversation or image-text pair), or,
+    when the object is not a record, a one-line error saying so."""
+    where = f"the record in {file.name}"
+    if "conversations" in raw:
+        return _conversation_record(raw, 1, where)
+    if "text" in raw:
+        return _pair_record(raw, 1, where)
+    keys = ", ".join(f'"{key}"' for key in list(raw)[:4]) + (", ..." if len(raw) > 4 else "")
+    raise _fail(f"{file} holds a JSON object ({{{keys}}}), not a list of records: give a JSON list [...] of "
+                'conversation records, or JSONL with one {"image", "text"} or {"image", "conversations"} '
+                "record per line")
+
+
 def _read_records(file: Path) -> list[_Record]:
     """Parse the whole file (format from suffix / first character) and check every record's shape."""
     if not file.is_file():
@@ -257,7 +279,9 @@ def _read_records(file: Path) -> list[_Record]:
     stripped = text.lstrip()
     if not stripped:
         raise _fail(f"calibration file {file} is empty: give it at least one record")
-    if file.suffix.lower() == ".jsonl" or not stripped.startswith("["):
+    if stripped.startswith("{") and isinstance(whole := _whole_json(text), dict):
+        records = [_one_object(whole, file)]
+    elif file.suffix.lower() == ".jsonl" or not stripped.startswith("["):
         records = _parse_jsonl(text, file.name)
     else:
         records = _parse_json(text, file.name)

@@ -22,16 +22,37 @@ from .families import supported_families
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: Device types a run can compute on or keep activations on, each with its availability check.
+ACCELERATORS = ("cuda", "mps", "xpu")
+
+
 def resolve_device(name: str | None) -> torch.device:
-    """The compute device: the one asked for, else CUDA when present, else the CPU."""
+    """The compute device: the one asked for, else CUDA when present, else the CPU. A device this
+    torch build or machine does not have (``mps`` on Linux, ``cuda:3`` on a one-GPU machine) or
+    one that holds no data (``meta``) is a one-line :class:`ConfigError`."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for but CUDA is not available: use --device cpu")
+    if device.type == "cpu":
+        return device
+    build = f"this torch build ({torch.__version__})"
+    if device.type == "meta":
+        raise ConfigError(f"device '{name}' holds shapes but no data, so a model cannot run on it: use cpu or cuda")
+    if device.type not in ACCELERATORS:
+        raise ConfigError(f"device type '{device.type}' is not supported (atv-prune runs on cpu, "
+                          f"{', '.join(ACCELERATORS)}): use cpu or cuda")
+    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        fallback = "cuda" if torch.cuda.is_available() else "cpu"
+        raise ConfigError(f"device '{name}' asked for but {build} or this machine has no {device.type.upper()} "
+                          f"device: use --device {fallback}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device '{name}' asked for but this machine has {count} {device.type.upper()} "
+                          f"device{'s' if count != 1 else ''} (0-{count - 1}): use --device {device.type}:0")
     return device
 
 
