@@ -70,7 +70,8 @@ def test_a_long_sample_is_truncated_from_the_end_of_its_text(space, family: str)
             assert torch.equal(value, original[:, :length] if aligned else original), name
     assert fit.tokens_dropped == sum(max(0, s.inputs["input_ids"].shape[1] - 60) for s in calib.samples) > 0
     config = PruneConfig(method="wanda", sparsity=0.5, samples=3)
-    report = prune(loaded.model, loaded.processor, space["long"], config, max_length=60)
+    uncapped = load_calibration(space["long"], loaded.processor, samples=3, seed=0)  # max_length given to prune
+    report = prune(loaded.model, loaded.processor, uncapped, config, max_length=60)
     assert report.calibration["truncated_too_long"] == 2 and report.calibration["max_length"] == 60
     assert report.calibration["tokens_per_sample"] <= 60 and report.calibration["samples_used"] == 3
 

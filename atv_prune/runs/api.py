@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def _calibration_set(
     if calibration is None:
         raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
     if isinstance(calibration, CalibrationSet):
-        return calibration
+        return calibration if max_length is None else replace(calibration, max_length=max_length)
     if processor is None:
         raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
     return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
@@ -98,7 +98,7 @@ def prune(
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
     file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
     the device, offload device and progress bars (default :class:`RunSettings`). Samples longer
-    than ``max_length`` tokens (for a file; a :class:`CalibrationSet` carries its own), or than the
+    than ``max_length`` tokens (default: the one a :class:`CalibrationSet` carries), or than the
     model's context, are truncated from the end of their text, or skipped when their image does
     not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both.
     """
