@@ -225,7 +225,7 @@ def _parse_jsonl(text: str, name: str) -> list[_Record]:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             hint = "write one JSON object per line"
-            if number == 1 and _is_json(text):
+            if number == 1 and _whole_json(text) is not None:
                 hint = "the file is one JSON document: give a list of conversation records or JSONL"
             raise _fail(f"malformed JSONL in {name} at line {number}, column {exc.colno}: {exc.msg}: "
                         f"{hint}") from None
@@ -235,14 +235,6 @@ def _parse_jsonl(text: str, name: str) -> list[_Record]:
         parse = _conversation_record if "conversations" in raw else _pair_record
         records.append(parse(raw, number, where))
     return records
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def _whole_json(text: str) -> Any:

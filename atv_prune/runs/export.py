@@ -108,30 +108,25 @@ _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+
 
 
 def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
-def remove_leftovers(out: Path) -> list[Path]:
+def remove_leftovers(out: Path) -> None:
     """Remove what a killed writer of ``out`` left beside it (its staging folder, a replaced result
-    it was removing): hidden siblings made on this host by a process that no longer runs. Returns
-    the paths removed."""
+    it was removing): hidden siblings made on this host by a process that no longer runs."""
     out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    removed = []
     host = socket.gethostname()
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         match = _LEFTOVER.fullmatch(path.name)
         if match and match["name"] == out.name and match["host"] == host and not _running(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
