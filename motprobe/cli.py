@@ -25,15 +25,17 @@ def _load(model_path: Path, dtype: str, device: str | None, trust_remote_code: b
     return load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def _calibration(calib: Path, processor, samples: int, seed: int, image_root: Path | None, max_pixels: int | None):
+def _calibration(calib: Path, processor, samples: int, seed: int, image_root: Path | None, max_pixels: int | None,
+                 max_length: int | None):
     from atv_prune.model.calibration import load_calibration
 
     return load_calibration(calib, processor, image_root=image_root, samples=samples, seed=seed,
-                            max_pixels=max_pixels)
+                            max_pixels=max_pixels, max_length=max_length)
 
 
 #: The options iou and tsne share.
-common_options = shared("model", "calib", "samples", "seed", "image-root", "max-pixels", "out", "overwrite",
+common_options = shared("model", "calib", "samples", "seed", "image-root", "max-pixels", "max-length", "out",
+                        "overwrite",
                         "trust-remote-code", "device", "dtype")
 
 
@@ -51,8 +53,9 @@ def main() -> None:
               help="The two pools compared.")
 @one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-        max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, device: str | None,
-        dtype: str, method: str, sparsity: float | None, pattern: str | None, pools: tuple[str, str]) -> None:
+        max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+        device: str | None, dtype: str, method: str, sparsity: float | None, pattern: str | None,
+        pools: tuple[str, str]) -> None:
     """Mask IoU between two calibration pools for every pruned linear (table, summary, histogram)."""
     from atv_prune.runs.config import PruneConfig, RunSettings, single_target
     from atv_prune.runs.export import check_output_dir, write_dir_atomic, write_json_atomic
@@ -67,11 +70,11 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
     configs = [PruneConfig(method=method, pool=pool, samples=samples, seed=seed, **target) for pool in pools]
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_run_inputs(model_path, configs, calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
-                     device=device, trust_remote_code=trust_remote_code)
+                     device=device, trust_remote_code=trust_remote_code, max_length=max_length)
     masks = []
     for config in configs:
         loaded = _load(model_path, dtype, device, trust_remote_code)
-        calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels)
+        calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length)
         masks.append(pruned_masks(loaded.model, calibration, config, RunSettings(device=device)))
         del loaded
     rows = mask_iou(*masks)
@@ -98,8 +101,8 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
               help="t-SNE perplexity.")
 @one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-         max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool, device: str | None,
-         dtype: str, block_list: tuple[int, ...], tokens: int, perplexity: float) -> None:
+         max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+         device: str | None, dtype: str, block_list: tuple[int, ...], tokens: int, perplexity: float) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
     from atv_prune.model.calibration import check_calibration_file
     from atv_prune.runs.export import check_output_dir, write_dir_atomic
@@ -111,12 +114,12 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
     if not math.isfinite(perplexity):
         raise AtvPruneError(f"--perplexity {perplexity} is not a finite number: pass e.g. --perplexity 30")
     check_output_dir(out_dir, overwrite, protected=[model_path])
-    n_blocks = check_model(model_path, device=device, trust_remote_code=trust_remote_code)
+    n_blocks = check_model(model_path, device=device, trust_remote_code=trust_remote_code, max_length=max_length)
     if n_blocks is not None:
         check_block_range(sorted(set(block_list)), n_blocks)
     check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
     loaded = _load(model_path, dtype, device, trust_remote_code)
-    calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels)
+    calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length)
     activations = block_activations(loaded.model, calibration, sorted(set(block_list)), device)
     embeddings = {block: tsne_embedding(acts, visual, tokens, seed, perplexity)
                   for block, (acts, visual) in activations.items()}

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from atv_prune.errors import CalibrationError, ConfigError
-from atv_prune.model.calibration import CalibrationSet
+from atv_prune.model.calibration import CalibrationSet, fit_context
 from atv_prune.model.capture import capture_sample, non_block_modules_on
-from atv_prune.model.layout import resolve
+from atv_prune.model.layout import context_length, resolve
 from atv_prune.model.loading import resolve_device
 from atv_prune.model.walk import walk_blocks
 from atv_prune.runs.api import prune
@@ -96,11 +96,12 @@ def block_activations(
     """The input hidden states of the chosen blocks for every calibration token, with its modality:
     ``{block: (activations (tokens, d) fp32, visual (tokens,) bool)}``, from the dense model, run
     one block at a time on ``device`` (default: CUDA when present, else the CPU) by the engine's
-    own block walk."""
+    own block walk. Samples are first fitted to the model's context as a pruning run fits them."""
     device = resolve_device(device)
     layout = resolve(model)
     decoder = layout.blocks(model)
     check_block_range(blocks, len(decoder))
+    calibration, _ = fit_context(calibration, context_length(model.config), layout.visual_token_ids)
     with non_block_modules_on(model, decoder, device):
         samples = [capture_sample(model, layout, s.inputs, s.source, device, "cpu") for s in calibration.samples]
     collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in blocks}

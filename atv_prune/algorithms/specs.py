@@ -14,6 +14,11 @@ from typing import Literal
 
 from ..registry import Ref, Registry, resolve_ref
 
+#: The largest seed of a run (calibration draw, random pools, t-SNE): numpy's limit, 2**32 - 1; the
+#: engine's per-block generator seeds, ``seed * 1_000_003 + block * 10_007 + sample``, then stay far
+#: inside torch's 64 bits.
+MAX_SEED = 2**32 - 1
+
 BudgetRule = Literal["none", "adaptive", "fixed"]
 Allocation = Literal["uniform", "das"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "das")

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from ..algorithms.specs import MAX_SEED
+
 #: Calibration samples drawn by every command (the paper's 128 ShareGPT4V pairs).
 DEFAULT_SAMPLES = 128
 #: Documents per generate call in every evaluation.
@@ -63,7 +65,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                   help="Calibration file: conversation JSON or image-text JSONL."),
     "samples": lambda: click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES,
                                     show_default=True, help="Calibration samples drawn."),
-    "seed": lambda: click.option("--seed", type=int, default=0, show_default=True,
+    "seed": lambda: click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                                  help="Seed of the calibration draw and of random pools."),
     "device": lambda: click.option("--device", default=None,
                                    help="Compute device [default: cuda if available, else cpu]."),
@@ -75,6 +77,10 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                             "file's folder]."),
     "max-pixels": lambda: click.option("--max-pixels", type=int, default=None,
                                        help="Downscale calibration images to at most this many pixels."),
+    "max-length": lambda: click.option("--max-length", type=click.IntRange(min=1), default=None,
+                                       help="Truncate calibration samples to at most this many tokens (from the "
+                                            "end of their text) [default: the model's context, "
+                                            "max_position_embeddings]."),
     "out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
                                 help="Output folder (must not exist unless --overwrite)."),
     "overwrite": lambda: click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
@@ -99,7 +105,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
 
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+                 "image-root", "max-pixels", "max-length", "study-out", "study-overwrite", "trust-remote-code", "quiet")
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

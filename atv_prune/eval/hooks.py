@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..model.chat import IMAGE_MARKER
+from ..model.images import open_image
 from .answers import answer_matches
 
 LETTERS = string.ascii_uppercase
@@ -61,11 +62,11 @@ def doc_to_messages(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None 
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    """The document's image as RGB (an empty list for text-only questions)."""
+    """The document's image as 8-bit RGB, converted as calibration images are (an empty list for
+    text-only questions)."""
     if not doc.get("image"):
         return []
-    with Image.open(doc["image"]) as image:
-        return [image.convert("RGB")]
+    return [open_image(doc["image"])]
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:

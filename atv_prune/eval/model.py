@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import AtvPruneError
 from ..model.chat import user_content
+from ..model.images import to_rgb
 from ..model.layout import resolve
 from .env import require_lmms_eval
 
@@ -40,14 +41,15 @@ class GenerationError(RuntimeError):
 
 
 def _images(visuals: Any, where: str) -> list[Image.Image]:
-    """A document's visuals as RGB PIL images; videos, audio and paths are refused."""
+    """A document's visuals as 8-bit RGB PIL images (:func:`~atv_prune.model.images.to_rgb`: high
+    bit depths scaled, transparency on white); videos, audio and paths are refused."""
     if visuals is None:
         return []
     visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
     if not all(isinstance(v, Image.Image) for v in visuals):
         kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
         raise AtvPruneError(f"{where}: visuals of type {', '.join(kinds)} are not supported (images only)")
-    return [v.convert("RGB") for v in visuals]
+    return [to_rgb(v) for v in visuals]
 
 
 def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[int, tuple[str, ...]]:

@@ -2,7 +2,8 @@
 
 Safetensors only, remote code off unless asked for. :func:`load_model_and_processor` is what every
 command and study uses; :func:`model_skeleton` builds the architecture on the meta device for the
-checks that need shapes but no weights.
+checks that need shapes but no weights. Loading is strict (:mod:`.checkpoint`): no weight of a
+loaded model comes from random initialisation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AtvPruneError, ConfigError, UnsupportedModelError
+from .checkpoint import check_checkpoint, loading_problems
 from .families import supported_families
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,16 +29,37 @@ def silence_loading_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+#: Device types a run can compute on or keep activations on, each with its availability check.
+ACCELERATORS = ("cuda", "mps", "xpu")
+
+
 def resolve_device(name: str | None) -> torch.device:
-    """The compute device: the one asked for, else CUDA when present, else the CPU."""
+    """The compute device: the one asked for, else CUDA when present, else the CPU. A device this
+    torch build or machine does not have (``mps`` on Linux, ``cuda:3`` on a one-GPU machine) or
+    one that holds no data (``meta``) is a one-line :class:`ConfigError`."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' asked for but CUDA is not available: use --device cpu")
+    if device.type == "cpu":
+        return device
+    build = f"this torch build ({torch.__version__})"
+    if device.type == "meta":
+        raise ConfigError(f"device '{name}' holds shapes but no data, so a model cannot run on it: use cpu or cuda")
+    if device.type not in ACCELERATORS:
+        raise ConfigError(f"device type '{device.type}' is not supported (atv-prune runs on cpu, "
+                          f"{', '.join(ACCELERATORS)}): use cpu or cuda")
+    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        fallback = "cuda" if torch.cuda.is_available() else "cpu"
+        raise ConfigError(f"device '{name}' asked for but {build} or this machine has no {device.type.upper()} "
+                          f"device: use --device {fallback}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device '{name}' asked for but this machine has {count} {device.type.upper()} "
+                          f"device{'s' if count != 1 else ''} (0-{count - 1}): use --device {device.type}:0")
     return device
 
 
@@ -77,14 +100,17 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
     a run's inputs against the architecture before the weights are loaded. ``None`` for a model
     whose construction needs real tensors (custom code calling ``.item()`` while it builds): its
     checks then happen in the run itself."""
+    return _skeleton(Path(path), read_config(path, trust_remote_code), trust_remote_code)
+
+
+def _skeleton(path: Path, config: Any, trust_remote_code: bool) -> nn.Module | None:
     from transformers import AutoModelForImageTextToText
 
-    config = read_config(path, trust_remote_code)
     try:
         with torch.device("meta"):
             return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        raise _not_image_text_to_text(Path(path), config, error) from None
+        raise _not_image_text_to_text(path, config, error) from None
     except Exception:  # noqa: BLE001 - any other construction failure: leave the checks to the run
         return None
 
@@ -92,7 +118,10 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
 def load_model(
     path: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
 ) -> tuple[nn.Module, torch.dtype]:
-    """Load an image-text-to-text model from a local folder onto the CPU, in eval mode.
+    """Load an image-text-to-text model from a local folder onto the CPU, in eval mode, strictly:
+    damaged weight files, and weights missing, unexpected or of the wrong shape for the config,
+    are a one-line :class:`CheckpointError` (checked from the headers before loading, and from
+    transformers' loading info after), never random values in the model.
 
     Returns the model and the dtype its checkpoint was saved in (to save the result alike).
     """
@@ -100,14 +129,17 @@ def load_model(
 
     path = Path(path)
     config = read_config(path, trust_remote_code)
+    check_checkpoint(path, _skeleton(path, config, trust_remote_code))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except ValueError as error:
         raise _not_image_text_to_text(path, config, error) from None
     except OSError as error:
         raise AtvPruneError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from None
+    loading_problems(info).raise_if_any(path)
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
     return model.eval(), saved_dtype

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 from warnings import warn
@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from ..algorithms.specs import POOLS
 from ..errors import CalibrationError
-from ..model.calibration import CalibrationSet, load_calibration
+from ..model.calibration import CalibrationSet, fit_context, load_calibration
 from ..model.capture import capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
-from ..model.layout import ModelLayout, resolve
+from ..model.layout import ModelLayout, context_length, resolve
 from ..model.loading import resolve_device
 from ..validation import Record
 from ..versions import package_versions
@@ -81,16 +81,16 @@ def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int)
 
 def _calibration_set(
     calibration: CalibrationSet | str | Path | None, processor: Any, config: PruneConfig,
-    image_root: str | Path | None, max_pixels: int | None,
+    image_root: str | Path | None, max_pixels: int | None, max_length: int | None,
 ) -> CalibrationSet:
     if calibration is None:
         raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
     if isinstance(calibration, CalibrationSet):
-        return calibration
+        return calibration if max_length is None else replace(calibration, max_length=max_length)
     if processor is None:
         raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
     return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
-                            seed=config.seed, max_pixels=max_pixels)
+                            seed=config.seed, max_pixels=max_pixels, max_length=max_length)
 
 
 def prune(
@@ -102,13 +102,17 @@ def prune(
     settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    max_length: int | None = None,
     find_targets: TargetFinder = linear_targets,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
     file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
-    the device, offload device and progress bars (default :class:`RunSettings`).
+    the device, offload device and progress bars (default :class:`RunSettings`). Samples longer
+    than ``max_length`` tokens (default: the one a :class:`CalibrationSet` carries), or than the
+    model's context, are truncated from the end of their text, or skipped when their image does
+    not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both.
     """
     started = time.perf_counter()
     config = config if config is not None else PruneConfig()
@@ -128,7 +132,9 @@ def prune(
     try:
         if config.needs_calibration:
             start = time.perf_counter()
-            calib = _calibration_set(calibration, processor, config, image_root, max_pixels)
+            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length)
+            drawn = len(calib.samples)
+            calib, fit = fit_context(calib, context_length(model.config), layout.visual_token_ids)
             warnings.extend(calib.warnings)
             seconds["load_calibration"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -152,12 +158,13 @@ def prune(
             calibration_summary = {
                 "path": str(Path(calib.path).resolve()) if Path(calib.path).exists() else calib.path,
                 "records_in_file": calib.records_in_file,
-                "samples_drawn": len(calib.samples),
+                "samples_drawn": drawn,
                 "samples_used": len(captured),
                 "skipped_without_image_tokens": skipped,
                 "seed": calib.seed,
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
+                **(fit.summary() if fit is not None else {}),
             }
         pruner.prune(blocks, layout.block_path, captured)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import PrivateAttr, model_validator
 
 from ..algorithms.budget import Budget
-from ..algorithms.specs import ALLOCATIONS, METHODS, POOLS, Method, plain_pools
+from ..algorithms.specs import ALLOCATIONS, MAX_SEED, METHODS, POOLS, Method, plain_pools
 from ..errors import ConfigError
 from ..validation import Record
 
@@ -125,6 +125,8 @@ class PruneConfig(Record):
                              "0 < R <= 1")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}: pass --samples N with N >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed {self.seed} is outside 0..{MAX_SEED}: pass --seed N with 0 <= N <= {MAX_SEED}")
         return self
 
     @property

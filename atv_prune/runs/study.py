@@ -74,6 +74,7 @@ class StudySettings:
     dtype: str = "auto"
     image_root: Path | None = None
     max_pixels: int | None = None
+    max_length: int | None = None
     trust_remote_code: bool = False
     device: str | None = None
     progress: bool = True
@@ -84,7 +85,9 @@ class StudySettings:
                 "calib": str(self.calib.resolve()), "calib_sha1": _file_sha1(self.calib), "tasks": self.tasks,
                 "bench_dir": self.bench_dir, "limit": self.limit, "batch_size": self.batch_size,
                 "dtype": self.dtype, "image_root": str(self.image_root) if self.image_root else None,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels,
+                # only when set, so that studies from before the option resume
+                **({"max_length": self.max_length} if self.max_length is not None else {})}
 
 
 def _file_sha1(path: Path) -> str:
@@ -190,7 +193,7 @@ class Study:
         settings = self.settings
         check_run_inputs(settings.model, [cell.config for cell in cells], calib_path=settings.calib,
                          image_root=settings.image_root, max_pixels=settings.max_pixels, device=settings.device,
-                         trust_remote_code=settings.trust_remote_code)
+                         trust_remote_code=settings.trust_remote_code, max_length=settings.max_length)
         check_tasks(settings.tasks, settings.bench_dir)
 
     def _open(self) -> None:
@@ -215,7 +218,7 @@ class Study:
         if key not in self._calibrations:
             self._calibrations[key] = load_calibration(
                 self.settings.calib, processor, image_root=self.settings.image_root, samples=config.samples,
-                seed=config.seed, max_pixels=self.settings.max_pixels)
+                seed=config.seed, max_pixels=self.settings.max_pixels, max_length=self.settings.max_length)
         return self._calibrations[key]
 
     def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
