@@ -1,7 +1,8 @@
 """User-facing errors: every problem with the user's input ends in one of these.
 
-The CLI prints ``error: <message>`` on one line and exits with status 2; the Python API
-raises them unchanged. Messages name the problem and what to do about it.
+The CLI prints ``error: <message>`` on one line and exits with the error's ``exit_code`` (2 for a
+problem with the input; 1 for a failure of the environment, such as a lost cluster worker); the
+Python API raises them unchanged. Messages name the problem and what to do about it.
 """
 
 from pathlib import Path
@@ -9,6 +10,15 @@ from pathlib import Path
 
 class AtvPruneError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+    #: The command line's exit status for this error.
+    exit_code: int = 2
+
+
+class EnvironmentFailure(AtvPruneError):
+    """A failure of the machines, not of the input: a cluster that cannot be reached."""
+
+    exit_code = 1
 
 
 class ConfigError(AtvPruneError):

@@ -178,10 +178,10 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
     writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
     from atv_prune.algorithms.specs import METHODS
-    from atv_prune.cli.study import study_settings, words
+    from atv_prune.cli.study import raise_failures, run_study, words
     from atv_prune.runs.config import PruneConfig, target_list
     from atv_prune.runs.export import write_json_atomic
-    from atv_prune.runs.study import Cell, Study, cell_summary
+    from atv_prune.runs.study import Cell, cell_summary, failed_cells
     from atv_prune.runs.tables import write_table
 
     from .sensitivity import derive_recipe, prune_probe_pathway, table_rows
@@ -200,14 +200,14 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
                 config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"], **target)
                 cells.append(Cell(f"{pathway}:{pool or 'none'} {config.target_label}", config,
                                   {"pathway": pathway, "include_o_proj": include_o_proj}))
-    settings = study_settings(kw)
-    study = Study(kw["out_dir"], settings, "motprobe-sensitivity", kw["overwrite"])
-    dense, records = study.run_all(cells, prune_probe_pathway)
+    dense, records = run_study(kw, "motprobe-sensitivity", cells, prune_probe_pathway)
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
     hardest = (max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config).target_label
-    recipe = derive_recipe(records, hardest) if set(pathways) == {"text", "visual"} and calibrated else None
+    # A recipe from an incomplete study would rest on missing evidence.
+    complete = set(pathways) == {"text", "visual"} and calibrated and not failed_cells(records)
+    recipe = derive_recipe(records, hardest) if complete else None
     write_json_atomic(kw["out_dir"] / "results.json",
                       {"dense": dense, "table": rows, "recipe": recipe.to_dict() if recipe else None,
                        "cells": [cell_summary(r) for r in records]})
@@ -220,7 +220,9 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     header = ["pathway", "calibration"] + [c for c in rows[0] if c.endswith(" mean")]
     click.echo(" | ".join(header))
     for row in rows:
-        click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in header))
+        click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else "–" if row[c] is None else str(row[c])
+                              for c in header))
     if recipe is not None:
         click.echo(f"recipe: --method {recipe.method} --pool {recipe.pool} --alpha {recipe.alpha:g} "
                    f"({recipe.rationale})")
+    raise_failures(kw, records)

@@ -14,8 +14,8 @@ from ..errors import AtvPruneError, one_line
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an :class:`AtvPruneError`, or an unforeseen file-system ``OSError``, into one
-    ``error: ...`` line on stderr and exit status 2."""
+    """Turn an :class:`AtvPruneError` (exit status: its ``exit_code``), or an unforeseen
+    file-system ``OSError`` (exit status 2), into one ``error: ...`` line on stderr."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -23,7 +23,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except AtvPruneError as error:
             click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            sys.exit(error.exit_code)
         except OSError as error:  # a file system problem no check foresaw (disk full, a path changed)
             where = f" {error.filename}" if error.filename else " a file"
             click.echo(f"error: cannot access{where}: {error.strerror or one_line(error)}: check the path, "
