@@ -80,10 +80,10 @@ def write_study_outputs(kw: dict[str, Any], names: dict[str, str], dense: dict[s
 
 
 def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[str, Any]], alpha: float, kind: str,
-                   names: dict[str, str]) -> str:
+                   names: dict[str, str]) -> None:
     """Run methods x targets as a resumable study in ``kw["out_dir"]``; write the JSON, markdown and
-    CSV tables and the chart under ``names`` (keys json, md, csv, png); print the markdown table
-    and return it, or end with the failed cells named."""
+    CSV tables and the chart under ``names`` (keys json, md, csv, png); print the markdown table,
+    then end with the failed cells named, if any."""
     from ..runs.config import PruneConfig
     from ..runs.plots import retention_bars
     from ..runs.study import Cell, retention_rows
@@ -106,7 +106,6 @@ def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[st
     retention_bars(kw["out_dir"] / names["png"], rows[1:], "mean retention by method and target")
     click.echo(markdown)
     raise_failures(kw, records)
-    return markdown
 
 
 @click.command("compare", cls=ListOptionsCommand)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+import torch
+
 from ..errors import AtvPruneError, ConfigError, EnvironmentFailure, one_line
 from ..model.loading import parse_device
 from .cells import CellJob, CellRunner, compute
@@ -107,6 +109,12 @@ class SerialExecutor:
         running(0)
 
 
+def compute_on_threads(job: CellJob, threads: int) -> dict[str, Any]:
+    """A Ray task: the job's record, computed with ``threads`` torch threads (the task's CPUs)."""
+    torch.set_num_threads(threads)
+    return compute(job)
+
+
 def _check_reachable(address: str) -> None:
     """Refuse a ``host:port`` address where nothing listens: Ray itself would wait for it for
     minutes. ("auto" and ``ray://`` addresses are left to Ray, which fails fast on them.)"""
@@ -122,7 +130,8 @@ def _check_reachable(address: str) -> None:
 
 
 class RayExecutor:
-    """Each cell as a Ray task holding ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs.
+    """Each cell as a Ray task holding ``cpus_per_cell`` CPUs (and as many torch threads, at
+    least one) and ``gpus_per_cell`` GPUs.
 
     ``address`` None starts a local cluster on this machine (its CPUs, at least
     ``cpus_per_cell``; its GPUs), shut down at the end; ``"auto"`` or an address joins a running
@@ -217,10 +226,12 @@ class RayExecutor:
     def run(self, jobs: list[CellJob], running: Callable[[int], None]) -> Iterator[CellOutcome]:
         import ray
 
-        task = ray.remote(compute)
+        task = ray.remote(compute_on_threads)
         resources = {"num_cpus": self.cpus_per_cell, "num_gpus": self.gpus_per_cell, "max_retries": self.retries,
                      "retry_exceptions": False}
-        pending = {task.options(name=f"atv-prune cell {job.label}", **resources).remote(job): job for job in jobs}
+        threads = max(1, math.floor(self.cpus_per_cell))
+        pending = {task.options(name=f"atv-prune cell {job.label}", **resources).remote(job, threads): job
+                   for job in jobs}
         try:
             while pending:
                 running(min(len(pending), self.slots))
@@ -242,6 +253,6 @@ class RayExecutor:
             logs = ""
             if self._temp_dir is not None:  # a local cluster's logs are kept to tell why
                 self._keep_logs = True
-                logs = f" (worker logs: {self._temp_dir}/session_latest/logs)"
-            return CellOutcome(job, None, CellFailure(f"worker lost: {one_line(error)}{logs}", False, True,
+                logs = f" (logs: {self._temp_dir}/session_latest/logs)"
+            return CellOutcome(job, None, CellFailure(f"worker lost{logs}: {one_line(error)}", False, True,
                                                       self.retries + 1))
