@@ -190,6 +190,9 @@ def test_cluster_options_need_ray_and_ray_must_be_installed(workspace, monkeypat
     if importlib.util.find_spec("ray") is not None:
         code, output = _invoke(*args, "--ray", "127.0.0.1:1")  # nothing listens there
         assert code == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:1'" in output
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # where 'auto' leads
+        code, output = _invoke(*args, "--ray", "auto")
+        assert code == 1 and "error: cannot reach the Ray cluster at 'auto' (" in output and ":1): " in output
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as in a plain install
     code, output = _invoke(*args, "--ray")
     assert code == 2 and "--ray needs Ray, which is not installed: pip install 'atv-prune[cluster]'" in output

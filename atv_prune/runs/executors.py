@@ -116,17 +116,30 @@ def compute_on_threads(job: CellJob, threads: int) -> dict[str, Any]:
 
 
 def _check_reachable(address: str) -> None:
-    """Refuse a ``host:port`` address where nothing listens: Ray itself would wait for it for
-    minutes. ("auto" and ``ray://`` addresses are left to Ray, which fails fast on them.)"""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
+    """Refuse an address where nothing listens: Ray itself would wait for it for minutes.
+    ``auto`` is checked where it leads (``RAY_ADDRESS``, or the cluster ``ray start`` last
+    recorded on this machine, which may be gone); ``ray://`` addresses are left to Ray."""
+    target = _auto_address() if address == "auto" else address
+    host, _, port = (target or "").rpartition(":")
+    if "://" in target or not host or not port.isdigit():
         return
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except OSError as error:
-        raise EnvironmentFailure(f"cannot reach the Ray cluster at '{address}' ({error.strerror or error}): "
-                                 "start it first (ray start --head), check the address, or pass --ray alone for a "
-                                 "local cluster") from None
+        where = f"'{address}'" if target == address else f"'{address}' ({target})"
+        raise EnvironmentFailure(f"cannot reach the Ray cluster at {where}: {error.strerror or error}: start it "
+                                 "first (ray start --head), check the address, or pass --ray alone for a local "
+                                 "cluster") from None
+
+
+def _auto_address() -> str:
+    """Where Ray's ``auto`` address leads ("" when it finds none, or cannot say)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto") or ""
+    except Exception:  # noqa: BLE001 - Ray's private helper: without it, ray.init decides alone
+        return ""
 
 
 class RayExecutor:

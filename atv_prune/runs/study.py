@@ -204,18 +204,19 @@ class Study:
     def _compute(self, jobs: list[CellJob], executor: CellExecutor, total: int) -> dict[str, CellOutcome]:
         """Run the jobs, storing each record as it arrives; the failed jobs' outcomes by key."""
         failures = {}
-        progress = _Progress(total, total - len(jobs), self.settings.progress)
-        try:
+        with executor:  # joins or starts a cluster: the progress bar shows once the cells can run
+            progress = _Progress(total, total - len(jobs), self.settings.progress)
             # closing(): an interrupted run stops its cells before the executor leaves the cluster.
-            with executor, closing(executor.run(jobs, progress.set_running)) as outcomes:
-                for outcome in outcomes:
-                    if outcome.record is not None:
-                        write_json_atomic(self.cells_dir / f"{outcome.job.key}.json", outcome.record)
-                    else:
-                        failures[outcome.job.key] = outcome
-                    progress.finished(outcome)
-        finally:
-            progress.close()
+            with closing(executor.run(jobs, progress.set_running)) as outcomes:
+                try:
+                    for outcome in outcomes:
+                        if outcome.record is not None:
+                            write_json_atomic(self.cells_dir / f"{outcome.job.key}.json", outcome.record)
+                        else:
+                            failures[outcome.job.key] = outcome
+                        progress.finished(outcome)
+                finally:
+                    progress.close()
         return failures
 
     def _remove_if_empty(self, created: bool) -> None:
