@@ -3,8 +3,8 @@
 The CLI prints ``error: <message>`` on one line and exits with the error's ``exit_status``: 2 for
 a problem with the input (the command, its options, its files: fixed by changing them), 1 for an
 environment failure (the machine failed the run: a full disk, an exceeded quota, a read-only file
-system, a file-size limit, a denied write). The Python API raises them unchanged. Messages name the
-problem and what to do about it.
+system, a file-size limit, a denied write, a lost cluster worker). The Python API raises them
+unchanged. Messages name the problem and what to do about it.
 """
 
 import errno
@@ -17,6 +17,7 @@ from pathlib import Path
 class AtvPruneError(Exception):
     """A problem with the user's input, explained in one line (exit status 2)."""
 
+    #: The command line's exit status for this error.
     exit_status = 2
 
 
@@ -46,7 +47,8 @@ class NumericalError(AtvPruneError):
 
 class EnvironmentFailure(AtvPruneError):
     """The machine, not the input, failed the run: a full disk, an exceeded quota, a read-only file
-    system, a file-size limit, a denied write (exit status 1)."""
+    system, a file-size limit, a denied write, a cluster that cannot be reached or a lost worker
+    (exit status 1)."""
 
     exit_status = 1
 

@@ -185,10 +185,10 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
     writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
     from atv_prune.algorithms.specs import METHODS
-    from atv_prune.cli.study import study_settings, words
+    from atv_prune.cli.study import raise_failures, run_study, words
     from atv_prune.runs.config import PruneConfig, target_list
     from atv_prune.runs.export import write_json_atomic
-    from atv_prune.runs.study import Cell, Study, cell_summary
+    from atv_prune.runs.study import Cell, cell_summary, failed_cells
     from atv_prune.runs.tables import write_table
 
     from .sensitivity import alpha_cells, derive_recipe, prune_probe_pathway, table_rows, with_measured_alpha
@@ -213,21 +213,21 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
                 config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"], **target)
                 cells.append(Cell(f"{pathway}:{pool or 'none'} {config.target_label}", config,
                                   {"pathway": pathway, "include_o_proj": include_o_proj}))
-    settings = study_settings(kw)
-    study = Study(kw["out_dir"], settings, "motprobe-sensitivity", kw["overwrite"])
-    dense, records = study.run_all(cells, prune_probe_pathway)
+    dense, records = run_study(kw, "motprobe-sensitivity", cells, prune_probe_pathway)
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
     hardest = max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config
-    recipe = derive_recipe(records, hardest.target_label) if makes_recipe else None
-    alpha_records = []
+    # A recipe from an incomplete study would rest on missing evidence.
+    recipe = derive_recipe(records, hardest.target_label) if makes_recipe and not failed_cells(records) else None
+    alpha_records: list[dict] = []
     if recipe is not None and recipe_alphas:
         if recipe.method == "atv":
             target = {"sparsity": hardest.sparsity, "pattern": hardest.pattern}
-            _, alpha_records = study.run_all(alpha_cells(recipe, list(recipe_alphas), target, kw["samples"],
-                                                         kw["seed"]))
-            recipe = with_measured_alpha(recipe, alpha_records)
+            _, alpha_records = run_study(kw, "motprobe-sensitivity",
+                                         alpha_cells(recipe, list(recipe_alphas), target, kw["samples"], kw["seed"]))
+            if not failed_cells(alpha_records):
+                recipe = with_measured_alpha(recipe, alpha_records)
         else:
             click.echo(f"--recipe-alphas not used: the recipe is --method {recipe.method} --pool {recipe.pool}, "
                        "which has no visual budget", err=True)
@@ -244,10 +244,13 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
     header = ["pathway", "calibration"] + [c for c in rows[0] if c.endswith(" mean")]
     click.echo(" | ".join(header))
     for row in rows:
-        click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in header))
+        click.echo(" | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else "–" if row[c] is None else str(row[c])
+                              for c in header))
     for record in alpha_records:
-        click.echo(f"{record['label']}: mean retention {record['retention']['mean']:.2f}, "
-                   f"{record['visual_tokens_per_sample']:.2f} visual tokens per sample")
+        if "failed" not in record:
+            click.echo(f"{record['label']}: mean retention {record['retention']['mean']:.2f}, "
+                       f"{record['visual_tokens_per_sample']:.2f} visual tokens per sample")
     if recipe is not None:
         click.echo(f"recipe: --method {recipe.method} --pool {recipe.pool} --alpha {recipe.alpha:g} "
                    f"({recipe.rationale})")
+    raise_failures(kw, records + alpha_records)

@@ -177,16 +177,17 @@ def plot_drift(blocks: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def plot_sensitivity_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
-    """Mean retention of every (pathway, pool) row at every target, as a heatmap (Table 1)."""
+    """Mean retention of every (pathway, pool) row at every target, as a heatmap (Table 1); a
+    failed cell is left blank."""
     import seaborn as sns
 
     columns = [c for c in rows[0] if c.endswith(" mean")]
-    values = np.array([[row[c] for c in columns] for row in rows], dtype=float)
+    values = np.array([[np.nan if row[c] is None else row[c] for c in columns] for row in rows], dtype=float)
     labels = [f"{row['pathway']} / {row['calibration']}" for row in rows]
 
     def draw(axis: Any) -> None:
-        sns.heatmap(values, annot=True, fmt=".1f", cmap="RdYlGn", vmin=min(50.0, float(values.min())),
-                    vmax=max(100.0, float(values.max())), xticklabels=[c.replace(" mean", "") for c in columns],
+        sns.heatmap(values, annot=True, fmt=".1f", cmap="RdYlGn", vmin=min(50.0, float(np.nanmin(values))),
+                    vmax=max(100.0, float(np.nanmax(values))), xticklabels=[c.replace(" mean", "") for c in columns],
                     yticklabels=labels, ax=axis, cbar_kws={"label": "mean retention (%)"})
         axis.set_xlabel("target")
         axis.set_ylabel("pruned pathway / calibration")

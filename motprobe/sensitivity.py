@@ -36,15 +36,17 @@ def prune_probe_pathway(model: nn.Module, processor: Any, calibration: Calibrati
 
 
 def table_rows(records: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
-    """Table 1 layout: one row per (pathway, pool), per target the retention of each task and the mean."""
+    """Table 1 layout: one row per (pathway, pool), per target the retention of each task and the
+    mean (None for a cell that failed)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:
         pathway, pool = record["extra"]["pathway"], record["config"]["pool"]
         target = record["label"].rsplit(" ", 1)[1]
         row = rows.setdefault((pathway, pool), {"pathway": pathway, "calibration": pool or "none"})
+        kept = record.get("retention", {"tasks": {}, "mean": None})
         for task in tasks:
-            row[f"{target} {task}"] = record["retention"]["tasks"].get(task)
-        row[f"{target} mean"] = record["retention"]["mean"]
+            row[f"{target} {task}"] = kept["tasks"].get(task)
+        row[f"{target} mean"] = kept["mean"]
     return list(rows.values())
 
 

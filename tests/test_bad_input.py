@@ -195,9 +195,9 @@ def test_late_found_cases_are_checked_up_front(workspace, tmp_path: Path, no_wei
 def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_study import _scripted_evaluate
 
-    from atv_prune.runs.study import Study
+    from atv_prune.runs.cells import CellRunner
 
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
     assert _invoke(atv_main, *args)[0] == 0
@@ -213,9 +213,10 @@ def test_a_finished_study_resumes_without_checking_its_inputs_again(workspace, t
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from test_study import _scripted_evaluate
 
+    from atv_prune.runs.cells import CellRunner
     from atv_prune.runs.study import Study
 
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
     assert _invoke(atv_main, *args)[0] == 0

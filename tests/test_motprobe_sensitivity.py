@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from atv_prune.cli import main as atv_main
 from atv_prune.eval.run import EvalResult
-from atv_prune.runs.study import Study
+from atv_prune.runs.cells import CellRunner
 from motprobe.cli import main
 from motprobe.sensitivity import derive_recipe, with_measured_alpha
 from tiny_checkpoints import make_llava_workspace
@@ -67,7 +67,7 @@ def test_the_measured_alpha_is_the_best_of_the_sweep() -> None:
     assert "not measured" not in measured.rationale
 
 
-def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
+def _scripted_evaluate(self: CellRunner, model: torch.nn.Module, processor) -> dict:
     """Score = 100 x the kept fraction of the text-pathway weights (visual copies count a tenth):
     the text pathway is the sensitive one, as in the paper."""
     kept, total = 0.0, 0.0
@@ -88,7 +88,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_sensitivity_grid_writes_table_heatmap_recipe_and_resumes(workspace, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(Study, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
+    monkeypatch.setattr(CellRunner, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
     out = workspace["root"] / "study"
     args = ["sensitivity", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--sparsity", "0.5", "0.6", "--samples", "4", "--out", out]
@@ -136,7 +136,7 @@ def test_a_bad_recipe_is_one_line(workspace, tmp_path: Path) -> None:
 
 def test_a_magnitude_study_has_one_uncalibrated_row_per_pathway_and_no_recipe(workspace, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(Study, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
+    monkeypatch.setattr(CellRunner, "_evaluate", lambda s, m, p: calls.append(1) or _scripted_evaluate(s, m, p))
     out = workspace["root"] / "magnitude-study"
     args = ["sensitivity", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--sparsity", "0.5", "--method", "magnitude", "--out", out]

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import AtvPruneError
-from .options import shared
+from ..errors import AtvPruneError, ConfigError
+from .cluster import placement
+from .options import PLACEMENT_OPTIONS, shared
 from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def _read_result(path: Path) -> EvalResult:
 
 
 @click.command("eval", cls=ListOptionsCommand)
-@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype")
+@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype", *PLACEMENT_OPTIONS)
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
               help="eval_results.json of the dense model: adds retention (pruned / dense) "
                    "per task and its mean.")
@@ -52,8 +53,9 @@ def _read_result(path: Path) -> EvalResult:
 @shared("trust-remote-code", "quiet")
 @one_line_errors
 def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | None, limit: int | None,
-                 batch_size: int, device: str | None, dtype: str, baseline_path: Path | None,
-                 out_dir: Path | None, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
+                 batch_size: int, device: str | None, dtype: str, device_map: str | None, max_memory: str | None,
+                 offload_folder: Path | None, baseline_path: Path | None, out_dir: Path | None, overwrite: bool,
+                 trust_remote_code: bool, quiet: bool) -> None:
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from ..builtin import default_benchmark
     from ..eval.env import require_lmms_eval
@@ -61,6 +63,9 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     from ..runs.export import check_creatable, write_json_atomic
     from ..runs.preflight import check_model
 
+    spread = placement({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder})
+    if spread is not None and device is not None:
+        raise ConfigError("--device-map places the model itself: drop --device (or --device-map)")
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
     if out_file is not None:
         check_creatable(out_dir)
@@ -84,8 +89,10 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
         check_comparable(task_ids.values(), limit, baseline)
     if quiet:
         silence_loading_bars()
-    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    loaded.model.to(loaded.device)
+    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                      placement=spread)
+    if spread is None:
+        loaded.model.to(loaded.device)
     result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,
                       batch_size=batch_size, device=str(loaded.device), progress=not quiet)
     kept = retention(result, baseline) if baseline is not None else None

@@ -101,11 +101,39 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
     "study-out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
                                       help="Study folder; re-running the same study there resumes it."),
     "study-overwrite": lambda: click.option("--overwrite", is_flag=True, help="Discard the cells already in --out."),
+    # Models larger than one device, at evaluation (accelerate's big-model inference).
+    "device-map": lambda: click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                                       help="Spread the evaluated model over the GPUs, then the CPU, then disk "
+                                            "(for models larger than one GPU)."),
+    "max-memory": lambda: click.option("--max-memory", default=None,
+                                       help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                                            "[default: what each has free]."),
+    "offload-folder": lambda: click.option("--offload-folder", type=_PATH, default=None,
+                                           help="With --device-map: where weights that fit nowhere go [default: a "
+                                                "temporary folder]."),
+    # Studies on a Ray cluster.
+    "ray": lambda: click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                                metavar="[ADDRESS]",
+                                help="Run the cells as Ray tasks: alone, on a local cluster started for this "
+                                     "command; 'auto' or an address (host:6379, ray://host:10001): on that cluster."),
+    "cpus-per-cell": lambda: click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                                          show_default=True, help="With --ray: CPUs each cell holds."),
+    "gpus-per-cell": lambda: click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=None,
+                                          help="With --ray: GPUs each cell holds [default: 1 when the cells run on "
+                                               "CUDA, else 0]."),
+    "retries": lambda: click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+                                    help="With --ray: how often a cell whose worker died is run again before it "
+                                         "is recorded as failed."),
 }
 
+#: How a study's cells are placed on a Ray cluster (``--ray`` and its resources).
+CLUSTER_OPTIONS = ("ray", "cpus-per-cell", "gpus-per-cell", "retries")
+#: How an evaluated model is spread over devices (``--device-map`` and its limits).
+PLACEMENT_OPTIONS = ("device-map", "max-memory", "offload-folder")
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "image-root", "max-pixels", "max-length", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+                 *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-length", "study-out", "study-overwrite",
+                 "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
 
 
 def shared(*names: str) -> Callable[[Any], Any]:
