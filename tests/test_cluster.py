@@ -183,7 +183,7 @@ def test_a_cell_whose_worker_always_dies_is_recorded_as_failed_and_resumed(
     rows = retention_rows(records, dense)
     assert [row["mean"] is None for row in rows] == [False, True, False, True]
     error = CellsFailed([magnitude, atv], folder)
-    assert error.exit_code == 1 and "'magnitude 50%' (worker lost" in str(error) and "2 attempts" in str(error)
+    assert error.exit_status == 1 and "'magnitude 50%' (worker lost" in str(error) and "2 attempts" in str(error)
     result = CliRunner().invoke(main, [*STUDY, "--out", str(folder)])  # the next run computes only what is missing
     assert result.exit_code == 0, result.output
     assert _records(folder) == _records(serial)
