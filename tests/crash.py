@@ -62,7 +62,7 @@ MOMENTS: dict[str, Moment] = {
     # the output is complete in the staging folder, about to be renamed to --out
     "publishing": Moment(_module("atv_prune.runs.export"), "_publish", lambda number, args: True),
     # a study's second cell starts pruning (the dense evaluation and the first cell are stored)
-    "second cell": Moment(_module("atv_prune.runs.study"), "prune", lambda number, args: number == 2),
+    "second cell": Moment(_module("atv_prune.runs.cells"), "prune", lambda number, args: number == 2),
 }
 
 
