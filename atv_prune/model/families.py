@@ -61,7 +61,15 @@ class Family:
     token_type_input: str | None = None
     #: (leaf name, roles) of each decoder-block linear the family knows.
     linears: tuple[tuple[str, tuple[str, ...]], ...] = STANDARD_LINEARS
+    #: How the family's processor turns a clip into model inputs (a key of
+    #: :data:`atv_prune.model.video_processors.VIDEO_PROCESSORS`); None: the family takes no video.
+    video_processor: str | None = None
     notes: str = ""
+
+    @property
+    def takes_video(self) -> bool:
+        """Whether the family's models take video clips (given a video token id in their config)."""
+        return self.video_processor is not None
 
     def roles_of(self, leaf: str) -> tuple[str, ...]:
         """The roles of a block linear named ``leaf`` (empty when the family does not know it)."""
@@ -91,13 +99,13 @@ for _family in (
            notes="anyres tiling: the image-token count depends on image_sizes"),
     Family("llava_onevision", ("llava_onevision",),
            vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
-           notes="SigLIP + Qwen2 decoder; image and video tokens"),
+           video_processor="llava_onevision", notes="SigLIP + Qwen2 decoder; image and video tokens"),
     Family("qwen2_vl", ("qwen2_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="3-D M-RoPE; image_grid_thw"),
+           video_processor="qwen2_vl", notes="3-D M-RoPE; image_grid_thw"),
     Family("qwen2_5_vl", ("qwen2_5_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="3-D M-RoPE; windowed vision attention"),
+           video_processor="qwen2_vl", notes="3-D M-RoPE; windowed vision attention"),
     Family("qwen3_vl", ("qwen3_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="deepstack: visual features added after the first blocks"),
+           video_processor="qwen3_vl", notes="deepstack: visual features added after the first blocks"),
     Family("gemma3", ("gemma3",), token_type_input="token_type_ids",
            notes="sliding/full attention alternate; bidirectional image attention"),
     Family("idefics3", ("idefics3", "smolvlm"), block_paths=("model.text_model.layers",),
