@@ -50,9 +50,14 @@ class TorchVideoProcessor:
         for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
             if isinstance(given.get(legacy), int) and "shortest_edge" in self.defaults.get("size", {}):
                 size[key] = given[legacy]
-        self.settings = {**self.defaults, **{k: v for k, v in given.items() if k in self.defaults}, "size": size}
-        for key, value in self.settings.items():
+        for key, value in {**self.defaults, **{k: v for k, v in given.items() if k in self.defaults}}.items():
             setattr(self, key, value)
+        self.size = size
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The current settings (attributes, so that a caller may lower ``size`` for a while)."""
+        return {key: getattr(self, key) for key in self.defaults}
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the stood-in class saves them, so that a loader with torchvision builds it."""

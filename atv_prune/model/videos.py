@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ..errors import ImageError, one_line
+from ..errors import ConfigError, ImageError, one_line
 from .images import open_image, to_rgb
 
-#: Marks where a video goes in a prompt (LLaVA-OneVision's and lmms-eval's convention).
-VIDEO_MARKER = "<video>"
 #: Files in a frame folder that are frames.
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 #: Animated images Pillow decodes.
@@ -48,10 +46,10 @@ class VideoSampling:
 
     def __post_init__(self) -> None:
         if self.max_frames < MIN_FRAMES:
-            raise ImageError(f"--max-frames must be at least {MIN_FRAMES}, got {self.max_frames}: a clip of one "
+            raise ConfigError(f"--max-frames must be at least {MIN_FRAMES}, got {self.max_frames}: a clip of one "
                              "frame is an image")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
-            raise ImageError(f"--fps must be a positive number of frames per second, got {self.fps}")
+            raise ConfigError(f"--fps must be a positive number of frames per second, got {self.fps}")
 
     def indices(self, total: int, source_fps: float) -> list[int]:
         """The frame numbers to keep of a clip of ``total`` frames at ``source_fps``: evenly spaced
