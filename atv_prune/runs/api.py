@@ -150,8 +150,8 @@ def prune(
             seconds["capture"] += time.perf_counter() - start
             if not captured:
                 raise CalibrationError(
-                    f"none of the {len(calib.samples)} calibration samples contains image tokens "
-                    f"(ids {list(layout.visual_token_ids)}): give records with an image"
+                    f"none of the {len(calib.samples)} calibration samples contains image or video tokens "
+                    f"(ids {list(layout.visual_token_ids)}): give records with an image or a video"
                 )
             if skipped:
                 warnings.append(f"skipped {skipped} calibration samples without image tokens")
@@ -161,6 +161,7 @@ def prune(
                 "samples_drawn": drawn,
                 "samples_used": len(captured),
                 "skipped_without_image_tokens": skipped,
+                "samples_with_video": sum(1 for s in calib.samples if s.video),
                 "seed": calib.seed,
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
