@@ -16,6 +16,7 @@ from torch import nn
 
 from atv_prune.model.calibration import CalibrationSet
 from atv_prune.model.engine import PruneTarget, TargetFinder
+from atv_prune.model.videos import VideoSampling
 from atv_prune.runs.api import PruneReport, prune
 from atv_prune.runs.config import PruneConfig, RunSettings
 
@@ -51,6 +52,7 @@ def prune_pathway(
     settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the ``pathway`` copies of a probe in place with ``config`` (any method, pool,
     sparsity or N:M pattern); the other pathway and every unrouted linear stay as they are."""
@@ -58,7 +60,7 @@ def prune_pathway(
     if not routed:
         raise ProbeError("the model is not a MoT probe: call motprobe.make_probe(model) first")
     report = prune(model, processor, calibration, config, settings=settings, image_root=image_root,
-                   max_pixels=max_pixels, find_targets=pathway_targets(pathway))
+                   max_pixels=max_pixels, find_targets=pathway_targets(pathway), video=video)
     report.extra["probe"] = {
         "pathway": pathway,
         "routed_linears": sorted({name.rpartition(".")[2] for name in routed}),

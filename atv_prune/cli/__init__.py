@@ -39,17 +39,19 @@ def main() -> None:
               help="Per-matrix sparsity: uniform, or TAMP's diversity-aware DAS [default: das for tamp].")
 @shared("samples", "seed", "device")
 @click.option("--offload-device", default="cpu", show_default=True, help="Where calibration activations live.")
-@shared("dtype", "image-root", "max-pixels", "max-length", "out", "overwrite", "trust-remote-code", "quiet")
+@shared("dtype", "image-root", "max-pixels", "max-frames", "fps", "max-length", "out", "overwrite",
+        "trust-remote-code", "quiet")
 @click.pass_context
 @one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
           pool: str | None, sparsity: float | None, pattern: str | None, alpha: float, visual_ratio: float,
           allocation: str | None, samples: int, seed: int, device: str | None, offload_device: str, dtype: str,
-          image_root: Path | None, max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool,
-          trust_remote_code: bool, quiet: bool) -> None:
+          image_root: Path | None, max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None,
+          out_dir: Path, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
     from ..model.loading import load_model_and_processor, silence_loading_bars
+    from ..model.videos import VideoSampling
     from ..runs.api import prune as run_prune
     from ..runs.config import PruneConfig, RunSettings, parse_pattern
     from ..runs.export import check_output_dir, save_pruned
@@ -79,7 +81,8 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - started
     report = run_prune(loaded.model, loaded.processor, calib_path if config.needs_calibration else None, config,
-                       settings=settings, image_root=image_root, max_pixels=max_pixels, max_length=max_length)
+                       settings=settings, image_root=image_root, max_pixels=max_pixels, max_length=max_length,
+                       video=VideoSampling(max_frames=max_frames, fps=fps))
     report.model["path"] = str(model_path.resolve())
     if recipe_path is not None:
         report.extra["recipe"] = str(recipe_path.resolve())

@@ -19,6 +19,7 @@ from ..model.capture import capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
 from ..model.layout import ModelLayout, context_length, resolve
 from ..model.loading import resolve_device
+from ..model.videos import VideoSampling
 from ..validation import Record
 from ..versions import package_versions
 from .config import PruneConfig, RunSettings
@@ -81,7 +82,7 @@ def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int)
 
 def _calibration_set(
     calibration: CalibrationSet | str | Path | None, processor: Any, config: PruneConfig,
-    image_root: str | Path | None, max_pixels: int | None, max_length: int | None,
+    image_root: str | Path | None, max_pixels: int | None, max_length: int | None, video: VideoSampling | None,
 ) -> CalibrationSet:
     if calibration is None:
         raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
@@ -90,7 +91,7 @@ def _calibration_set(
     if processor is None:
         raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
     return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
-                            seed=config.seed, max_pixels=max_pixels, max_length=max_length)
+                            seed=config.seed, max_pixels=max_pixels, max_length=max_length, video=video)
 
 
 def prune(
@@ -104,6 +105,7 @@ def prune(
     max_pixels: int | None = None,
     max_length: int | None = None,
     find_targets: TargetFinder = linear_targets,
+    video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
@@ -113,6 +115,8 @@ def prune(
     than ``max_length`` tokens (default: the one a :class:`CalibrationSet` carries), or than the
     model's context, are truncated from the end of their text, or skipped when their image does
     not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both.
+    ``video``: how frames are drawn from the calibration file's clips (default
+    :class:`~atv_prune.model.videos.VideoSampling`: 8 frames evenly over each clip).
     """
     started = time.perf_counter()
     config = config if config is not None else PruneConfig()
@@ -132,7 +136,7 @@ def prune(
     try:
         if config.needs_calibration:
             start = time.perf_counter()
-            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length)
+            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length, video)
             drawn = len(calib.samples)
             calib, fit = fit_context(calib, context_length(model.config), layout.visual_token_ids)
             warnings.extend(calib.warnings)
