@@ -202,6 +202,17 @@ def test_the_shrunk_model_equals_the_original_with_the_same_structures_masked(na
                                    rtol=1e-4, atol=1e-6)
     else:
         assert shrunk_down.bias is None
+    if structure == "both":  # a key/value group's score: the sum of its o_proj columns' squared FLAP scores
+        inputs = _block0_reference(model, calibration, "o_proj")
+        o = _parts(resolve(model).blocks(model)[0])["o_proj"].weight
+        per_group = ((inputs.var(0, unbiased=False) * o.pow(2).sum(0)) ** 2).reshape(geometry.kv_heads, -1).sum(1)
+        removed = sorted(torch.argsort(per_group)[: geometry.kv_heads // 2].tolist())
+        assert report.blocks[0]["removed_kv_groups"] == removed
+        if compensate:
+            columns = [c for g in removed for c in range(g * o.shape[1] // geometry.kv_heads,
+                                                             (g + 1) * o.shape[1] // geometry.kv_heads)]
+            torch.testing.assert_close(_parts(resolve(pruned).blocks(pruned)[0])["o_proj"].bias,
+                                       o[:, columns] @ inputs[:, columns].mean(0), rtol=1e-4, atol=1e-6)
 
     reference = _masked_reference(model, report, _output_biases(pruned))
     for seed, with_image in ((7, True), (8, False)):
@@ -387,7 +398,7 @@ def test_compare_pairs_structured_methods_with_structured_targets(workspace, mon
         "wanda-sp channels-50%"]
     assert [cell["retention"]["mean"] for cell in cells] == [100.0, 75.0, 50.0, 75.0, 50.0]
     assert cells[2]["structure"]["channels"] == {"before": 64, "after": 32}
-    assert cells[2]["sparsity"] == pytest.approx(0.5)
+    assert cells[2]["sparsity"] == pytest.approx(3 * 32 * 32 / (3 * 32 * 64 + 2 * 32 * 32 + 2 * 16 * 32))
     code, output = _invoke(atv_main, "compare", "--model", workspace["model"], "--calib", workspace["calib"],
                            "--tasks", "exist", "--methods", "flap", "--sparsity", "0.5", "--out", out / "x")
     assert code == 2 and "--methods flap needs a --structure with --ratio target" in output

@@ -63,7 +63,9 @@ class Method:
     A *structured* method (removes whole attention heads and MLP channels) has ``column_scores``
     instead of ``prune_weight``: ``(weight, statistic) -> one score per input column`` of the
     linear reading the structures (``o_proj``, ``down_proj``); ``bias_shift``, optional:
-    ``(weight, statistic, removed_columns) -> what to add to that linear's output bias``.
+    ``(weight, statistic, removed_columns) -> what to add to that linear's output bias``;
+    ``head_score_power``: a head's score sums its columns' scores each raised to this power (FLAP's
+    reference squares them).
     """
 
     prune_weight: Ref | None = None
@@ -75,6 +77,7 @@ class Method:
     summary: str = ""
     column_scores: Ref | None = None
     bias_shift: Ref | None = None
+    head_score_power: int = 1
 
     def __post_init__(self) -> None:
         if (self.prune_weight is None) == (self.column_scores is None):
@@ -174,6 +177,7 @@ for _name, _method in {
                        summary="structured Wanda: heads/channels by sum |W| * sqrt(mean sum x^2) of their columns"),
     "flap": Method(default_pool="mixed", accumulator=_STRUCTURED + "InputMoments",
                    column_scores=_STRUCTURED + "fluctuation_columns", bias_shift=_STRUCTURED + "mean_shift",
+                   head_score_power=2,
                    summary="FLAP: heads/channels by input variance * ||W column||^2, bias compensation"),
 }.items():
     register_method(_name, _method)

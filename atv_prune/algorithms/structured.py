@@ -8,8 +8,9 @@ an MLP channel on ``down_proj``'s column. A unit's score is the sum of its colum
 * Structured Wanda (Wanda-sp, as FLAP's paper extends Wanda): column ``j`` scores
   ``Σ_i |W_ij| · sqrt(s_j)``, ``s`` Wanda's mean squared input.
 * FLAP's fluctuation metric (An et al., AAAI 2024): column ``j`` scores ``Var(x_j) · ||W_:,j||²``,
-  the variance of input feature ``j`` over the pool's tokens; removing columns ``R`` is
-  compensated by adding ``W_:,R · mean(x_R)`` to the output bias.
+  the variance of input feature ``j`` over the pool's tokens (a head sums its columns' squared
+  scores, as FLAP's reference code does); removing columns ``R`` is compensated by adding
+  ``W_:,R · mean(x_R)`` to the output bias.
 """
 
 from __future__ import annotations

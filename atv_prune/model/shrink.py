@@ -227,16 +227,18 @@ class ShrinkSurgery:
         return found
 
     def apply(self, block: nn.Module, prefix: str, cuts: list[Cut]) -> dict[str, tuple[int, int]]:
+        """Cut the block; the sizes cover every linear of the block (untouched ones remove 0)."""
         parts = block_parts(self.layout, block, prefix, self.roles)
-        before = {role: linear.weight.numel() for role, linear in parts.linears.items()}
+        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        before = {name: linear.weight.numel() for name, linear in linears.items()}
         g = self.geometry
         for cut in cuts:
             if cut.kind == "heads":
                 self._cut_heads(parts, cut, g)
             else:
                 self._cut_channels(parts, cut, g)
-        return {f"{prefix}.{parts.names[role]}": (before[role] - linear.weight.numel(), before[role])
-                for role, linear in parts.linears.items()}
+        return {f"{prefix}.{name}": (before[name] - linear.weight.numel(), before[name])
+                for name, linear in linears.items()}
 
     @staticmethod
     def _cut_heads(parts: BlockParts, cut: Cut, g: DecoderGeometry) -> None:

@@ -112,10 +112,12 @@ class StructuredPruner(LayerwisePruner):
         shift that makes up for their mean contribution."""
         method = self.plan.method
         weight = units.target.weight
-        scores = unit_scores(resolve_ref(method.column_scores)(weight, statistic), units.unit_columns)
+        columns = resolve_ref(method.column_scores)(weight, statistic)
+        if units.kind == "heads":
+            columns = columns.pow(method.head_score_power)
+        scores = unit_scores(columns, units.unit_columns)
         removed = lowest_units(scores, units.removed)
         shift = None
         if self.compensate and removed.numel():
-            columns = unit_columns_of(removed, units.unit_columns)
-            shift = resolve_ref(method.bias_shift)(weight, statistic, columns)
+            shift = resolve_ref(method.bias_shift)(weight, statistic, unit_columns_of(removed, units.unit_columns))
         return Cut(units.kind, removed, units.unit_columns, shift)

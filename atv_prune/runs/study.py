@@ -286,5 +286,6 @@ def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
         return {k: record.get(k) for k in ("label", "config", "extra", "failed")}
     return {k: record.get(k) for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
                                        "weights_sha256", "visual_tokens_per_sample", "retention")} | {
-        "scores": record["evaluation"]["scores"]} | ({"structure": record["structure"]} if record.get("structure") else {})
+        "scores": record["evaluation"]["scores"]} | (
+        {"structure": record["structure"]} if record.get("structure") else {})
 
