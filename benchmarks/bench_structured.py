@@ -4,8 +4,13 @@ Builds each model once, prunes copies with ``wanda-sp --structure both`` at each
 key/value groups and MLP channels, floor per block), saves every variant with ``save_pretrained`` (file
 size) and times greedy ``generate`` on a fixed prompt (one image + text, ``--prompt`` tokens in all) for
 exactly ``--new`` new tokens. Variants alternate within every repeat (dense, 0.2, 0.3, 0.5, dense, ...),
-so load on the machine falls on all alike; figures are medians over repeats. Prefill is the time to the
-first new token's logits (vision tower included), decode the mean time per token after it.
+so load on the machine falls on all alike. Prefill is the time to the first new token's logits (vision
+tower included); decode is the median time of the decode steps after it (robust to a step slowed by
+another process). Figures are medians over repeats, and a speed-up is the median over repeats of the
+dense / pruned ratio measured within the same repeat (load that drifts between repeats cancels).
+Each repeat also decodes all variants in **lockstep** — one greedy step of each variant in turn, with
+its own KV cache — so that every variant's steps meet the same load within milliseconds; the
+``lockstep x`` column is the ratio of the median step times over all repeats.
 
 The ideal decode speed-up is ``1 / (1 - removed fraction of decoder FLOPs)``, with the FLOPs of one
 decode step at the mean context: 2 x (block linear weights) + 4 x context x heads x head_dim per block
@@ -110,14 +115,41 @@ class _Stamps(LogitsProcessor):
 @torch.no_grad()
 def timed_generate(model: Any, inputs: dict[str, torch.Tensor], new: int, device: torch.device
                    ) -> tuple[float, float]:
-    """Greedy ``generate`` of exactly ``new`` tokens: (prefill seconds, decode seconds per token)."""
+    """Greedy ``generate`` of exactly ``new`` tokens: (prefill seconds, median decode-step seconds)."""
     stamps = _Stamps(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                    logits_processor=LogitsProcessorList([stamps]), pad_token_id=0)
-    return stamps.times[0] - start, (stamps.times[-1] - stamps.times[0]) / (len(stamps.times) - 1)
+    steps = [later - earlier for earlier, later in zip(stamps.times, stamps.times[1:])]
+    return stamps.times[0] - start, statistics.median(steps)
+
+
+@torch.no_grad()
+def lockstep_steps(models: list[Any], inputs: dict[str, torch.Tensor], new: int, device: torch.device
+                   ) -> list[list[float]]:
+    """Greedy decoding of every model in turn, one step each, from the same prompt; the seconds of
+    each model's ``new - 1`` cached decode steps."""
+    states = []
+    for model in models:
+        out = model(**inputs, use_cache=True)
+        states.append((out.past_key_values, out.logits[:, -1:].argmax(-1), inputs["attention_mask"]))
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(new - 1):
+        for index, model in enumerate(models):
+            cache, token, mask = states[index]
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[index].append(time.perf_counter() - start)
+            states[index] = (out.past_key_values, token, mask)
+    return times
 
 
 def decode_flops(model: Any, context: float) -> float:
@@ -154,7 +186,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         geometry = DecoderGeometry.of(model)
         rows.append(dict(model=name, variant=label, params=sum(p.numel() for p in model.parameters()),
                          file_bytes=saved_bytes(model), heads=geometry.heads, mlp=geometry.intermediate,
-                         flops=decode_flops(model, context), prefill=[], decode=[]))
+                         flops=decode_flops(model, context), prefill=[], decode=[], steps=[]))
     models = list(variants.values())
     for model in models:
         model.to(device)
@@ -165,15 +197,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             prefill, decode = timed_generate(model, on_device, args.new, device)
             row["prefill"].append(prefill)
             row["decode"].append(decode)
+        for row, steps in zip(rows, lockstep_steps(models, on_device, args.new, device)):
+            row["steps"].extend(steps)
         print(f"[{name} repeat {repeat + 1}/{args.repeats}] " + "  ".join(
             f"{r['variant']}: {1e3 * r['decode'][-1]:.2f} ms/tok" for r in rows), flush=True)
     dense = rows[0]
     for row in rows:
-        row["prefill_s"] = statistics.median(row.pop("prefill"))
-        row["decode_s"] = statistics.median(row.pop("decode"))
         row["ideal"] = dense["flops"] / row["flops"]
-        row["speedup"] = dense["decode_s"] / row["decode_s"]
-        row["prefill_speedup"] = dense["prefill_s"] / row["prefill_s"]
+        row["speedup"] = statistics.median(d / v for d, v in zip(dense["decode"], row["decode"]))
+        row["prefill_speedup"] = statistics.median(d / v for d, v in zip(dense["prefill"], row["prefill"]))
+        row["lockstep_speedup"] = statistics.median(dense["steps"]) / statistics.median(row["steps"])
+    for row in rows:
+        row["prefill_s"] = statistics.median(row["prefill"])
+        row["decode_s"] = statistics.median(row["decode"])
     return rows
 
 
@@ -199,14 +235,15 @@ def main() -> None:
           f"{args.new} new tokens, greedy, median of {args.repeats}; load average before {load_before[0]:.2f}, "
           f"after {load_after[0]:.2f} (1 min)")
     header = (f"{'model':10s} {'ratio':>6s} {'params M':>9s} {'file MB':>8s} {'heads':>5s} {'MLP':>5s} "
-              f"{'prefill ms':>10s} {'prefill tok/s':>13s} {'decode ms/tok':>13s} {'decode tok/s':>12s} "
-              f"{'speed-up':>8s} {'ideal':>6s} {'of ideal':>8s}")
+              f"{'prefill ms':>10s} {'prefill tok/s':>13s} {'prefill x':>9s} {'decode ms/tok':>13s} "
+              f"{'decode tok/s':>12s} {'decode x':>8s} {'lockstep x':>10s} {'ideal':>6s} {'of ideal':>8s}")
     print(header)
     for row in rows:
         print(f"{row['model']:10s} {row['variant']:>6s} {row['params'] / 1e6:9.2f} {row['file_bytes'] / 1e6:8.2f} "
               f"{row['heads']:5d} {row['mlp']:5d} {1e3 * row['prefill_s']:10.2f} "
-              f"{args.prompt / row['prefill_s']:13.1f} {1e3 * row['decode_s']:13.3f} {1 / row['decode_s']:12.1f} "
-              f"{row['speedup']:8.3f} {row['ideal']:6.3f} {row['speedup'] / row['ideal']:8.3f}")
+              f"{args.prompt / row['prefill_s']:13.1f} {row['prefill_speedup']:9.3f} {1e3 * row['decode_s']:13.3f} "
+              f"{1 / row['decode_s']:12.1f} {row['speedup']:8.3f} {row['lockstep_speedup']:10.3f} "
+              f"{row['ideal']:6.3f} {row['speedup'] / row['ideal']:8.3f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                          "load_average": [load_before, load_after]}, indent=2))

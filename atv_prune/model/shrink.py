@@ -187,14 +187,14 @@ class ConfigPlan:
 
 class ShrinkSurgery:
     """The :class:`~.structured.Surgery` that removes heads and channels physically, then writes
-    the config (:func:`plan_config` has checked it can be expressed)."""
+    the config (:func:`plan_config` has checked it can be expressed, with a bias on the reading
+    linears when ``compensate``)."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout, structure: str, ratio: float,
                  compensate: bool) -> None:
         self.layout = layout
         self.geometry = DecoderGeometry.of(model)
         self.removal = removal_for(self.geometry, structure, ratio)
-        self.compensate = compensate
         self.roles = (HEAD_ROLES if structure in ("heads", "both") else ()) + (
             CHANNEL_ROLES if structure in ("channels", "both") else ())
         for index, block in enumerate(layout.blocks(model)):
