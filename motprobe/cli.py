@@ -176,6 +176,10 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
 @study_options
 @click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
 @click.option("--pattern", "patterns", multiple=True, help="N:M targets, e.g. 2:4.")
+@click.option("--structure", "structures", multiple=True, type=click.Choice(["channels", "heads", "both"]),
+              help="Structured targets (--method wanda-sp or flap): the pathway's heads and/or MLP channels, at "
+                   "every --ratio.")
+@click.option("--ratio", "ratios", type=float, multiple=True, help="Fractions removed with --structure, e.g. 0.25 0.5.")
 @click.option("--pathway", "pathways", multiple=True, type=click.Choice(["text", "visual"]),
               default=("text", "visual"), show_default=True)
 @click.option("--pool", "pools", multiple=True, default=("text", "visual", "mixed"), show_default=True,
@@ -186,27 +190,28 @@ def drift(report_path: Path, out_dir: Path, overwrite: bool) -> None:
               help="If the recipe is ATV: prune the original model at the recipe's target with each of these "
                    "alphas (e.g. 0.5 1 2 4) and recommend the best [default: alpha 1, not measured].")
 @one_line_errors
-def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathways: tuple[str, ...],
-                pools: tuple[str, ...], method: str, include_o_proj: bool, recipe_alphas: tuple[float, ...],
-                **kw) -> None:
+def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], structures: tuple[str, ...],
+                ratios: tuple[float, ...], pathways: tuple[str, ...], pools: tuple[str, ...], method: str,
+                include_o_proj: bool, recipe_alphas: tuple[float, ...], **kw) -> None:
     """The MoT pathway-sensitivity study (Table 1): each pathway pruned with each pool, evaluated;
     writes results.csv/json, heatmap.png and recipe.json (for atv-prune prune --recipe)."""
     from atv_prune.algorithms.specs import METHODS
     from atv_prune.cli.study import raise_failures, run_study, words
-    from atv_prune.runs.config import PruneConfig, target_list
+    from atv_prune.runs.config import PruneConfig, is_structured, target_list
     from atv_prune.runs.export import write_json_atomic
     from atv_prune.runs.study import Cell, cell_summary, failed_cells
     from atv_prune.runs.tables import write_table
 
     from .sensitivity import alpha_cells, derive_recipe, prune_probe_pathway, table_rows, with_measured_alpha
 
-    targets = target_list(sparsities, patterns)
+    targets = target_list(sparsities, patterns, structures, ratios)
     pools = tuple(words(pools))
     calibrated = METHODS[method].needs_calibration
-    makes_recipe = set(pathways) == {"text", "visual"} and calibrated
+    # the recipe names an unstructured method (atv or wanda): it is read from an unstructured target
+    makes_recipe = set(pathways) == {"text", "visual"} and calibrated and not all(map(is_structured, targets))
     if recipe_alphas and not makes_recipe:
-        raise AtvPruneError("--recipe-alphas tunes the recipe, which needs both pathways and a calibrated "
-                            "--method: drop --recipe-alphas")
+        raise AtvPruneError("--recipe-alphas tunes the recipe, which needs both pathways, a calibrated "
+                            "--method and a --sparsity or --pattern target: drop --recipe-alphas")
     for alpha in recipe_alphas:
         PruneConfig(method="atv", alpha=alpha)  # a bad alpha fails here, before the study
     if not calibrated:
@@ -218,13 +223,16 @@ def sensitivity(sparsities: tuple[float, ...], patterns: tuple[str, ...], pathwa
         for pool in pools:
             for target in targets:
                 config = PruneConfig(method=method, pool=pool, samples=kw["samples"], seed=kw["seed"], **target)
+                # a pathway's heads are cut in its copy of o_proj, which must then be routed
+                routes_o = include_o_proj or target.get("structure") in ("heads", "both")
                 cells.append(Cell(f"{pathway}:{pool or 'none'} {config.target_label}", config,
-                                  {"pathway": pathway, "include_o_proj": include_o_proj}))
-    dense, records = run_study(kw, "motprobe-sensitivity", cells, prune_probe_pathway)
+                                  {"pathway": pathway, "include_o_proj": routes_o}))
+    dense, records = run_study(kw, "motprobe-sensitivity", cells, prune_probe_pathway, own_surgery=True)
     tasks = list(dense["evaluation"]["scores"])
     rows = table_rows(records, tasks)
     unstructured = [c.config for c in cells if c.config.sparsity is not None]
-    hardest = max(unstructured, key=lambda c: c.sparsity) if unstructured else cells[-1].config
+    patterned = [c.config for c in cells if c.config.pattern is not None]
+    hardest = max(unstructured, key=lambda c: c.sparsity) if unstructured else (patterned[-1] if patterned else None)
     # A recipe from an incomplete study would rest on missing evidence.
     recipe = derive_recipe(records, hardest.target_label) if makes_recipe and not failed_cells(records) else None
     alpha_records: list[dict] = []

@@ -32,6 +32,14 @@ def main() -> None:
               help="Unstructured sparsity in (0, 1): exact in every output row (SparseGPT: in every 128-column "
                    "block).")
 @click.option("--pattern", default=None, help="N:M semi-structured pattern (N of every M weights pruned), e.g. 2:4.")
+@click.option("--structure", type=click.Choice(["channels", "heads", "both"]), default=None,
+              help="Structured pruning (--method wanda-sp or flap): remove MLP channels, attention heads (whole "
+                   "key/value groups) or both; the saved model is smaller.")
+@click.option("--ratio", type=float, default=None,
+              help="With --structure: fraction of each block's channels / key-value groups removed, in [0, 1) "
+                   "(floor per block).")
+@click.option("--no-bias-compensation", "no_bias_compensation", is_flag=True,
+              help="FLAP without its bias compensation (needed where the config has no bias flag, e.g. Qwen2-VL).")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="ATV visual budget scale.")
 @click.option("--visual-ratio", type=float, default=0.1, show_default=True,
               help="Fraction of visual tokens kept by the *-fixed pools.")
@@ -44,10 +52,11 @@ def main() -> None:
 @click.pass_context
 @one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
-          pool: str | None, sparsity: float | None, pattern: str | None, alpha: float, visual_ratio: float,
-          allocation: str | None, samples: int, seed: int, device: str | None, offload_device: str, dtype: str,
-          image_root: Path | None, max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None,
-          out_dir: Path, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
+          pool: str | None, sparsity: float | None, pattern: str | None, structure: str | None, ratio: float | None,
+          no_bias_compensation: bool, alpha: float, visual_ratio: float, allocation: str | None, samples: int,
+          seed: int, device: str | None, offload_device: str, dtype: str, image_root: Path | None,
+          max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None, out_dir: Path,
+          overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
     from ..model.loading import load_model_and_processor, silence_loading_bars
@@ -67,7 +76,8 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
         silence_loading_bars()
     config = PruneConfig(method=method, pool=pool, sparsity=sparsity, alpha=alpha, visual_ratio=visual_ratio,
                          pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
-                         samples=samples, seed=seed)
+                         samples=samples, seed=seed, structure=structure, ratio=ratio,
+                         bias_compensation=not no_bias_compensation)
     settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet)
     if config.needs_calibration and calib_path is None:
         raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")
@@ -89,9 +99,17 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     report.seconds["load_model"] = round(load_seconds, 4)
     save_start = time.perf_counter()
     save_pruned(loaded.model.to(loaded.saved_dtype), loaded.processor, report.to_dict(), out_dir, overwrite)
-    click.echo(f"pruned {report.model['blocks']} blocks to {report.sparsity['overall']:.2%} sparsity "
-               f"({config.method}, pool {config.resolved_pool}, {config.target_label}) in "
+    if report.structure is not None:
+        heads, channels, parameters = (report.structure[k] for k in ("heads", "channels", "parameters"))
+        done = (f"structured-pruned {report.model['blocks']} blocks to {heads['after']}/{heads['before']} heads and "
+                f"{channels['after']}/{channels['before']} MLP channels, {parameters['before'] / 1e6:.2f}M -> "
+                f"{parameters['after'] / 1e6:.2f}M parameters")
+    else:
+        done = f"pruned {report.model['blocks']} blocks to {report.sparsity['overall']:.2%} sparsity"
+    click.echo(f"{done} ({config.method}, pool {config.resolved_pool}, {config.target_label}) in "
                f"{report.seconds['total']:.1f}s; saved to {out_dir} in {time.perf_counter() - save_start:.1f}s")
+    for note in (report.structure or {}).get("notes", []):
+        click.echo(f"note: {note}")
 
 
 @main.command()

@@ -48,14 +48,18 @@ def study_settings(kw: dict[str, Any]):
                          progress=not kw["quiet"])
 
 
-def run_study(kw: dict[str, Any], kind: str, cells: list[Cell], prune_function: PruneFunction | None = None
-              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_study(kw: dict[str, Any], kind: str, cells: list[Cell], prune_function: PruneFunction | None = None,
+              own_surgery: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``cells`` as the resumable study ``kind`` in ``kw["out_dir"]``, here or on the Ray
-    cluster ``--ray`` names: the dense record and every cell's record (failed ones included)."""
+    cluster ``--ray`` names: the dense record and every cell's record (failed ones included).
+    ``own_surgery``: the prune function cuts structures its own way (the MoT probe), so the input
+    checks try structured cells' rounding only, not the physical shrink."""
+    from ..model.shrink import shrink_surgery
     from ..runs.cells import default_prune
     from ..runs.study import Study
 
-    study = Study(kw["out_dir"], study_settings(kw), kind, kw["overwrite"])
+    study = Study(kw["out_dir"], study_settings(kw), kind, kw["overwrite"],
+                  surgery=None if own_surgery else shrink_surgery)
     return study.run_all(cells, prune_function or default_prune, executor=cell_executor(kw))
 
 
@@ -90,16 +94,22 @@ def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[st
     """Run methods x targets as a resumable study in ``kw["out_dir"]``; write the JSON, markdown and
     CSV tables and the chart under ``names`` (keys json, md, csv, png); print the markdown table,
     then end with the failed cells named, if any."""
-    from ..runs.config import PruneConfig
+    from ..algorithms.specs import METHODS
+    from ..runs.config import PruneConfig, is_structured
     from ..runs.plots import retention_bars
     from ..runs.study import Cell, retention_rows
 
     cells = []
     for spec in methods:
         method, _, pool = spec.partition(":")
-        for target in targets:
+        structured = method in METHODS and METHODS[method].structured
+        matching = [target for target in targets if is_structured(target) == structured]
+        if not matching:
+            wanted = "--structure with --ratio" if structured else "--sparsity or --pattern"
+            raise ConfigError(f"--methods {spec} needs a {wanted} target: add one, or drop {spec}")
+        for target in matching:
             # DAS spreads unstructured sparsity; N:M fixes it per group, so such cells are uniform.
-            allocation = "uniform" if target["pattern"] is not None else None
+            allocation = "uniform" if target.get("pattern") is not None else None
             config = PruneConfig(method=method, pool=pool or None, alpha=alpha, samples=kw["samples"],
                                  seed=kw["seed"], allocation=allocation, **target)
             cells.append(Cell(f"{spec} {config.target_label}", config))
@@ -120,15 +130,21 @@ def run_comparison(kw: dict[str, Any], methods: list[str], targets: list[dict[st
               help="METHOD or METHOD:POOL, e.g. wanda wanda:text atv sparsegpt sparsegpt:atv.")
 @click.option("--sparsity", "sparsities", type=float, multiple=True, help="Unstructured targets, e.g. 0.5 0.6.")
 @click.option("--pattern", "patterns", multiple=True, help="N:M targets, e.g. 2:4 4:8.")
+@click.option("--structure", "structures", multiple=True, type=click.Choice(["channels", "heads", "both"]),
+              help="Structured targets for the structured methods (wanda-sp, flap), each at every --ratio.")
+@click.option("--ratio", "ratios", type=float, multiple=True,
+              help="Fractions of heads/channels removed with --structure, e.g. 0.1 0.2 0.3.")
 @click.option("--alpha", type=float, default=1.0, show_default=True)
 @one_line_errors
-def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: tuple[str, ...], alpha: float,
-            **kw: Any) -> None:
-    """A Table-2-style retention table: methods x sparsity targets, with wall time and peak memory."""
+def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: tuple[str, ...],
+            structures: tuple[str, ...], ratios: tuple[float, ...], alpha: float, **kw: Any) -> None:
+    """A Table-2-style retention table: methods x targets (sparsity and N:M for the unstructured methods,
+    structure and ratio for the structured ones), with wall time and peak memory."""
     from ..runs.config import target_list
 
     names = {"json": "results.json", "md": "table.md", "csv": "table.csv", "png": "retention.png"}
-    run_comparison(kw, words(methods), target_list(sparsities, patterns), alpha, "compare", names)
+    targets = target_list(sparsities, patterns, structures, ratios)
+    run_comparison(kw, words(methods), targets, alpha, "compare", names)
 
 
 @click.command("sweep", cls=ListOptionsCommand)

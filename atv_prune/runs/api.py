@@ -19,6 +19,8 @@ from ..model.capture import capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
 from ..model.layout import ModelLayout, context_length, resolve
 from ..model.loading import resolve_device
+from ..model.shrink import shrink_surgery
+from ..model.structured import StructuredPruner, SurgeryFactory
 from ..model.videos import VideoSampling
 from ..validation import Record
 from ..versions import package_versions
@@ -40,6 +42,7 @@ class PruneReport(Record):
     seconds: dict[str, float]
     warnings: list[str] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
+    structure: dict[str, Any] | None = None  # structured pruning: counts before/after, parameters, config
 
 
 def plan_of(config: PruneConfig) -> PrunePlan:
@@ -105,6 +108,7 @@ def prune(
     max_pixels: int | None = None,
     max_length: int | None = None,
     find_targets: TargetFinder = linear_targets,
+    surgery: SurgeryFactory = shrink_surgery,
     video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
@@ -114,7 +118,9 @@ def prune(
     the device, offload device and progress bars (default :class:`RunSettings`). Samples longer
     than ``max_length`` tokens (default: the one a :class:`CalibrationSet` carries), or than the
     model's context, are truncated from the end of their text, or skipped when their image does
-    not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both.
+    not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both. A structured
+    config (``structure``/``ratio``) removes heads and channels with ``surgery`` (default: for
+    real, and the model's config updated so that ``save_pretrained`` + ``from_pretrained`` rebuild it).
     ``video``: how frames are drawn from the calibration file's clips (default
     :class:`~atv_prune.model.videos.VideoSampling`: 8 frames evenly over each clip).
     """
@@ -124,9 +130,15 @@ def prune(
     layout = resolve(model)
     device = resolve_device(settings.device)
     blocks = layout.blocks(model)
-    check_targets(blocks, layout.block_path, config.pattern, find_targets)
-    pruner = LayerwisePruner(plan_of(config), device, find_targets, offload_device=settings.offload_device,
-                             progress=settings.progress)
+    structured = None
+    if config.structured:
+        structured = surgery(model, layout, config.structure, config.ratio, config.resolved_bias_compensation)
+        pruner = StructuredPruner(plan_of(config), device, structured, compensate=config.resolved_bias_compensation,
+                                  offload_device=settings.offload_device, progress=settings.progress)
+    else:
+        check_targets(blocks, layout.block_path, config.pattern, find_targets)
+        pruner = LayerwisePruner(plan_of(config), device, find_targets, offload_device=settings.offload_device,
+                                 progress=settings.progress)
     seconds = pruner.result.seconds
     was_training = model.training
     model.eval()
@@ -172,6 +184,7 @@ def prune(
                 **(fit.summary() if fit is not None else {}),
             }
         pruner.prune(blocks, layout.block_path, captured)
+        structure = structured.finish(model) if structured is not None else None
     finally:
         model.train(was_training)
     seconds["total"] = time.perf_counter() - started
@@ -182,6 +195,10 @@ def prune(
         if message is not None:
             warnings.append(message)
             warn(message, stacklevel=2)
+    if structure is not None:
+        warnings.extend(structure.get("notes", []))
+        for block, removed in zip(blocks, pruner.removed):
+            block.update(removed)
     return PruneReport(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
@@ -192,4 +209,5 @@ def prune(
         blocks=blocks,
         seconds={key: round(value, 4) for key, value in seconds.items()},
         warnings=warnings,
+        structure=structure,
     )

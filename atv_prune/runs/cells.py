@@ -244,6 +244,7 @@ class CellRunner:
             "sparsity": report.sparsity["overall"], "weights_sha256": fingerprint, "blocks": report.blocks,
             "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),
             "calibration": report.calibration, "warnings": report.warnings, "versions": report.versions,
+            **({"structure": report.structure} if report.structure is not None else {}),
             "evaluation": self._evaluate(model, processor),
         }
 

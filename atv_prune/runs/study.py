@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from ..errors import AtvPruneError, one_line
 from ..model.loading import parse_device
+from ..model.shrink import shrink_surgery
+from ..model.structured import SurgeryFactory
 from ..validation import Record
 from ..versions import package_versions
 from .cells import Cell, CellJob, PruneFunction, StudySettings, default_prune
@@ -102,13 +104,16 @@ class _Progress:
 class Study:
     """Runs cells into a study folder, resuming finished ones."""
 
-    def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
+    def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False,
+                 surgery: SurgeryFactory | None = shrink_surgery) -> None:
         """Check that ``folder`` is new, or holds this same study (unless ``overwrite``); nothing
-        is written until :meth:`run_all` has checked the inputs."""
+        is written until :meth:`run_all` has checked the inputs. ``surgery``: what the input checks
+        try structured cells with (``None`` when the cells' prune function brings its own)."""
         if settings.device is not None:
             parse_device(settings.device)  # a bad device is that, not "a different study"
         self.folder = Path(folder)
         self.settings = settings
+        self.surgery = surgery
         self.cells_dir = self.folder / "cells"
         self.overwrite = overwrite
         self.versions = package_versions()
@@ -141,7 +146,7 @@ class Study:
         check_run_inputs(settings.model, [cell.config for cell in cells], calib_path=settings.calib,
                          image_root=settings.image_root, max_pixels=settings.max_pixels,
                          device=settings.device if local else None, trust_remote_code=settings.trust_remote_code,
-                         max_length=settings.max_length)
+                         max_length=settings.max_length, surgery=self.surgery)
         check_tasks(settings.tasks, settings.bench_dir)
 
     def _open(self) -> None:
@@ -281,5 +286,6 @@ def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
         return {k: record.get(k) for k in ("label", "config", "extra", "failed")}
     return {k: record.get(k) for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
                                        "weights_sha256", "visual_tokens_per_sample", "retention")} | {
-        "scores": record["evaluation"]["scores"]}
+        "scores": record["evaluation"]["scores"]} | (
+        {"structure": record["structure"]} if record.get("structure") else {})
 
