@@ -106,6 +106,18 @@ def _font() -> ImageFont.FreeTypeFont:
     return _FONT
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int, fill: tuple[int, int, int]) -> None:
+    """Draw one shape of half-extent ``h`` centred at (cx, cy) (scenes and the video clips share it)."""
+    if shape == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw a scene as a 96 x 96 RGB image (deterministic: same scene, same pixels)."""
     g = scene["background"]
@@ -114,15 +126,7 @@ def render(scene: Scene) -> Image.Image:
     for obj in scene["objects"]:
         cx = obj["col"] * CELL + CELL // 2 + obj["dx"]
         cy = obj["row"] * CELL + CELL // 2 + obj["dy"]
-        h, fill = SIZES[obj["size"]], COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        elif obj["shape"] == "triangle":
-            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
-        else:
-            draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+        draw_shape(draw, obj["shape"], cx, cy, SIZES[obj["size"]], COLORS[obj["color"]])
     word = scene["word"]
     if word is not None:
         x0, y0 = word["col"] * CELL + 1, word["row"] * CELL + 6

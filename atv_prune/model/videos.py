@@ -34,6 +34,8 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpe
 MIN_FRAMES = 2
 #: Frame rate assumed for a frame folder whose record gives none.
 FOLDER_FPS = 1.0
+#: The most frames an animated image may stand for on its uniform timeline.
+MAX_TIMELINE = 100_000
 
 
 @dataclass(frozen=True)
@@ -133,28 +135,38 @@ def _read_folder(folder: Path, sampling: VideoSampling, fps: float) -> Clip:
     return Clip(_stack(frames, [files[i].name for i in indices], folder), fps, indices, len(files), folder)
 
 
+def _timeline(durations: list[float]) -> tuple[list[int], float]:
+    """Frame numbers of an animation on a uniform timeline at its shortest frame duration, and
+    that timeline's frame rate. Encoders merge identical consecutive frames into one longer frame
+    (Pillow's GIF and APNG writers do): a frame shown k times as long is k frames of the clip."""
+    if not all(d > 0 for d in durations):
+        return list(range(len(durations))), FOLDER_FPS
+    base = min(durations)
+    timeline = [number for number, d in enumerate(durations) for _ in range(max(1, round(d / base)))]
+    if len(timeline) > MAX_TIMELINE:
+        raise ImageError(f"an animation of {len(durations)} frames lasting {sum(durations) / 1000:.0f} s with "
+                         f"{base:g} ms frames is too long a clip: shorten it, or give a folder of its frames")
+    return timeline, 1000.0 / base
+
+
 def _read_animated(path: Path, sampling: VideoSampling) -> Clip:
     try:
         with Image.open(path) as opened:
-            total = getattr(opened, "n_frames", 1)
-            if total < MIN_FRAMES:
-                raise _too_short(path, total)
-            durations = []
-            for frame in ImageSequence.Iterator(opened):
-                durations.append(frame.info.get("duration") or 0)
-            mean_ms = sum(durations) / len(durations)
-            fps = 1000.0 / mean_ms if mean_ms > 0 else FOLDER_FPS
-            indices = sampling.indices(total, fps)
+            durations = [float(frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(opened)]
+            timeline, fps = _timeline(durations)
+            if len(timeline) < MIN_FRAMES:
+                raise _too_short(path, len(timeline))
+            indices = sampling.indices(len(timeline), fps)
             frames = []
             for index in indices:
-                opened.seek(index)
+                opened.seek(timeline[index])
                 frames.append(to_rgb(opened.copy()))
     except ImageError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever Pillow raises for a damaged file
         raise ImageError(f"cannot read video {path} ({type(error).__name__}: {one_line(error, 200)}): replace the "
                          "damaged file, or give the clip as a folder of frames") from None
-    return Clip(_stack(frames, [f"frame {i}" for i in indices], path), fps, indices, total, path)
+    return Clip(_stack(frames, [f"frame {i}" for i in indices], path), fps, indices, len(timeline), path)
 
 
 def _read_video_file(path: Path, sampling: VideoSampling) -> Clip:

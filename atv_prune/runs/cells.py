@@ -218,7 +218,7 @@ class CellRunner:
             model.to(device)
         result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
                           limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
-                          progress=self.settings.progress)
+                          progress=self.settings.progress, video=self.settings.video)
         return result.to_dict()
 
     def dense(self) -> dict[str, Any]:
