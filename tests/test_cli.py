@@ -191,6 +191,8 @@ def test_non_finite_weights_are_refused(workspace, tmp_path: Path) -> None:
 def test_families_lists_the_registry() -> None:
     result = CliRunner().invoke(main, ["families"])
     assert result.exit_code == 0 and "qwen3_vl" in result.output and "smolvlm" in result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "image+video" in lines["qwen2_5_vl"] and "image+video" not in lines["llava"]
 
 
 def test_outputs_get_the_usual_permissions(workspace) -> None:

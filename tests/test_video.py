@@ -29,7 +29,7 @@ from atv_prune.model.video_processors import (
 from atv_prune.model.videos import VideoSampling, frame_files, read_clip
 from atv_prune.runs.export import save_pruned
 from atv_prune.runs.preflight import check_run_inputs
-from tiny_checkpoints import VIDEO_FAMILIES, make_checkpoint, make_video_calibration_files, write_clip
+from tiny_checkpoints import VIDEO_FAMILIES, make_checkpoint, make_video_calibration_files, write_clip, write_mjpeg_avi
 
 QUIET = RunSettings(progress=False)
 
@@ -88,6 +88,25 @@ def test_animated_images_are_clips(tmp_path: Path) -> None:
     clip = read_clip(tmp_path / "clip.gif", VideoSampling(max_frames=3))
     assert clip.frames.shape == (3, 16, 24, 3) and clip.fps == 4.0 and clip.indices == [0, 2, 4]
     assert [int(f[0, 0, 0]) for f in clip.frames] == [0, 80, 160]
+
+
+def _moving_square(n_frames: int, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    frames = []
+    for i in range(n_frames):
+        frame = Image.new("RGB", size, (120, 120, 120))
+        frame.paste((220, 30, 30), (4 * i, 10, 4 * i + 12, 22))
+        frames.append(frame)
+    return frames
+
+
+def test_video_files_are_read_with_decord(tmp_path: Path) -> None:
+    pytest.importorskip("decord")
+    frames = _moving_square(10)
+    clip = read_clip(write_mjpeg_avi(tmp_path / "clip.avi", frames, fps=5), VideoSampling(max_frames=8, fps=2.0))
+    # 10 frames at 5 fps are 2 s: 2 frames per second draw 4, first to last
+    assert clip.fps == 5.0 and clip.total_frames == 10 and clip.indices == [0, 3, 6, 9]
+    source = np.stack([np.asarray(frames[i]) for i in clip.indices]).astype(int)
+    assert np.abs(clip.frames.astype(int) - source).mean() < 3  # JPEG: close, not equal
 
 
 def test_bad_clips_are_one_line_errors(tmp_path: Path) -> None:
@@ -271,6 +290,15 @@ def test_video_calibration_prunes_saves_reloads_and_generates(family, checkpoint
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_a_video_file_record_calibrates(checkpoints, tmp_path) -> None:
+    pytest.importorskip("decord")
+    write_mjpeg_avi(tmp_path / "clip.avi", _moving_square(6), fps=3)
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"video": "clip.avi", "prompt": "What moves?",
+                                                      "text": "A red square moves right."}) + "\n")
+    calib = load_calibration(tmp_path / "calib.jsonl", load_processor(checkpoints["qwen2_vl"]), samples=1)
+    assert calib.samples[0].video.endswith("clip.avi") and int(calib.samples[0].inputs["video_grid_thw"][0, 0]) == 3
+
+
 def test_a_video_record_for_a_model_without_video_is_refused_before_loading(checkpoints, files) -> None:
     message = _one_line(CalibrationError, "has a video, but model type 'llava' takes no video", check_run_inputs,
                         checkpoints["llava"], [PruneConfig(method="atv", samples=100)], calib_path=files["mixed"])
@@ -293,6 +321,8 @@ def test_bad_video_records_are_one_line_errors(files, tmp_path) -> None:
     check({**video, "video": "videos/missing"}, "video not found for record 1 of bad.json")
     check({**video, "video": ["a", "b"]}, 'invalid "video"')
     check({**video, "fps": -1}, 'invalid "fps"')
+    write_mjpeg_avi(root / "clip.avi", _moving_square(4))
+    check({**video, "video": "clip.avi", "fps": 3}, 'gives an "fps" for the video file')
     Image.new("RGB", (20, 20)).save(root / video["video"] / "frame_9.png")
     check(video, "record 1 of bad.json: the frames of video .* differ in size")
     check({**video, "video": "images/img0.png", "fps": None}, "1 frame: a clip needs at least 2")

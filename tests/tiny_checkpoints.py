@@ -458,3 +458,39 @@ def make_video_calibration_files(dest: Path, n_clips: int = 3, seed: int = 0) ->
     videos_jsonl.write_text("".join(json.dumps({"video": f"videos/{clip.name}", "prompt": "What moves?",
                                                 "text": "A square."}) + "\n" for clip in clips))
     return {**files, "mixed": mixed, "videos_jsonl": videos_jsonl, "clips": clips}
+
+
+def write_mjpeg_avi(path: Path, frames: list[Image.Image], fps: int = 4) -> Path:
+    """A minimal Motion-JPEG AVI of ``frames`` (what a camera writes; decoders read it, and Pillow
+    encodes its JPEG frames, so tests need no video encoder)."""
+    import io
+    import struct
+
+    def chunk(fourcc: bytes, data: bytes) -> bytes:
+        return fourcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def riff_list(kind: bytes, fourcc: bytes, data: bytes) -> bytes:
+        return kind + struct.pack("<I", len(data) + 4) + fourcc + data
+
+    width, height = frames[0].size
+    jpegs = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.convert("RGB").save(buffer, format="JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    avih = struct.pack("<14I", 1_000_000 // fps, 0, 0, 0x10, len(frames), 0, 1, max(map(len, jpegs)), width, height,
+                       0, 0, 0, 0)
+    strh = struct.pack("<4s4sIHHIIIIIIiI4H", b"vids", b"MJPG", 0, 0, 0, 0, 1, fps, 0, len(frames),
+                       max(map(len, jpegs)), -1, 0, 0, 0, width, height)
+    strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
+    header = riff_list(b"LIST", b"hdrl", chunk(b"avih", avih)
+                       + riff_list(b"LIST", b"strl", chunk(b"strh", strh) + chunk(b"strf", strf)))
+    movi, index, offset = b"", b"", 4
+    for jpeg in jpegs:
+        data = chunk(b"00dc", jpeg)
+        index += struct.pack("<4sIII", b"00dc", 0x10, offset, len(jpeg))
+        movi += data
+        offset += len(data)
+    body = header + riff_list(b"LIST", b"movi", movi) + chunk(b"idx1", index)
+    Path(path).write_bytes(riff_list(b"RIFF", b"AVI ", body))
+    return Path(path)

@@ -114,11 +114,12 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
 
 @main.command()
 def families() -> None:
-    """List the model families the registry knows."""
+    """List the model families the registry knows (and which take video calibration)."""
     from ..model.families import FAMILIES
 
     for family in FAMILIES.values():
-        click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {family.notes}")
+        inputs = "image+video" if family.takes_video else "image"
+        click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {inputs:12s} {family.notes}")
 
 
 def _register() -> None:

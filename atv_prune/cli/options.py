@@ -81,7 +81,8 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                        help="Downscale calibration images to at most this many pixels."),
     "max-frames": lambda: click.option("--max-frames", type=click.IntRange(min=2), default=DEFAULT_MAX_FRAMES,
                                        show_default=True,
-                                       help="Frames drawn from each video (calibration clips, video tasks), evenly over the clip."),
+                                       help="Frames drawn from each video (calibration clips, video tasks), "
+                                            "evenly over the clip."),
     "fps": lambda: click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
                                 help="Draw this many frames per second of each video (still at most "
                                      "--max-frames) [default: --max-frames over the whole clip]."),
