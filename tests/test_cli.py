@@ -132,7 +132,7 @@ def _no_images(tmp: Path) -> Path:
     (_bad_jsonl, "line 2"),
     (_missing_image, "nope.png"),
     (_corrupt_image, "broken.png"),
-    (_no_images, "has an image: the calibration needs image tokens"),
+    (_no_images, "has an image or a video: the calibration needs visual tokens"),
 ])
 def test_bad_calibration_input_is_one_line_and_leaves_nothing(workspace, make, message: str) -> None:
     calib = make(workspace["images"])
