@@ -22,6 +22,7 @@ from atv_prune.model.layout import resolve
 from atv_prune.model.loading import load_model_and_processor
 from atv_prune.model.processors import load_processor
 from atv_prune.model.video_processors import (
+    ClipVideoProcessor,
     OnevisionVideoProcessor,
     Qwen3VideoProcessor,
     QwenVideoProcessor,
@@ -57,7 +58,7 @@ def _one_line(error_type: type[Exception], match: str, call, *args, **kwargs) ->
 
 def test_the_registry_names_the_video_families() -> None:
     assert {f.name for f in FAMILIES.values() if f.takes_video} == {"llava_onevision", "qwen2_vl", "qwen2_5_vl",
-                                                                    "qwen3_vl"}
+                                                                    "qwen3_vl", "llava_next_video"}
 
 
 # --- clips and sampling ----------------------------------------------------------------------------
@@ -194,7 +195,9 @@ def _transformers_video_processors():
     return [(QwenVideoProcessor, transformers.Qwen2VLVideoProcessor, _QWEN),
             (Qwen3VideoProcessor, transformers.Qwen3VLVideoProcessor, {**_QWEN, "size": {"shortest_edge": 256,
                                                                                           "longest_edge": 4096}}),
-            (OnevisionVideoProcessor, transformers.LlavaOnevisionVideoProcessor, {"size": {"height": 24, "width": 24}})]
+            (OnevisionVideoProcessor, transformers.LlavaOnevisionVideoProcessor, {"size": {"height": 24, "width": 24}}),
+            (ClipVideoProcessor, transformers.LlavaNextVideoVideoProcessor,
+             {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 40}})]
 
 
 @pytest.mark.parametrize("shape", _CASES)
@@ -202,7 +205,7 @@ def test_torch_video_processors_equal_transformers_own(shape: tuple[int, int, in
     """Bit-identical to transformers' video processors (run where torchvision is installed)."""
     video = _clip(*shape)
     for ours, theirs, settings in _transformers_video_processors():
-        for cap in ((False, True) if ours is not OnevisionVideoProcessor else (None,)):
+        for cap in ((False, True) if issubclass(ours, QwenVideoProcessor) else (None,)):
             extra = {} if cap is None else {"cap_pixels_per_frame": cap, "max_video_tokens": 8}
             reference = theirs(**settings, **extra)
             expected = reference(videos=[video], return_tensors="pt", do_sample_frames=False)
@@ -232,8 +235,10 @@ def test_mixed_image_and_video_calibration_counts_video_tokens_as_visual(family,
         assert count > 0 and int(layout.visual_mask(sample.inputs["input_ids"]).sum()) == count
         if "video_grid_thw" in sample.inputs:  # Qwen: one token per 2x2 merged patch of every frame pair
             assert count == int(sample.inputs["video_grid_thw"].prod()) // 4
-        else:  # OneVision: 4 frames x 2x2 pooled patches + one newline
+        elif family == "llava_onevision":  # 4 frames x 2x2 pooled patches + one newline
             assert count == 4 * 4 + 1
+        else:  # LLaVA-NeXT-Video: 4 frames x 2x2 pooled patches
+            assert count == 4 * 4
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)

@@ -17,9 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 #: Families :func:`make_checkpoint` can build.
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "llava_onevision", "qwen2_5_vl", "qwen3_vl",
+            "llava_next_video")
 #: The families among them that take video (their processor gets the torch-only video processor).
-VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video")
 
 _CORPUS = (
     "What is shown in this image? Describe the picture in detail.",
@@ -185,6 +186,52 @@ def _save_llava_next(dest: Path) -> None:
     processor.save_pretrained(dest)
 
 
+def _save_llava_next_video(dest: Path) -> None:
+    """LLaVA-NeXT-Video: the LLaVA-NeXT layout above for images; video frames CLIP-preprocessed to
+    32x32 (shorter side, centre crop), 16 patches pooled 2x2 -> 4 ``<video>`` tokens per frame."""
+    from transformers import (
+        LlavaNextImageProcessorPil,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+    )
+
+    from atv_prune.model.processors import without_video
+    from atv_prune.model.video_processors import ClipVideoProcessor
+
+    tokenizer = _tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"],
+        _LLAVA_TEMPLATE,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = without_video(LlavaNextVideoProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE,
+    )
+    processor.video_processor = ClipVideoProcessor({"size": {"shortest_edge": 32},
+                                                    "crop_size": {"height": 32, "width": 32}})
+    config = LlavaNextVideoConfig(
+        vision_config=dict(_CLIP_VISION),
+        text_config=_llama_text_config(len(tokenizer), ids("<pad>"), ids("<s>"), ids("</s>")),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=16,
+        video_seq_length=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_stride=2,
+        spatial_pool_mode="average",
+    )
+    LlavaNextVideoForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -345,6 +392,7 @@ _BUILDERS = {
     "qwen2_5_vl": lambda dest: _save_qwen(dest, "qwen2_5_vl"),
     "qwen3_vl": lambda dest: _save_qwen(dest, "qwen3_vl"),
     "llava_onevision": _save_llava_onevision,
+    "llava_next_video": _save_llava_next_video,
     "idefics3": _save_idefics3,
 }
 

@@ -13,6 +13,7 @@ back to their PIL backend when the default one cannot run.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,22 @@ def _to_dict_keeping_video(self: ProcessorMixin) -> dict[str, Any]:
 _VIDEO_FREE: dict[type, type] = {}
 
 
+def _arguments_in_init_order(cls: type[ProcessorMixin], kept: list[str]) -> Any:
+    """A ``_get_arguments_from_pretrained`` returning the video-free sub-processors where
+    ``cls.__init__`` takes them positionally, None in its video parameters: ``from_pretrained``
+    passes them positionally, and a constructor whose first parameter is ``video_processor``
+    (LLaVA-NeXT-Video) would otherwise receive the image processor there."""
+    every = set(_attributes(cls))
+    order = [name for name in inspect.signature(cls.__init__).parameters if name in every]
+
+    def arguments(sub: type, *args: Any, **kwargs: Any) -> list[Any]:
+        loaded = dict(zip(kept, super(sub, sub)._get_arguments_from_pretrained(*args, **kwargs)))
+        last = max(order.index(name) for name in loaded)
+        return [loaded.get(name) for name in order[:last + 1]]
+
+    return classmethod(arguments)
+
+
 def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A subclass of processor class ``cls`` without its video sub-processor(s).
 
@@ -105,6 +122,7 @@ def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
         "_all_attributes": tuple(every),
         "get_attributes": classmethod(lambda _cls: list(kept)),
         "to_dict": _to_dict_keeping_video,
+        "_get_arguments_from_pretrained": _arguments_in_init_order(cls, kept),
     }
     if isinstance(getattr(cls, "attributes", None), list):  # older ProcessorMixin: class-level list
         namespace["attributes"] = list(kept)

@@ -1,7 +1,7 @@
 """Torch-only video processors, for processors that lose theirs where torchvision is missing.
 
 transformers' video processors (``Qwen2VLVideoProcessor``, ``Qwen3VLVideoProcessor``,
-``LlavaOnevisionVideoProcessor``) need torchvision, which CPU installs lack. Each class here
+``LlavaOnevisionVideoProcessor``, ``LlavaNextVideoVideoProcessor``) need torchvision, which CPU installs lack. Each class here
 computes the same ``pixel_values_videos`` (and ``video_grid_thw``) from the same settings with
 plain torch: the resize is torchvision's own tensor resize (``interpolate`` with antialiasing, on
 uint8 frames on the CPU), the rescale and normalisation are fused as transformers fuses them, and
@@ -248,9 +248,46 @@ class OnevisionVideoProcessor(TorchVideoProcessor):
         return {"pixel_values_videos": self.normalize(frames).unsqueeze(0)}
 
 
+class ClipVideoProcessor(TorchVideoProcessor):
+    """LLaVA-NeXT-Video: CLIP preprocessing per frame: the shorter side resized to
+    ``size["shortest_edge"]`` (aspect kept), a centre crop of ``crop_size`` (zero-padded when the
+    frame is smaller), normalised."""
+
+    stands_for = "LlavaNextVideoVideoProcessor"
+    defaults: ClassVar[dict[str, Any]] = {
+        "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3,
+        "do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
+        "rescale_factor": 1 / 255, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
+    }
+
+    def process(self, frames: torch.Tensor) -> dict[str, Any]:
+        s = self.settings
+        if s["do_resize"]:
+            height, width = frames.shape[-2:]
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = s["size"]["shortest_edge"], int(s["size"]["shortest_edge"] * long / short)
+            frames = self.resize(frames, *((new_long, new_short) if width <= height else (new_short, new_long)))
+        if s["do_center_crop"]:
+            frames = self.center_crop(frames, s["crop_size"]["height"], s["crop_size"]["width"])
+        return {"pixel_values_videos": self.normalize(frames).unsqueeze(0)}
+
+    @staticmethod
+    def center_crop(frames: torch.Tensor, crop_height: int, crop_width: int) -> torch.Tensor:
+        """transformers' tensor centre crop: zero padding to the crop size first where needed."""
+        height, width = frames.shape[-2:]
+        if crop_width > width or crop_height > height:
+            left, top = max(0, (crop_width - width) // 2), max(0, (crop_height - height) // 2)
+            right, bottom = max(0, (crop_width - width + 1) // 2), max(0, (crop_height - height + 1) // 2)
+            frames = functional.pad(frames, [left, right, top, bottom], value=0)
+            height, width = frames.shape[-2:]
+        top, left = int((height - crop_height) / 2.0), int((width - crop_width) / 2.0)
+        return frames[..., top:top + crop_height, left:left + crop_width]
+
+
 #: Video processor kinds named by family records -> their torch-only class.
 VIDEO_PROCESSORS: dict[str, type[TorchVideoProcessor]] = {
     "qwen2_vl": QwenVideoProcessor,
     "qwen3_vl": Qwen3VideoProcessor,
     "llava_onevision": OnevisionVideoProcessor,
+    "llava_next_video": ClipVideoProcessor,
 }
