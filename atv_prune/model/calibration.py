@@ -460,7 +460,7 @@ def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Se
 
     A longer sample is truncated on the text side: its last tokens are dropped (the end of the
     assistant's answer first, then earlier text), which keeps the image and the start of the user
-    turn, the tokens every pool needs. A sample whose image tokens end beyond the limit cannot be
+    turn, the tokens every pool needs. A sample whose image (or video) tokens end beyond the limit cannot be
     cut without splitting the image (its features would no longer match its placeholders) and is
     skipped. Both are counted in the returned :class:`ContextFit` and in a warning. A
     ``max_length`` above ``context`` is a :class:`ConfigError`. Returns the set unchanged, with
@@ -489,15 +489,15 @@ def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Se
         dropped += length - limit
     where = "--max-length" if calibration.max_length is not None else "the model's context"
     if skipped and not kept:
-        raise CalibrationError(f"the image tokens of all {skipped} calibration samples end beyond {where} ({limit} "
-                               "tokens): raise --max-length (up to the model's context), or lower --max-pixels so "
-                               "that images take fewer tokens")
+        raise CalibrationError(f"the image/video tokens of all {skipped} calibration samples end beyond {where} "
+                               f"({limit} tokens): raise --max-length (up to the model's context), or lower "
+                               "--max-pixels (or --max-frames) so that images (and clips) take fewer tokens")
     warnings = list(calibration.warnings)
     if truncated:
         warnings.append(f"truncated {truncated} calibration samples longer than {where} ({limit} tokens) by "
                         f"{dropped} text tokens in all, from their end")
     if skipped:
-        warnings.append(f"skipped {skipped} calibration samples whose image tokens end beyond {where} "
+        warnings.append(f"skipped {skipped} calibration samples whose image/video tokens end beyond {where} "
                         f"({limit} tokens)")
     fitted = replace(calibration, samples=kept, warnings=warnings)
     return fitted, ContextFit(limit, truncated, dropped, skipped)

@@ -1,7 +1,8 @@
 """Torch-only video processors, for processors that lose theirs where torchvision is missing.
 
 transformers' video processors (``Qwen2VLVideoProcessor``, ``Qwen3VLVideoProcessor``,
-``LlavaOnevisionVideoProcessor``, ``LlavaNextVideoVideoProcessor``) need torchvision, which CPU installs lack. Each class here
+``LlavaOnevisionVideoProcessor``, ``LlavaNextVideoVideoProcessor``) need torchvision, which CPU
+installs lack. Each class here
 computes the same ``pixel_values_videos`` (and ``video_grid_thw``) from the same settings with
 plain torch: the resize is torchvision's own tensor resize (``interpolate`` with antialiasing, on
 uint8 frames on the CPU), the rescale and normalisation are fused as transformers fuses them, and
