@@ -276,6 +276,7 @@ def test_video_calibration_prunes_saves_reloads_and_generates(family, checkpoint
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
     assert report["model"]["video_token_ids"] == list(resolve(loaded.model).video_token_ids)
     assert report["calibration"]["samples_with_video"] == 3
+    assert (report["calibration"]["max_frames"], report["calibration"]["fps"]) == (4, None)
     assert all(block["mean_drift"] is not None and block["visual_tokens_per_sample"] > 0 for block in report["blocks"])
     out = tmp_path / "pruned"
     save_pruned(loaded.model, loaded.processor, report, out)

@@ -54,7 +54,8 @@ class CalibrationSet:
     """The samples drawn from a calibration file, with bookkeeping for the report.
 
     ``max_length``: the longest sample the user allows (tokens), applied by :func:`fit_context`
-    once the model's context is known (None: the model's context)."""
+    once the model's context is known (None: the model's context). ``video``: how the samples'
+    clips were drawn (None when no sample has one)."""
 
     samples: list[CalibrationSample]
     path: str
@@ -62,6 +63,7 @@ class CalibrationSet:
     seed: int
     warnings: list[str] = field(default_factory=list)
     max_length: int | None = None
+    video: VideoSampling | None = None
 
 
 @dataclass(frozen=True)
@@ -612,4 +614,5 @@ def load_calibration(
             inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
             out.append(CalibrationSample(inputs, source, str(item.image) if item.image else None,
                                          str(item.video) if item.video else None))
-    return CalibrationSet(out, str(file), records_in_file, seed, warnings, max_length)
+    return CalibrationSet(out, str(file), records_in_file, seed, warnings, max_length,
+                          sampling if with_video is not None else None)

@@ -178,6 +178,7 @@ def prune(
                 "samples_used": len(captured),
                 "skipped_without_image_tokens": skipped,
                 "samples_with_video": sum(1 for s in calib.samples if s.video),
+                **({"max_frames": calib.video.max_frames, "fps": calib.video.fps} if calib.video else {}),
                 "seed": calib.seed,
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
