@@ -53,15 +53,21 @@ class ModelShape:
     text_intermediate: int = 704
 
 
+def processor_image_size(processor: LlavaProcessor) -> int:
+    """The side in pixels of the square images ``processor`` feeds the model."""
+    return processor.image_processor.crop_size["height"]
+
+
 def build_model(shape: ModelShape, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
-    """A randomly initialised ``LlavaForConditionalGeneration`` matching the processor's token ids."""
+    """A randomly initialised ``LlavaForConditionalGeneration`` matching the processor's token ids and image size."""
+    image_size = processor_image_size(processor)
     tok = processor.tokenizer
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in
            (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE))}
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
         num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-        image_size=scenes.IMAGE_SIZE, patch_size=shape.patch_size, num_channels=3,
+        image_size=image_size, patch_size=shape.patch_size, num_channels=3,
     )
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
@@ -73,7 +79,7 @@ def build_model(shape: ModelShape, processor: LlavaProcessor) -> LlavaForConditi
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=ids["image"],
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
-        image_seq_length=(scenes.IMAGE_SIZE // shape.patch_size) ** 2,
+        image_seq_length=(image_size // shape.patch_size) ** 2,
         pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
     )
     model = LlavaForConditionalGeneration(config)
@@ -96,7 +102,7 @@ class Encoder:
         tok = processor.tokenizer
         self.tok = tok
         self.special = {t: tok.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE, USER, ASSISTANT)}
-        self.n_image = (scenes.IMAGE_SIZE // patch_size) ** 2
+        self.n_image = (processor_image_size(processor) // patch_size) ** 2
         self._cache: dict[str, list[int]] = {}
 
     def words(self, text: str) -> list[int]:
@@ -419,8 +425,10 @@ def write_card(out: Path, args: argparse.Namespace, shape: ModelShape, n_params:
                results: dict[str, Any]) -> None:
     """MODEL_CARD.md: how to reproduce the checkpoint and its dense accuracy per task."""
     chance, val, test, data = results["chance"], results["val"], results["test"], results["data"]
+    generation = scenes.data_generation(data)
     data_call = ", ".join([*(f"{k}={data[k]}" for k in ("seed", "n_train", "n_val", "n_test", "n_calib", "max_turns")),
-                           f"image_layout={data_image_layout(data)!r}"])
+                           f"image_layout={data_image_layout(data)!r}", *([f"generation={generation}"] * (generation != 1))])
+    size = scenes.image_size(generation)
     rows = "\n".join(f"| {t} | {chance.get(t, float('nan')):.1f} | {val.get(t, float('nan')):.1f} | "
                      f"{test.get(t, float('nan')):.1f} |" for t in [*scenes.TASKS, "mean"])
     card = f"""# Built-in LLaVA scene model
@@ -430,7 +438,7 @@ trained from scratch on the built-in scene benchmark (`atv_prune.builtin.scenes`
 pruning methods can be compared without downloading anything.
 
 - Parameters: {n_params:,} (vision {shape.vision_layers} x {shape.vision_hidden}, patch {shape.patch_size},
-  {scenes.IMAGE_SIZE} px images, {(scenes.IMAGE_SIZE // shape.patch_size) ** 2} visual tokens;
+  {size} px images, {(size // shape.patch_size) ** 2} visual tokens;
   decoder {shape.text_layers} x {shape.text_hidden}, {shape.text_heads} heads, MLP {shape.text_intermediate}).
 - Tokenizer: closed word-level vocabulary ({results['vocab_size']} tokens) with a chat template.
 - Training command ({args.threads} CPU thread(s), fp32):
@@ -535,6 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--generation", type=int, choices=scenes.GENERATIONS, default=1,
+                   help="benchmark generation: its canvas (scenes.CANVASES; 2: 144 px images on varied backgrounds)")
     p.add_argument("--image-position", choices=scenes.IMAGE_POSITIONS, default=scenes.DEFAULT_IMAGE_POSITION,
                    help="where the image goes in a question's prompt (the caption request always follows it)")
     p.add_argument("--task-weights", default="", help="training mix overrides, e.g. reading=2,textonly=0.6")
@@ -576,10 +586,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
     data = args.data or args.out / "data"
     if (data / "manifest.json").exists():
-        layout = data_image_layout(json.loads((data / "manifest.json").read_text()))
+        manifest = json.loads((data / "manifest.json").read_text())
+        layout = data_image_layout(manifest)
         if layout != args.image_position:
             p.error(f"the benchmark in {data} puts the image {layout} each question but --image-position is "
                     f"{args.image_position}: pass --image-position {layout} or another --data folder")
+        if scenes.data_generation(manifest) != args.generation:
+            p.error(f"the benchmark in {data} is of generation {scenes.data_generation(manifest)} but --generation is "
+                    f"{args.generation}: pass --generation {scenes.data_generation(manifest)} or another --data folder")
+    size = scenes.image_size(args.generation)
+    if args.patch_size <= 0 or size % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} does not divide the {size} px images of generation {args.generation}")
     in_the_way = [name for name in CHECKPOINT_FILES if (args.out / name).is_dir()]
     if in_the_way:
         p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
@@ -646,10 +663,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (data / "manifest.json").exists():
         scenes.generate_benchmark(data, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                                   n_test=args.n_test, n_calib=args.n_calib, weights=args.weights,
-                                  max_turns=args.max_turns, image_layout=args.image_position)
+                                  max_turns=args.max_turns, image_layout=args.image_position,
+                                  generation=args.generation)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
-    processor = build_processor(shape.patch_size)
+    processor = build_processor(shape.patch_size, scenes.image_size(args.generation))
     model = build_model(shape, processor)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {len(train):,} training conversations", flush=True)
