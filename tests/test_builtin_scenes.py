@@ -336,17 +336,19 @@ def test_processor_matches_model_and_trainer_encoder(tmp_path: Path, kind: str, 
     assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["cell-mean", "every-token"])
 @pytest.mark.parametrize("positions", [False, True])
-def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_processor, positions: bool) -> None:
-    """The alignment loss equals an explicit per-cell computation (mean of the cell's patch tokens --
-    2 x 2 of them on generation 1's images, 3 x 3 on generation 2's --, dot products with the
-    candidate words' embeddings, cross-entropy) and trains the projector; with ``positions`` each
-    cell also names its row and column word."""
+def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_processor, positions: bool,
+                                                         tokens: bool) -> None:
+    """The alignment loss equals an explicit per-cell computation (the mean of the cell's patch
+    tokens -- 2 x 2 of them on generation 1's images, 3 x 3 on generation 2's --, or with ``tokens``
+    each of them, dot products with the candidate words' embeddings, cross-entropy) and trains the
+    projector; with ``positions`` each cell also names its row and column word."""
     processor = bench_processor
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor)
     encoder = Encoder(processor, SMALL_SHAPE.patch_size, scenes.DEFAULT_IMAGE_POSITION)
-    alignment = VisualWordAlignment(model, encoder, positions=positions)
+    alignment = VisualWordAlignment(model, encoder, positions=positions, tokens=tokens)
     scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
     model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
     loss = alignment.loss(scene_list)
@@ -362,15 +364,16 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_proc
         labels = cell_labels(scene)
         for r in range(scenes.GRID):
             for c in range(scenes.GRID):
-                cell = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per].mean((0, 1))
-                for g, words in enumerate(groups):
-                    ids = [encoder.words(w)[0] for w in ["nothing", *words]]
-                    logits = torch.stack([cell @ embed[i] for i in ids])
-                    terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
-                if positions:
-                    for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
-                        logits = torch.stack([cell @ embed[encoder.words(w)[0]] for w in names])
-                        terms.append((g, -torch.log_softmax(logits, 0)[truth]))
+                block = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per]
+                for unit in (block.reshape(per * per, -1) if tokens else [block.mean((0, 1))]):
+                    for g, words in enumerate(groups):
+                        ids = [encoder.words(w)[0] for w in ["nothing", *words]]
+                        logits = torch.stack([unit @ embed[i] for i in ids])
+                        terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
+                    if positions:
+                        for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
+                            logits = torch.stack([unit @ embed[encoder.words(w)[0]] for w in names])
+                            terms.append((g, -torch.log_softmax(logits, 0)[truth]))
     n_groups = 6 if positions else 4
     reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(n_groups)) / n_groups
     assert torch.allclose(loss, reference, atol=1e-5)
@@ -701,6 +704,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--task-weights", "exist=-1"], "task weight must be >= 0"),
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
+    (["--align-tokens"], "--align-tokens extends the alignment loss"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
     (["--text-per-batch", "-2"], "--text-per-batch must be >= 0"),
     (["--text-steps", "1", "--text-tasks", "exist=1"],
@@ -780,3 +784,12 @@ def test_recorded_command_puts_the_pinned_kernel_variables_first(monkeypatch) ->
     assert command_line(["--out", "OUT", "--task-weights", "a=1 b"], kernels) == (
         "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m atv_prune.builtin.train "
         "--out OUT --task-weights 'a=1 b'")
+
+
+def test_token_cells_maps_every_patch_token_to_its_grid_cell() -> None:
+    from atv_prune.builtin.train import token_cells
+
+    assert token_cells(9).tolist() == list(range(9))  # one token per cell: the cells themselves
+    cells = token_cells(144).reshape(12, 12)  # generation 2 with patch 12: 4 x 4 tokens per cell
+    assert cells[0, :4].tolist() == [0] * 4 and cells[3, 4].item() == 1 and cells[11, 11].item() == 8
+    assert [int((cells == c).sum()) for c in range(9)] == [16] * 9

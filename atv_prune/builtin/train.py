@@ -182,6 +182,13 @@ def pool_cells(tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
 
 
+def token_cells(n_tokens: int) -> torch.Tensor:
+    """The grid cell (row-major) of each of ``n_tokens`` patch tokens of a square, row-major patch grid."""
+    side = math.isqrt(n_tokens)
+    index = torch.arange(side) * scenes.GRID // side
+    return (index[:, None] * scenes.GRID + index[None, :]).flatten()
+
+
 def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene], steps: int,
                     batch_size: int, lr: float, rng: random.Random, log_every: int) -> list[dict[str, float]]:
     """Short supervised pretraining of the vision tower: classify every grid cell's contents.
@@ -294,9 +301,13 @@ class VisualWordAlignment:
     cross-entropy on the true words. Visual tokens then share directions with the question words
     that refer to them, so the decoder's matching of a question against the image starts from the
     same geometry as matching text against text -- the role CLIP's text alignment plays in LLaVA.
+    With ``tokens``, every visual token of a cell names the cell's contents instead of their mean: where
+    a cell holds many tokens (4 x 4 on generation 2's images with patch 12), each token the decoder
+    can attend to is aligned, not only their average. With one token per cell both are the same.
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False) -> None:
+    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False,
+                 tokens: bool = False) -> None:
         groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
         # With ``positions``, every cell also names its row and its column ("top", "left", ...):
@@ -305,6 +316,7 @@ class VisualWordAlignment:
         self.position_groups = [(torch.tensor([encoder.words(w)[0] for w in names]), labels)
                                 for names, labels in ((scenes.ROW_NAMES, cells // scenes.GRID),
                                                       (scenes.COL_NAMES, cells % scenes.GRID))] if positions else []
+        self.tokens = tokens
         self.embeddings = model.get_input_embeddings()
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
@@ -313,14 +325,17 @@ class VisualWordAlignment:
         self.features = output
 
     def loss(self, scene_list: list[scenes.Scene]) -> torch.Tensor:
-        """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
-        cells = pool_cells(self.features)
-        labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
+        """Mean cross-entropy over cells (or tokens) and word groups for the images of the last forward pass."""
+        if self.tokens:
+            units, where = self.features, token_cells(self.features.shape[1])
+        else:
+            units, where = pool_cells(self.features), torch.arange(scenes.GRID * scenes.GRID)
+        labels = torch.stack([cell_labels(sc) for sc in scene_list])[:, where]  # (B, units, 4)
         groups = [(ids, labels[..., i]) for i, ids in enumerate(self.candidates)]
-        groups += [(ids, fixed.expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
-        total = cells.new_zeros(())
+        groups += [(ids, fixed[where].expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
+        total = units.new_zeros(())
         for ids, target in groups:
-            logits = cells @ self.embeddings.weight[ids].T
+            logits = units @ self.embeddings.weight[ids].T
             total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         return total / len(groups)
 
@@ -449,7 +464,7 @@ pruning methods can be compared without downloading anything.
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
 {_text_lines(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
-  tokens scored against the decoder's word embeddings of its colour, shape, size and word{
+  tokens{' (each of them)' if args.align_tokens else ' (their mean)'} scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
@@ -556,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-lr-scale", type=float, default=1.0, help="tower lr / --lr after pretraining")
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
+    p.add_argument("--align-tokens", action="store_true",
+                   help="the alignment loss scores every visual token of a cell, not the cell's mean")
     p.add_argument("--align-positions", action="store_true",
                    help="the alignment loss also makes each cell name its row and column words")
     p.add_argument("--text-steps", type=int, default=0,
@@ -582,8 +599,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(error))
     if args.align_weight < 0:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
-    if args.align_positions and not args.align_weight:
-        p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
+    for flag in ("align_positions", "align_tokens"):
+        if getattr(args, flag) and not args.align_weight:
+            p.error(f"--{flag.replace('_', '-')} extends the alignment loss: give it with --align-weight > 0")
     data = args.data or args.out / "data"
     if (data / "manifest.json").exists():
         manifest = json.loads((data / "manifest.json").read_text())
@@ -694,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_curve = pretrain_text(model, encoder, args.text_weights, args.text_steps, args.batch_size, args.lr,
                                args.warmup, args.weight_decay, args.seed, args.log_every)
     text_minutes = (time.time() - text_start) / 60
-    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions)
+    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions, tokens=args.align_tokens)
                  if args.align_weight > 0 else None)
     order: list[int] = []
     curve: list[dict[str, Any]] = []
