@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from transformers import AutoProcessor, LlavaProcessor
 
-from ..calibration import load_calibration
+from ..model.calibration import load_calibration
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
 from .tokenizer import build_processor
 
@@ -39,7 +39,8 @@ def _summary(counts: list[tuple[int, int]]) -> dict[str, Any]:
     visual = sum(v for v, _ in counts) / len(counts)
     text = sum(t for _, t in counts) / len(counts)
     return {"samples": len(counts), "visual": round(visual, 2), "text": round(text, 2),
-            "ratio": round(visual / text, 2), "share_at_least_3x": round(sum(v >= 3 * t for v, t in counts) / len(counts), 3)}
+            "ratio": round(visual / text, 2),
+            "share_at_least_3x": round(sum(v >= 3 * t for v, t in counts) / len(counts), 3)}
 
 
 def calibration_counts(bench: Path, processor: LlavaProcessor, samples: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -49,7 +50,8 @@ def calibration_counts(bench: Path, processor: LlavaProcessor, samples: int, see
     return [token_counts(s.inputs["input_ids"], image_id) for s in calib.samples]
 
 
-def question_counts(bench: Path, processor: LlavaProcessor, per_task: int | None = None) -> dict[str, list[tuple[int, int]]]:
+def question_counts(bench: Path, processor: LlavaProcessor,
+                    per_task: int | None = None) -> dict[str, list[tuple[int, int]]]:
     """Counts per task of the test questions with their answers, the image where the record places it."""
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     counts: dict[str, list[tuple[int, int]]] = {}

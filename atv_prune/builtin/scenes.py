@@ -755,8 +755,8 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_00
             {"from": "gpt", "value": caption(scene)}]})
     (out / "calib.json").write_text(json.dumps(calib, indent=1))
     eval_hashes = test | val
-    generate_train(out, n_train, _SceneStream(used, f"{seed}-train", generation), random.Random(f"{seed}-train-questions"),
-                   weights, max_turns)
+    generate_train(out, n_train, _SceneStream(used, f"{seed}-train", generation),
+                   random.Random(f"{seed}-train-questions"), weights, max_turns)
     assert not test & val, "test and val share scenes"
     manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_calib": n_calib,
                 "tasks": list(TASKS), "max_turns": max_turns, "weights": weights or DEFAULT_TASK_WEIGHTS,
