@@ -33,11 +33,16 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench")
-    scenes.generate_benchmark(out, seed=3, **SIZES)
+@pytest.fixture(scope="module", params=scenes.GENERATIONS, ids=lambda g: f"generation{g}")
+def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small benchmark of each generation."""
+    out = tmp_path_factory.mktemp(f"bench{request.param}")
+    scenes.generate_benchmark(out, seed=3, **SIZES, generation=request.param)
     return out
+
+
+def _generation(bench: Path) -> int:
+    return scenes.data_generation(json.loads((bench / "manifest.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +50,21 @@ def processor():
     return build_processor(SMALL_SHAPE.patch_size)
 
 
+@pytest.fixture(scope="module")
+def bench_processor(bench: Path):
+    """The small model's processor for the images of ``bench``'s generation."""
+    return build_processor(SMALL_SHAPE.patch_size, scenes.image_size(_generation(bench)))
+
+
 def _items(bench: Path, split: str) -> list[dict]:
     return [item for task in scenes.TASKS for item in scenes.read_jsonl(bench / split / f"{task}.jsonl")]
 
 
 def test_generator_is_deterministic(bench: Path, tmp_path: Path) -> None:
-    scenes.generate_benchmark(tmp_path / "same", seed=3, **SIZES)
+    generation = _generation(bench)
+    scenes.generate_benchmark(tmp_path / "same", seed=3, **SIZES, generation=generation)
     assert _digest(tmp_path / "same") == _digest(bench)
-    scenes.generate_benchmark(tmp_path / "other", seed=4, **SIZES)
+    scenes.generate_benchmark(tmp_path / "other", seed=4, **SIZES, generation=generation)
     other = _digest(tmp_path / "other")
     assert other["test/count.jsonl"] != _digest(bench)["test/count.jsonl"]
 
@@ -70,7 +82,7 @@ def test_generator_reproduces_the_shipped_benchmark(tmp_path: Path) -> None:
 
 
 def test_test_items_do_not_depend_on_other_split_sizes(bench: Path, tmp_path: Path) -> None:
-    scenes.generate_benchmark(tmp_path, seed=3, n_train=5, n_val=2, n_test=4, n_calib=1)
+    scenes.generate_benchmark(tmp_path, seed=3, n_train=5, n_val=2, n_test=4, n_calib=1, generation=_generation(bench))
     for task in scenes.TASKS:
         small = scenes.read_jsonl(tmp_path / "test" / f"{task}.jsonl")
         assert small == scenes.read_jsonl(bench / "test" / f"{task}.jsonl")[:4]
@@ -242,11 +254,11 @@ def test_shipped_tokenizer_is_the_one_the_trainer_builds() -> None:
     assert shipped.backend_tokenizer.to_str() == build_tokenizer().backend_tokenizer.to_str()
 
 
-def test_calibration_file_loads(bench: Path, processor) -> None:
-    calib = load_calibration(bench / "calib.json", processor, samples=4)
+def test_calibration_file_loads(bench: Path, bench_processor) -> None:
+    calib = load_calibration(bench / "calib.json", bench_processor, samples=4)
     assert len(calib.samples) == 4 and not calib.warnings
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    n_visual = (scenes.IMAGE_SIZE // SMALL_SHAPE.patch_size) ** 2
+    image_id = bench_processor.tokenizer.convert_tokens_to_ids("<image>")
+    n_visual = (scenes.image_size(_generation(bench)) // SMALL_SHAPE.patch_size) ** 2
     assert all(int((s.inputs["input_ids"] == image_id).sum()) == n_visual for s in calib.samples)
 
 
@@ -282,15 +294,17 @@ def test_unknown_image_layout_is_refused_before_writing(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("generation", scenes.GENERATIONS)
 @pytest.mark.parametrize("kind", ["before", "after", "caption"])
-def test_processor_matches_model_and_trainer_encoder(processor, tmp_path: Path, kind: str) -> None:
+def test_processor_matches_model_and_trainer_encoder(tmp_path: Path, kind: str, generation: int) -> None:
     """The trainer's token ids equal the processor's for what evaluation (questions, the image where
     the benchmark's layout puts it) and calibration (captions: image first) feed the model."""
+    processor = build_processor(SMALL_SHAPE.patch_size, scenes.image_size(generation))
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor).eval()
     layout = "before" if kind == "caption" else kind
     bench = tmp_path / "bench"
-    scenes.generate_benchmark(bench, seed=3, **SIZES, image_layout=layout)
+    scenes.generate_benchmark(bench, seed=3, **SIZES, image_layout=layout, generation=generation)
     item = scenes.read_jsonl(bench / "test" / "spatial.jsonl")[0]
     if kind != "caption":
         assert item["image_position"] == layout
@@ -322,21 +336,26 @@ def test_processor_matches_model_and_trainer_encoder(processor, tmp_path: Path, 
     assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["cell-mean", "every-token"])
 @pytest.mark.parametrize("positions", [False, True])
-def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor, positions: bool) -> None:
-    """The alignment loss equals an explicit per-cell computation (mean of the cell's patch tokens,
-    dot products with the candidate words' embeddings, cross-entropy) and trains the projector;
-    with ``positions`` each cell also names its row and column word."""
+def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_processor, positions: bool,
+                                                         tokens: bool) -> None:
+    """The alignment loss equals an explicit per-cell computation (the mean of the cell's patch
+    tokens -- 2 x 2 of them on generation 1's images, 3 x 3 on generation 2's --, or with ``tokens``
+    each of them, dot products with the candidate words' embeddings, cross-entropy) and trains the
+    projector; with ``positions`` each cell also names its row and column word."""
+    processor = bench_processor
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor)
     encoder = Encoder(processor, SMALL_SHAPE.patch_size, scenes.DEFAULT_IMAGE_POSITION)
-    alignment = VisualWordAlignment(model, encoder, positions=positions)
+    alignment = VisualWordAlignment(model, encoder, positions=positions, tokens=tokens)
     scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
     model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
     loss = alignment.loss(scene_list)
 
-    side = scenes.IMAGE_SIZE // SMALL_SHAPE.patch_size
+    side = scenes.image_size(_generation(bench)) // SMALL_SHAPE.patch_size
     per = side // scenes.GRID
+    assert per == {1: 2, 2: 3}[_generation(bench)]
     features = alignment.features.reshape(len(scene_list), side, side, -1)
     embed = model.get_input_embeddings().weight
     groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
@@ -345,15 +364,16 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, processor,
         labels = cell_labels(scene)
         for r in range(scenes.GRID):
             for c in range(scenes.GRID):
-                cell = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per].mean((0, 1))
-                for g, words in enumerate(groups):
-                    ids = [encoder.words(w)[0] for w in ["nothing", *words]]
-                    logits = torch.stack([cell @ embed[i] for i in ids])
-                    terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
-                if positions:
-                    for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
-                        logits = torch.stack([cell @ embed[encoder.words(w)[0]] for w in names])
-                        terms.append((g, -torch.log_softmax(logits, 0)[truth]))
+                block = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per]
+                for unit in (block.reshape(per * per, -1) if tokens else [block.mean((0, 1))]):
+                    for g, words in enumerate(groups):
+                        ids = [encoder.words(w)[0] for w in ["nothing", *words]]
+                        logits = torch.stack([unit @ embed[i] for i in ids])
+                        terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
+                    if positions:
+                        for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
+                            logits = torch.stack([unit @ embed[encoder.words(w)[0]] for w in names])
+                            terms.append((g, -torch.log_softmax(logits, 0)[truth]))
     n_groups = 6 if positions else 4
     reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(n_groups)) / n_groups
     assert torch.allclose(loss, reference, atol=1e-5)
@@ -371,7 +391,7 @@ def test_checkpoint_reaches_documented_accuracy(tmp_path: Path) -> None:
     n = record["subset_per_task"]
     layout = data_image_layout(record["data"])
     scenes.generate_benchmark(tmp_path, seed=record["seed"], n_train=0, n_val=0, n_test=n, n_calib=0,
-                              image_layout=layout)
+                              image_layout=layout, generation=scenes.data_generation(record["data"]))
     processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR).eval()
     accuracy = evaluate(model, Encoder(processor, record["shape"]["patch_size"], layout), load_split(tmp_path, "test"))
@@ -684,6 +704,7 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--task-weights", "exist=-1"], "task weight must be >= 0"),
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
+    (["--align-tokens"], "--align-tokens extends the alignment loss"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
     (["--text-per-batch", "-2"], "--text-per-batch must be >= 0"),
     (["--text-steps", "1", "--text-tasks", "exist=1"],
@@ -763,3 +784,12 @@ def test_recorded_command_puts_the_pinned_kernel_variables_first(monkeypatch) ->
     assert command_line(["--out", "OUT", "--task-weights", "a=1 b"], kernels) == (
         "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m atv_prune.builtin.train "
         "--out OUT --task-weights 'a=1 b'")
+
+
+def test_token_cells_maps_every_patch_token_to_its_grid_cell() -> None:
+    from atv_prune.builtin.train import token_cells
+
+    assert token_cells(9).tolist() == list(range(9))  # one token per cell: the cells themselves
+    cells = token_cells(144).reshape(12, 12)  # generation 2 with patch 12: 4 x 4 tokens per cell
+    assert cells[0, :4].tolist() == [0] * 4 and cells[3, 4].item() == 1 and cells[11, 11].item() == 8
+    assert [int((cells == c).sum()) for c in range(9)] == [16] * 9

@@ -19,9 +19,14 @@ VIDEO_BENCHMARK_DIR = Path(__file__).resolve().parent / "video_benchmark"
 #: ``clips.generate_video_benchmark`` arguments that rebuild the shipped video benchmark.
 SHIPPED_VIDEO_BENCHMARK_ARGS = dict(seed=0, n_test=40, n_calib=32)
 
-#: ``scenes.generate_benchmark`` arguments that rebuild the shipped benchmark (plus an empty
-#: ``val/`` and ``train.jsonl``, which are not shipped).
-SHIPPED_BENCHMARK_ARGS = dict(seed=0, n_train=0, n_val=0, n_test=100, n_calib=256)
+#: ``scenes.generate_benchmark`` arguments of each generation's benchmark as shipped: the test split
+#: and the calibration captions (plus an empty ``val/`` and ``train.jsonl``, which are not shipped).
+BENCHMARK_ARGS = {
+    1: dict(seed=0, n_train=0, n_val=0, n_test=100, n_calib=256),
+    2: dict(seed=0, n_train=0, n_val=0, n_test=100, n_calib=256, generation=2),
+}
+#: The arguments that rebuild the benchmark shipped in ``BENCHMARK_DIR``.
+SHIPPED_BENCHMARK_ARGS = BENCHMARK_ARGS[1]
 
 
 def default_benchmark() -> Path | None:

@@ -1,7 +1,7 @@
 """Deterministic short clips for video tasks: shapes that move, appear or change colour over time.
 
 A clip is :data:`FRAMES` frames of the built-in benchmark's 96 x 96 grey scenes (the same shapes,
-colours and sizes as :mod:`.scenes`), written as one lossless animated PNG (Pillow reads it back
+colours and sizes as :mod:`.scenes`' first generation), written as one lossless animated PNG (Pillow reads it back
 frame for frame; :func:`atv_prune.model.videos.read_clip` takes it as a video). Each question is
 generated from the clip's tracks, so answers are exact. Task families (answers are one word):
 
@@ -27,8 +27,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .scenes import CELL, COLORS, GRID, IMAGE_SIZE, SHAPES, SIZES, draw_shape
+from .scenes import CANVASES, COLORS, GRID, SHAPES, SIZES, draw_shape
 
+#: The clips are drawn on the first generation's canvas: 96 px, flat grey, 32 px cells.
+CANVAS = CANVASES[1]
+IMAGE_SIZE, CELL = CANVAS.image_size, CANVAS.cell
 FRAMES = 6
 #: Frames per second the clips are written at (each frame shows for 500 ms).
 CLIP_FPS = 2.0
@@ -152,7 +155,7 @@ def render_clip(clip: Clip) -> list[Image.Image]:
         for track in clip["tracks"]:
             state = track["frames"][index]
             if state is not None:
-                draw_shape(draw, track["shape"], state["x"], state["y"], SIZES[track["size"]],
+                draw_shape(draw, track["shape"], state["x"], state["y"], CANVAS.half_extent[track["size"]],
                            COLORS[state["color"]])
         frames.append(image)
     return frames

@@ -1,8 +1,12 @@
 """Deterministic rendered-scene benchmark whose question families mirror the paper's benchmarks.
 
-A scene is a 3 x 3 grid of cells on a grey background; some cells hold a shape (colour, shape,
-size), at most one holds a white plate with a printed word. Every question is generated from the
-scene's metadata, so answers are exact. Task families (evaluation answers are one short token):
+A scene is a 3 x 3 grid of cells; some cells hold a shape (colour, shape, size), at most one holds
+a white plate with a printed word. Every question is generated from the scene's metadata, so
+answers are exact. Two generations draw the same objects and questions on different canvases
+(``CANVASES``): generation 1 on a flat grey 96 px image, generation 2 on a 144 px image whose
+objects are small and placed anywhere in their cell, over a varied, uninformative background
+(a muted tone, a low-contrast texture and thin clutter marks) -- as in natural images, the objects
+a question needs cover a minority of the image. Task families (evaluation answers are one short token):
 
 - ``exist``: "is there a red circle?" with random, popular and adversarial negatives (POPE);
 - ``attribute``: colour / shape / size of an object (MME perception);
@@ -25,16 +29,16 @@ import json
 import random
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..eval.tasks import IMAGE_POSITIONS
 
-IMAGE_SIZE = 96
 GRID = 3
-CELL = IMAGE_SIZE // GRID
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 180, 60),
@@ -43,7 +47,7 @@ COLORS = {
     "purple": (160, 60, 210),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"big": 13, "small": 7}  # half-extent in pixels
+SIZES = ("big", "small")
 WORDS = ("cat", "dog", "sun", "car", "hat", "cup", "pen", "key", "map", "bus", "egg", "fox")
 # Frequency priors of the scene generator; POPE's "popular" negatives are the most frequent absent objects.
 SHAPE_PRIOR = {"circle": 0.4, "square": 0.3, "triangle": 0.2, "diamond": 0.1}
@@ -66,11 +70,67 @@ Scene = dict[str, Any]
 Item = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """How one generation of the benchmark draws a scene: the image, the objects and the word plate."""
+
+    image_size: int
+    half_extent: dict[str, int]  # of each size's shapes, in pixels
+    plate: tuple[int, int]  # width and height of the word plate
+    textured: bool  # a varied background (tone, texture, clutter marks) instead of flat grey
+    placed: bool  # objects and the plate anywhere in their cell instead of near its centre
+
+    @property
+    def cell(self) -> int:
+        return self.image_size // GRID
+
+    def jitter(self, half_width: int, half_height: int) -> tuple[int, int]:
+        """The largest offsets from the cell centre that keep a thing of that extent 2 px inside its cell
+        (generation 1: 2 px, near the centre)."""
+        if not self.placed:
+            return 2, 2
+        return self.cell // 2 - half_width - 2, self.cell // 2 - half_height - 2
+
+
+#: The canvas of each generation. Generation 2 keeps the objects, words and questions of the first and
+#: raises the visual token count (144 px: a patch-12 tower sees 12 x 12 = 144 tokens, 4 x 4 per cell)
+#: while the objects stay small (12 or 22 px), so most patches show only background.
+CANVASES = {
+    1: Canvas(image_size=96, half_extent={"big": 13, "small": 7}, plate=(30, 20), textured=False, placed=False),
+    2: Canvas(image_size=144, half_extent={"big": 11, "small": 6}, plate=(36, 20), textured=True, placed=True),
+}
+GENERATIONS = tuple(CANVASES)
+TEXTURES = ("plain", "noise", "stripes", "checks", "gradient", "blotches")
+MARKS = ("dot", "dash", "cross", "zigzag", "star")
+
+
+def check_generation(generation: int) -> int:
+    """``generation`` if it is one of ``GENERATIONS``; a ValueError naming them otherwise."""
+    if generation not in CANVASES:
+        raise ValueError(f"benchmark generation must be one of {', '.join(map(str, GENERATIONS))}, got {generation!r}")
+    return generation
+
+
+def scene_generation(scene: Scene) -> int:
+    """The generation a scene was drawn for (scenes of generation 1 do not record it)."""
+    return scene.get("generation", 1)
+
+
+def image_size(generation: int) -> int:
+    """Side in pixels of the images of ``generation``."""
+    return CANVASES[check_generation(generation)].image_size
+
+
 # ----------------------------------------------------------------------------- scenes and images
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """A random scene: 1-5 shapes with distinct (colour, shape) in distinct cells, a word half the time."""
+def sample_scene(rng: random.Random, generation: int = 1) -> Scene:
+    """A random scene: 1-5 shapes with distinct (colour, shape) in distinct cells, a word half the time.
+
+    Generation 2 draws the objects and the word the same way, each placed anywhere in its cell, then
+    the background; its scenes record their generation.
+    """
+    canvas = CANVASES[check_generation(generation)]
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     rng.shuffle(cells)
     n = rng.randint(1, MAX_SHAPES)
@@ -82,13 +142,28 @@ def sample_scene(rng: random.Random) -> Scene:
             continue
         combos.add((color, shape))
         row, col = cells[len(objects)]
-        objects.append({"color": color, "shape": shape, "size": rng.choice(list(SIZES)),
-                        "row": row, "col": col, "dx": rng.randint(-2, 2), "dy": rng.randint(-2, 2)})
+        size = rng.choice(SIZES)
+        jx, jy = canvas.jitter(canvas.half_extent[size], canvas.half_extent[size])
+        objects.append({"color": color, "shape": shape, "size": size,
+                        "row": row, "col": col, "dx": rng.randint(-jx, jx), "dy": rng.randint(-jy, jy)})
     word = None
     if rng.random() < 0.5:
         row, col = cells[n]
         word = {"text": rng.choice(WORDS), "row": row, "col": col}
-    return {"background": rng.randint(70, 110), "objects": objects, "word": word}
+        if canvas.placed:
+            jx, jy = canvas.jitter(canvas.plate[0] // 2, canvas.plate[1] // 2)
+            word.update(dx=rng.randint(-jx, jx), dy=rng.randint(-jy, jy))
+    if generation == 1:
+        return {"background": rng.randint(70, 110), "objects": objects, "word": word}
+    return {"generation": generation, "background": _sample_background(rng), "objects": objects, "word": word}
+
+
+def _sample_background(rng: random.Random) -> dict[str, Any]:
+    """A muted tone (a grey with a small tint), a low-contrast texture and a number of clutter marks;
+    ``seed`` draws the texture's and the marks' details when the scene is rendered."""
+    grey = rng.randint(70, 140)
+    tone = [grey + rng.randint(-12, 12) for _ in range(3)]
+    return {"tone": tone, "texture": rng.choice(TEXTURES), "marks": rng.randint(4, 24), "seed": rng.randrange(2 ** 31)}
 
 
 def scene_hash(scene: Scene) -> str:
@@ -106,7 +181,8 @@ def _font() -> ImageFont.FreeTypeFont:
     return _FONT
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int, fill: tuple[int, int, int]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int,
+               fill: tuple[int, int, int] | int) -> None:
     """Draw one shape of half-extent ``h`` centred at (cx, cy) (scenes and the video clips share it)."""
     if shape == "circle":
         draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
@@ -119,21 +195,114 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int, 
 
 
 def render(scene: Scene) -> Image.Image:
-    """Draw a scene as a 96 x 96 RGB image (deterministic: same scene, same pixels)."""
-    g = scene["background"]
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (g, g, g))
-    draw = ImageDraw.Draw(image)
+    """Draw a scene as an RGB image of its generation's size (deterministic: same scene, same pixels)."""
+    canvas = CANVASES[scene_generation(scene)]
+    if canvas.textured:
+        image = _background(scene["background"], canvas.image_size)
+    else:
+        g = scene["background"]
+        image = Image.new("RGB", (canvas.image_size, canvas.image_size), (g, g, g))
+    _draw_foreground(ImageDraw.Draw(image), scene, canvas, mask=False)
+    return image
+
+
+def foreground_mask(scene: Scene) -> Image.Image:
+    """The pixels of a scene's objects and word plate (255) against its background (0), as an "L" image."""
+    canvas = CANVASES[scene_generation(scene)]
+    image = Image.new("L", (canvas.image_size, canvas.image_size), 0)
+    _draw_foreground(ImageDraw.Draw(image), scene, canvas, mask=True)
+    return image
+
+
+def _draw_foreground(draw: ImageDraw.ImageDraw, scene: Scene, canvas: Canvas, mask: bool) -> None:
+    """Draw the objects and the word plate (in white when ``mask``), each placed in its cell."""
+    cell = canvas.cell
     for obj in scene["objects"]:
-        cx = obj["col"] * CELL + CELL // 2 + obj["dx"]
-        cy = obj["row"] * CELL + CELL // 2 + obj["dy"]
-        draw_shape(draw, obj["shape"], cx, cy, SIZES[obj["size"]], COLORS[obj["color"]])
+        cx = obj["col"] * cell + cell // 2 + obj["dx"]
+        cy = obj["row"] * cell + cell // 2 + obj["dy"]
+        fill = 255 if mask else COLORS[obj["color"]]
+        draw_shape(draw, obj["shape"], cx, cy, canvas.half_extent[obj["size"]], fill)
     word = scene["word"]
     if word is not None:
-        x0, y0 = word["col"] * CELL + 1, word["row"] * CELL + 6
-        draw.rectangle((x0, y0, x0 + CELL - 2, y0 + CELL - 12), fill=(255, 255, 255))
-        draw.text((x0 + (CELL - 2) // 2, y0 + (CELL - 12) // 2), word["text"], fill=(0, 0, 0),
-                  font=_font(), anchor="mm")
+        width, height = canvas.plate
+        x0 = word["col"] * cell + (cell - width) // 2 + word.get("dx", 0)
+        y0 = word["row"] * cell + (cell - height) // 2 + word.get("dy", 0)
+        draw.rectangle((x0, y0, x0 + width, y0 + height), fill=255 if mask else (255, 255, 255))
+        if not mask:
+            draw.text((x0 + width // 2, y0 + height // 2), word["text"], fill=(0, 0, 0), font=_font(), anchor="mm")
+
+
+def _shade(tone: list[int], delta: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, t + delta)) for t in tone)  # type: ignore[return-value]
+
+
+def _background(background: dict[str, Any], size: int) -> Image.Image:
+    """A generation-2 background: the tone, its texture (contrast at most about 20 grey levels) and the
+    clutter marks -- thin, muted, at most 10 px, so that none can pass for a shape or a word."""
+    rng = random.Random(background["seed"])
+    tone, texture = background["tone"], background["texture"]
+    image = Image.new("RGB", (size, size), tuple(tone))
+    draw = ImageDraw.Draw(image)
+    delta = rng.choice((-1, 1)) * rng.randint(8, 20)
+    if texture == "noise":  # blocks of 2 x 2 px; numpy's legacy generator keeps its stream across versions
+        noise = np.random.RandomState(background["seed"]).randint(-abs(delta), abs(delta) + 1, (size // 2, size // 2))
+        pixels = np.asarray(image, dtype=np.int16) + noise.repeat(2, 0).repeat(2, 1)[..., None]
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+    elif texture == "gradient":
+        ramp = np.linspace(-delta, delta, size)
+        ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
+        pixels = np.asarray(image, dtype=np.float64) + np.broadcast_to(ramp, (size, size))[..., None]
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+    elif texture == "stripes":
+        period, width = rng.randint(6, 14), rng.randint(1, 3)
+        direction = rng.choice(("horizontal", "vertical", "diagonal", "antidiagonal"))
+        for offset in range(-size, 2 * size, period):
+            if direction == "horizontal":
+                line = [(0, offset), (size, offset)]
+            elif direction == "vertical":
+                line = [(offset, 0), (offset, size)]
+            elif direction == "diagonal":
+                line = [(offset, 0), (offset + size, size)]
+            else:
+                line = [(offset, 0), (offset - size, size)]
+            draw.line(line, fill=_shade(tone, delta), width=width)
+    elif texture == "checks":
+        side = rng.randint(8, 24)
+        for y in range(0, size, side):
+            for x in range(0, size, side):
+                if (x // side + y // side) % 2:
+                    draw.rectangle((x, y, x + side - 1, y + side - 1), fill=_shade(tone, delta))
+    elif texture == "blotches":
+        for _ in range(rng.randint(3, 8)):
+            x, y, rx, ry = rng.randrange(size), rng.randrange(size), rng.randint(8, 30), rng.randint(8, 30)
+            draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=_shade(tone, rng.randint(-abs(delta), abs(delta))))
+    for _ in range(background["marks"]):
+        _draw_mark(draw, rng, tone, size)
     return image
+
+
+def _draw_mark(draw: ImageDraw.ImageDraw, rng: random.Random, tone: list[int], size: int) -> None:
+    """One clutter mark of ``MARKS`` in a muted colour near the tone (each channel within 60 levels)."""
+    kind = rng.choice(MARKS)
+    shift = rng.choice((-1, 1)) * rng.randint(25, 55)
+    color = tuple(max(0, min(255, t + shift + rng.randint(-5, 5))) for t in tone)
+    x, y = rng.randrange(size), rng.randrange(size)
+    r = rng.randint(2, 5)
+    if kind == "dot":
+        draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=color)
+    elif kind == "dash":
+        draw.line([(x, y), (x + rng.randint(-2 * r, 2 * r), y + rng.randint(-2 * r, 2 * r))], fill=color, width=1)
+    elif kind == "cross":
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=color, width=1)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=color, width=1)
+    elif kind == "zigzag":
+        points = [(x + i * r, y + (r if i % 2 else -r) // 2) for i in range(4)]
+        draw.line(points, fill=color, width=1)
+    else:
+        for dx, dy in ((r, 0), (0, r), (r, r), (r, -r)):
+            draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=color, width=1)
 
 
 # ----------------------------------------------------------------------------- question families
@@ -407,9 +576,22 @@ def position_name(row: int, col: int) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """A detailed caption listing every object with its size, colour and position, and the word."""
+    """A detailed caption listing every object with its size, colour and position, and the word.
+
+    Generation 2 says the same in fewer words ("2 shapes: big red circle at top left, small blue
+    square at center. the word cat at bottom."): its background varies, so "on a grey background"
+    would be wrong, and a calibration conversation's text stays a minority beside its visual tokens.
+    """
     objs = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
     n = len(objs)
+    if scene_generation(scene) == 2:
+        listed = ", ".join(f"{o['size']} {o['color']} {o['shape']} at {position_name(o['row'], o['col'])}"
+                           for o in objs)
+        text = f"{n} shape{'s' if n > 1 else ''}: {listed}."
+        word = scene["word"]
+        if word is not None:
+            text += f" the word {word['text']} at {position_name(word['row'], word['col'])}."
+        return text
     parts = [f"the picture shows {n} shape{'s' if n > 1 else ''} on a grey background."]
     for o in objs:
         parts.append(f"a {o['size']} {o['color']} {o['shape']} is at the {position_name(o['row'], o['col'])}.")
@@ -451,13 +633,14 @@ class _SceneStream:
     the first N test items of a task do not depend on the sizes of the other splits.
     """
 
-    def __init__(self, used: set[str], name: str) -> None:
+    def __init__(self, used: set[str], name: str, generation: int) -> None:
         self.rng = random.Random(name)
         self.used = used
+        self.generation = generation
 
     def next(self) -> tuple[Scene, str]:
         while True:
-            scene = sample_scene(self.rng)
+            scene = sample_scene(self.rng, self.generation)
             key = scene_hash(scene)
             if key not in self.used:
                 self.used.add(key)
@@ -472,12 +655,13 @@ def _save_image(out: Path, scene: Scene, key: str) -> str:
     return rel
 
 
-def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str], layout: str) -> set[str]:
+def _eval_split(out: Path, split: str, n: int, seed: int, used: set[str], layout: str,
+                generation: int) -> set[str]:
     """Write ``out/split/<task>.jsonl`` with ``n`` items per task; returns the split's scene hashes."""
     (out / split).mkdir(parents=True, exist_ok=True)
     hashes: set[str] = set()
     for task in TASKS:
-        stream = _SceneStream(used, f"{seed}-{split}-{task}")
+        stream = _SceneStream(used, f"{seed}-{split}-{task}", generation)
         rng = random.Random(f"{seed}-{split}-{task}-questions")
         lines = []
         while len(lines) < n:
@@ -551,21 +735,24 @@ def generate_train(out: Path, n: int, stream: _SceneStream, rng: random.Random,
 def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_000, n_val: int = 100,
                        n_test: int = 200, n_calib: int = 256,
                        weights: dict[str, float] | None = None, max_turns: int = 4,
-                       image_layout: str = DEFAULT_IMAGE_POSITION) -> dict[str, Any]:
+                       image_layout: str = DEFAULT_IMAGE_POSITION, generation: int = 1) -> dict[str, Any]:
     """Write the whole benchmark under ``out_dir`` deterministically from ``seed``; returns its manifest.
 
     Layout: ``images/<scene hash>.png``; ``val/<task>.jsonl`` and ``test/<task>.jsonl`` with
     ``n_val`` / ``n_test`` items per task, each image record's ``image_position`` following
     ``image_layout``; ``train.jsonl`` (``n_train`` conversations);
     ``calib.json`` (``n_calib`` captioned images, LLaVA conversation format); ``manifest.json``.
+    ``generation`` picks the canvas (``CANVASES``); the manifest records it from generation 2 on
+    (a manifest without it is of generation 1, whose files stay byte for byte what they were).
     """
     check_image_layout(image_layout)  # before anything is written
+    check_generation(generation)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    test = _eval_split(out, "test", n_test, seed, used, image_layout)
-    val = _eval_split(out, "val", n_val, seed, used, image_layout)
-    stream = _SceneStream(used, f"{seed}-calib")
+    test = _eval_split(out, "test", n_test, seed, used, image_layout, generation)
+    val = _eval_split(out, "val", n_val, seed, used, image_layout, generation)
+    stream = _SceneStream(used, f"{seed}-calib", generation)
     calib = []
     for i in range(n_calib):
         scene, key = stream.next()
@@ -574,16 +761,23 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_train: int = 100_00
             {"from": "gpt", "value": caption(scene)}]})
     (out / "calib.json").write_text(json.dumps(calib, indent=1))
     eval_hashes = test | val
-    generate_train(out, n_train, _SceneStream(used, f"{seed}-train"), random.Random(f"{seed}-train-questions"),
-                   weights, max_turns)
+    generate_train(out, n_train, _SceneStream(used, f"{seed}-train", generation),
+                   random.Random(f"{seed}-train-questions"), weights, max_turns)
     assert not test & val, "test and val share scenes"
     manifest = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test, "n_calib": n_calib,
                 "tasks": list(TASKS), "max_turns": max_turns, "weights": weights or DEFAULT_TASK_WEIGHTS,
                 "image_layout": image_layout,
                 "test_hashes": hashlib.sha1("".join(sorted(test)).encode()).hexdigest(),
                 "eval_scenes": len(eval_hashes)}
+    if generation != 1:
+        manifest["generation"] = generation
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+def data_generation(manifest: dict[str, Any]) -> int:
+    """The generation of a benchmark manifest (also ``training.json``'s ``data``); 1 when it records none."""
+    return manifest.get("generation", 1)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from .scenes import IMAGE_SIZE, vocabulary
+from .scenes import CANVASES, vocabulary
+
+#: The image side of generation 1, the default of the builders below.
+DEFAULT_IMAGE_SIZE = CANVASES[1].image_size
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "<|end|>", "<unk>"
 IMAGE, USER, ASSISTANT = "<image>", "<|user|>", "<|assistant|>"
@@ -51,7 +54,7 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_image_processor(image_size: int = IMAGE_SIZE) -> CLIPImageProcessorPil:
+def build_image_processor(image_size: int = DEFAULT_IMAGE_SIZE) -> CLIPImageProcessorPil:
     """PIL CLIP image processor for square ``image_size`` images, normalised to [-1, 1]."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -60,7 +63,7 @@ def build_image_processor(image_size: int = IMAGE_SIZE) -> CLIPImageProcessorPil
     )
 
 
-def build_processor(patch_size: int, image_size: int = IMAGE_SIZE,
+def build_processor(patch_size: int, image_size: int = DEFAULT_IMAGE_SIZE,
                     tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
     """The model's ``LlavaProcessor``: ``<image>`` expands to (image_size / patch_size)^2 tokens.
 

@@ -53,15 +53,21 @@ class ModelShape:
     text_intermediate: int = 704
 
 
+def processor_image_size(processor: LlavaProcessor) -> int:
+    """The side in pixels of the square images ``processor`` feeds the model."""
+    return processor.image_processor.crop_size["height"]
+
+
 def build_model(shape: ModelShape, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
-    """A randomly initialised ``LlavaForConditionalGeneration`` matching the processor's token ids."""
+    """A randomly initialised ``LlavaForConditionalGeneration`` matching the processor's token ids and image size."""
+    image_size = processor_image_size(processor)
     tok = processor.tokenizer
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in
            (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE))}
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
         num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-        image_size=scenes.IMAGE_SIZE, patch_size=shape.patch_size, num_channels=3,
+        image_size=image_size, patch_size=shape.patch_size, num_channels=3,
     )
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
@@ -73,7 +79,7 @@ def build_model(shape: ModelShape, processor: LlavaProcessor) -> LlavaForConditi
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=ids["image"],
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
-        image_seq_length=(scenes.IMAGE_SIZE // shape.patch_size) ** 2,
+        image_seq_length=(image_size // shape.patch_size) ** 2,
         pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
     )
     model = LlavaForConditionalGeneration(config)
@@ -96,7 +102,7 @@ class Encoder:
         tok = processor.tokenizer
         self.tok = tok
         self.special = {t: tok.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE, USER, ASSISTANT)}
-        self.n_image = (scenes.IMAGE_SIZE // patch_size) ** 2
+        self.n_image = (processor_image_size(processor) // patch_size) ** 2
         self._cache: dict[str, list[int]] = {}
 
     def words(self, text: str) -> list[int]:
@@ -174,6 +180,13 @@ def pool_cells(tokens: torch.Tensor) -> torch.Tensor:
     side = math.isqrt(tokens.shape[1])
     grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
     return torch.nn.functional.adaptive_avg_pool2d(grid, scenes.GRID).flatten(2).transpose(1, 2)
+
+
+def token_cells(n_tokens: int) -> torch.Tensor:
+    """The grid cell (row-major) of each of ``n_tokens`` patch tokens of a square, row-major patch grid."""
+    side = math.isqrt(n_tokens)
+    index = torch.arange(side) * scenes.GRID // side
+    return (index[:, None] * scenes.GRID + index[None, :]).flatten()
 
 
 def pretrain_vision(model: LlavaForConditionalGeneration, scene_list: list[scenes.Scene], steps: int,
@@ -288,9 +301,13 @@ class VisualWordAlignment:
     cross-entropy on the true words. Visual tokens then share directions with the question words
     that refer to them, so the decoder's matching of a question against the image starts from the
     same geometry as matching text against text -- the role CLIP's text alignment plays in LLaVA.
+    With ``tokens``, every visual token of a cell names the cell's contents instead of their mean: where
+    a cell holds many tokens (4 x 4 on generation 2's images with patch 12), each token the decoder
+    can attend to is aligned, not only their average. With one token per cell both are the same.
     """
 
-    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False) -> None:
+    def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False,
+                 tokens: bool = False) -> None:
         groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
         # With ``positions``, every cell also names its row and its column ("top", "left", ...):
@@ -299,6 +316,7 @@ class VisualWordAlignment:
         self.position_groups = [(torch.tensor([encoder.words(w)[0] for w in names]), labels)
                                 for names, labels in ((scenes.ROW_NAMES, cells // scenes.GRID),
                                                       (scenes.COL_NAMES, cells % scenes.GRID))] if positions else []
+        self.tokens = tokens
         self.embeddings = model.get_input_embeddings()
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
@@ -307,14 +325,17 @@ class VisualWordAlignment:
         self.features = output
 
     def loss(self, scene_list: list[scenes.Scene]) -> torch.Tensor:
-        """Mean cross-entropy over cells and word groups for the images of the last forward pass."""
-        cells = pool_cells(self.features)
-        labels = torch.stack([cell_labels(sc) for sc in scene_list])  # (B, 9, 4)
+        """Mean cross-entropy over cells (or tokens) and word groups for the images of the last forward pass."""
+        if self.tokens:
+            units, where = self.features, token_cells(self.features.shape[1])
+        else:
+            units, where = pool_cells(self.features), torch.arange(scenes.GRID * scenes.GRID)
+        labels = torch.stack([cell_labels(sc) for sc in scene_list])[:, where]  # (B, units, 4)
         groups = [(ids, labels[..., i]) for i, ids in enumerate(self.candidates)]
-        groups += [(ids, fixed.expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
-        total = cells.new_zeros(())
+        groups += [(ids, fixed[where].expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
+        total = units.new_zeros(())
         for ids, target in groups:
-            logits = cells @ self.embeddings.weight[ids].T
+            logits = units @ self.embeddings.weight[ids].T
             total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         return total / len(groups)
 
@@ -419,8 +440,10 @@ def write_card(out: Path, args: argparse.Namespace, shape: ModelShape, n_params:
                results: dict[str, Any]) -> None:
     """MODEL_CARD.md: how to reproduce the checkpoint and its dense accuracy per task."""
     chance, val, test, data = results["chance"], results["val"], results["test"], results["data"]
+    generation = scenes.data_generation(data)
     data_call = ", ".join([*(f"{k}={data[k]}" for k in ("seed", "n_train", "n_val", "n_test", "n_calib", "max_turns")),
-                           f"image_layout={data_image_layout(data)!r}"])
+                           f"image_layout={data_image_layout(data)!r}", *([f"generation={generation}"] * (generation != 1))])
+    size = scenes.image_size(generation)
     rows = "\n".join(f"| {t} | {chance.get(t, float('nan')):.1f} | {val.get(t, float('nan')):.1f} | "
                      f"{test.get(t, float('nan')):.1f} |" for t in [*scenes.TASKS, "mean"])
     card = f"""# Built-in LLaVA scene model
@@ -430,7 +453,7 @@ trained from scratch on the built-in scene benchmark (`atv_prune.builtin.scenes`
 pruning methods can be compared without downloading anything.
 
 - Parameters: {n_params:,} (vision {shape.vision_layers} x {shape.vision_hidden}, patch {shape.patch_size},
-  {scenes.IMAGE_SIZE} px images, {(scenes.IMAGE_SIZE // shape.patch_size) ** 2} visual tokens;
+  {size} px images, {(size // shape.patch_size) ** 2} visual tokens;
   decoder {shape.text_layers} x {shape.text_hidden}, {shape.text_heads} heads, MLP {shape.text_intermediate}).
 - Tokenizer: closed word-level vocabulary ({results['vocab_size']} tokens) with a chat template.
 - Training command ({args.threads} CPU thread(s), fp32):
@@ -441,7 +464,7 @@ pruning methods can be compared without downloading anything.
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
 {_text_lines(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
-  tokens scored against the decoder's word embeddings of its colour, shape, size and word{
+  tokens{' (each of them)' if args.align_tokens else ' (their mean)'} scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
@@ -535,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--max-turns", type=int, default=4)
+    p.add_argument("--generation", type=int, choices=scenes.GENERATIONS, default=1,
+                   help="benchmark generation: its canvas (scenes.CANVASES; 2: 144 px images on varied backgrounds)")
     p.add_argument("--image-position", choices=scenes.IMAGE_POSITIONS, default=scenes.DEFAULT_IMAGE_POSITION,
                    help="where the image goes in a question's prompt (the caption request always follows it)")
     p.add_argument("--task-weights", default="", help="training mix overrides, e.g. reading=2,textonly=0.6")
@@ -546,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-lr-scale", type=float, default=1.0, help="tower lr / --lr after pretraining")
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
+    p.add_argument("--align-tokens", action="store_true",
+                   help="the alignment loss scores every visual token of a cell, not the cell's mean")
     p.add_argument("--align-positions", action="store_true",
                    help="the alignment loss also makes each cell name its row and column words")
     p.add_argument("--text-steps", type=int, default=0,
@@ -572,14 +599,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(error))
     if args.align_weight < 0:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
-    if args.align_positions and not args.align_weight:
-        p.error("--align-positions extends the alignment loss: give it with --align-weight > 0")
+    for flag in ("align_positions", "align_tokens"):
+        if getattr(args, flag) and not args.align_weight:
+            p.error(f"--{flag.replace('_', '-')} extends the alignment loss: give it with --align-weight > 0")
     data = args.data or args.out / "data"
     if (data / "manifest.json").exists():
-        layout = data_image_layout(json.loads((data / "manifest.json").read_text()))
+        manifest = json.loads((data / "manifest.json").read_text())
+        layout = data_image_layout(manifest)
         if layout != args.image_position:
             p.error(f"the benchmark in {data} puts the image {layout} each question but --image-position is "
                     f"{args.image_position}: pass --image-position {layout} or another --data folder")
+        if scenes.data_generation(manifest) != args.generation:
+            p.error(f"the benchmark in {data} is of generation {scenes.data_generation(manifest)} but --generation is "
+                    f"{args.generation}: pass --generation {scenes.data_generation(manifest)} or another --data folder")
+    size = scenes.image_size(args.generation)
+    if args.patch_size <= 0 or size % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} does not divide the {size} px images of generation {args.generation}")
     in_the_way = [name for name in CHECKPOINT_FILES if (args.out / name).is_dir()]
     if in_the_way:
         p.error(f"--out {args.out} holds {', '.join(in_the_way)} as a folder where the checkpoint writes a file: "
@@ -646,10 +681,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (data / "manifest.json").exists():
         scenes.generate_benchmark(data, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                                   n_test=args.n_test, n_calib=args.n_calib, weights=args.weights,
-                                  max_turns=args.max_turns, image_layout=args.image_position)
+                                  max_turns=args.max_turns, image_layout=args.image_position,
+                                  generation=args.generation)
     train = scenes.read_jsonl(data / "train.jsonl")
     shape = ModelShape(**{f: getattr(args, f) for f in asdict(ModelShape())})
-    processor = build_processor(shape.patch_size)
+    processor = build_processor(shape.patch_size, scenes.image_size(args.generation))
     model = build_model(shape, processor)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {len(train):,} training conversations", flush=True)
@@ -676,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_curve = pretrain_text(model, encoder, args.text_weights, args.text_steps, args.batch_size, args.lr,
                                args.warmup, args.weight_decay, args.seed, args.log_every)
     text_minutes = (time.time() - text_start) / 60
-    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions)
+    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions, tokens=args.align_tokens)
                  if args.align_weight > 0 else None)
     order: list[int] = []
     curve: list[dict[str, Any]] = []
