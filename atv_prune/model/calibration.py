@@ -592,8 +592,9 @@ def load_calibration(
         prepared.append((item, text))
 
     out: list[CalibrationSample] = []
-    with (_pixel_cap(getattr(processor, "image_processor", None), max_pixels),
-          _pixel_cap(getattr(processor, "video_processor", None), max_pixels)):
+    # Frames are downscaled to max_pixels before processing; the video processor's own budget is left
+    # as it is (Qwen3-VL's bounds the whole clip, not one frame).
+    with _pixel_cap(getattr(processor, "image_processor", None), max_pixels):
         for item, text in prepared:
             source = f"{file.name}:{item.record.number}"
             kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}

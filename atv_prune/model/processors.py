@@ -96,7 +96,10 @@ def _arguments_in_init_order(cls: type[ProcessorMixin], kept: list[str]) -> Any:
     order = [name for name in inspect.signature(cls.__init__).parameters if name in every]
 
     def arguments(sub: type, *args: Any, **kwargs: Any) -> list[Any]:
-        loaded = dict(zip(kept, super(sub, sub)._get_arguments_from_pretrained(*args, **kwargs)))
+        found = super(sub, sub)._get_arguments_from_pretrained(*args, **kwargs)
+        loaded = dict(zip(kept, found))
+        if not loaded or not set(loaded) <= set(order):  # a constructor taking them otherwise: as they come
+            return found
         last = max(order.index(name) for name in loaded)
         return [loaded.get(name) for name in order[:last + 1]]
 
@@ -182,6 +185,10 @@ def torch_video_processor(folder: Path) -> TorchVideoProcessor | None:
     family = family_for(str(_read_json(folder / "config.json").get("model_type")))
     if family is None or family.video_processor is None:
         return None
+    if family.video_processor not in VIDEO_PROCESSORS:
+        raise CalibrationError(f"family '{family.name}' names the video processor kind '{family.video_processor}', "
+                               f"which is not one of {', '.join(VIDEO_PROCESSORS)}: add its class to "
+                               "atv_prune.model.video_processors.VIDEO_PROCESSORS, or install torchvision")
     return VIDEO_PROCESSORS[family.video_processor](_video_settings(folder))
 
 
