@@ -84,6 +84,40 @@ def test_video_tasks_run_through_lmms_eval(family: str, checkpoints) -> None:
     assert all(0.0 <= score <= 100.0 for score in result.scores.values())
 
 
+def test_image_and_video_documents_share_a_batch(checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built-in tasks share generation settings, so one batch can hold image and video documents."""
+    import shutil
+
+    from atv_prune.builtin import BENCHMARK_DIR
+    from atv_prune.eval.model import InMemoryVLM
+
+    batches = []
+    encode = InMemoryVLM._encode_with_videos
+
+    def spy(self, conversations, clips):
+        kinds = [item["type"] for turn in conversations for item in turn[0]["content"]]
+        batches.append((kinds.count("image"), kinds.count("video")))
+        return encode(self, conversations, clips)
+
+    monkeypatch.setattr(InMemoryVLM, "_encode_with_videos", spy)
+
+    bench = tmp_path / "bench"
+    (bench / "test").mkdir(parents=True)
+    image_docs = _read_jsonl(BENCHMARK_DIR / "test" / "exist.jsonl")[:2]
+    video_docs = _read_jsonl(VIDEO_BENCHMARK_DIR / "test" / "change.jsonl")[:2]
+    for doc, root in [(d, BENCHMARK_DIR) for d in image_docs] + [(d, VIDEO_BENCHMARK_DIR) for d in video_docs]:
+        visual = doc.get("image") or doc["video"]
+        (bench / visual).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / visual, bench / visual)
+    (bench / "test" / "exist.jsonl").write_text("".join(json.dumps(d) + "\n" for d in image_docs))
+    (bench / "test" / "change.jsonl").write_text("".join(json.dumps(d) + "\n" for d in video_docs))
+    loaded = load_model_and_processor(checkpoints["qwen2_vl"])
+    result = evaluate(loaded.model, loaded.processor, ["exist", "change"], bench_dir=bench, batch_size=4,
+                      video=VideoSampling(max_frames=4))
+    assert result.samples == {"atvbench_exist": 2, "atvbench_change": 2}
+    assert batches == [(2, 2)]
+
+
 def test_video_tasks_on_an_image_model_are_one_line_errors(checkpoints) -> None:
     loaded = load_model_and_processor(checkpoints["llava"])
     with pytest.raises(AtvPruneError, match="takes no video") as info:
