@@ -190,3 +190,17 @@ def test_motprobe_sensitivity_on_video(checkpoints, tmp_path: Path, monkeypatch:
     assert [(r["pathway"], r["calibration"]) for r in rows] == [
         (p, c) for p in ("text", "visual") for c in ("text", "visual")]
     assert (out / "recipe.json").exists()
+
+
+def test_prune_iou_and_tsne_on_video_calibration(checkpoints, tmp_path: Path) -> None:
+    model = checkpoints["qwen2_vl"]
+    _invoke(main, "prune", "--quiet", "--model", model, "--calib", CALIB, "--samples", "2", "--max-frames", "4",
+            "--fps", "1", "--sparsity", "0.5", "--out", tmp_path / "atv")
+    calibration = json.loads((tmp_path / "atv" / "pruning_report.json").read_text())["calibration"]
+    assert calibration["samples_with_video"] == 2 and (calibration["max_frames"], calibration["fps"]) == (4, 1.0)
+    _invoke(motprobe_main, "iou", "--model", model, "--calib", CALIB, "--samples", "2", "--max-frames", "4",
+            "--out", tmp_path / "iou")
+    assert json.loads((tmp_path / "iou" / "iou_summary.json").read_text())["linears"] == 14
+    _invoke(motprobe_main, "tsne", "--model", model, "--calib", CALIB, "--samples", "2", "--max-frames", "4",
+            "--blocks", "1", "--tokens", "10", "--out", tmp_path / "tsne")
+    assert (tmp_path / "tsne" / "tsne.csv").read_text().count(",visual\n") > 0
