@@ -2,9 +2,10 @@
 
 A :class:`Family` is a record, as GPTQModel's per-architecture ``module_tree``: where the
 language-model decoder blocks live, the model without its LM head, which config fields hold the
-image/video placeholder token ids, where the vision tower and projector are, the per-token type
-input some forwards need, and the *role* of every linear in a block (``q``, ``k``, ``v``, ``o``,
-``gate``, ``up``, ``down``; a fused ``qkv_proj`` carries three roles). ``register_family`` adds one
+image/video placeholder token ids, whether it takes video (the kind of video processor its clips
+go through), where the vision tower and projector are, the per-token type input some forwards
+need, and the *role* of every linear in a block (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
+``down``; a fused ``qkv_proj`` carries three roles). ``register_family`` adds one
 from anywhere. Models of an unregistered family that follow the common transformers layout are
 handled by :data:`GENERIC`. :mod:`.layout` resolves a family against a loaded model.
 """
