@@ -72,6 +72,9 @@ def test_sampling_is_uniform_capped_and_follows_fps() -> None:
     assert VideoSampling(max_frames=3, fps=100.0).indices(20, 10.0) == [0, 10, 19]
     _one_line(ConfigError, "max-frames", VideoSampling, max_frames=1)
     _one_line(ConfigError, "fps", VideoSampling, fps=0.0)
+    from atv_prune.cli.options import DEFAULT_MAX_FRAMES  # the command lines' default, kept without numpy
+
+    assert VideoSampling().max_frames == DEFAULT_MAX_FRAMES
 
 
 def test_frame_folders_are_read_in_natural_order(tmp_path: Path) -> None:
