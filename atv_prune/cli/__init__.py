@@ -3,7 +3,6 @@ run, so ``--help`` and usage errors answer at once."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -37,20 +36,21 @@ def main() -> None:
               help="Per-matrix sparsity: uniform, or TAMP's diversity-aware DAS [default: das for tamp].")
 @shared("samples", "seed", "device")
 @click.option("--offload-device", default="cpu", show_default=True, help="Where calibration activations live.")
-@shared("dtype", "image-root", "max-pixels", "out", "overwrite", "trust-remote-code", "quiet")
+@shared("load", "activation-memory", "spill-dir", "max-shard-size", "dtype", "image-root", "max-pixels", "out",
+        "overwrite", "trust-remote-code", "quiet")
 @click.pass_context
 @one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
           pool: str | None, sparsity: float | None, pattern: str | None, alpha: float, visual_ratio: float,
-          allocation: str | None, samples: int, seed: int, device: str | None, offload_device: str, dtype: str,
+          allocation: str | None, samples: int, seed: int, device: str | None, offload_device: str, load: str,
+          activation_memory: str | None, spill_dir: Path | None, max_shard_size: str | None, dtype: str,
           image_root: Path | None, max_pixels: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
           quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
-    from ..model.loading import load_model_and_processor
-    from ..runs.api import prune as run_prune
+    from ..runs.checkpoint import prune_checkpoint
     from ..runs.config import PruneConfig, RunSettings, parse_pattern
-    from ..runs.export import check_output_dir, save_pruned
+    from ..runs.export import check_output_dir
     from ..runs.preflight import check_run_inputs
     from ..runs.recipe import Recipe
 
@@ -66,7 +66,9 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     config = PruneConfig(method=method, pool=pool, sparsity=sparsity, alpha=alpha, visual_ratio=visual_ratio,
                          pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
                          samples=samples, seed=seed)
-    settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet)
+    settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet, load=load,
+                           max_shard_size=max_shard_size, activation_memory=activation_memory,
+                           spill_dir=str(spill_dir) if spill_dir else None)
     if config.needs_calibration and calib_path is None:
         raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")
     if calib_path is not None and not calib_path.is_file():
@@ -74,20 +76,13 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     check_output_dir(out_dir, overwrite, protected=[model_path])
     check_run_inputs(model_path, [config], calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
                      device=device, offload_device=offload_device, trust_remote_code=trust_remote_code)
-    started = time.perf_counter()
-    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    load_seconds = time.perf_counter() - started
-    report = run_prune(loaded.model, loaded.processor, calib_path if config.needs_calibration else None, config,
-                       settings=settings, image_root=image_root, max_pixels=max_pixels)
-    report.model["path"] = str(model_path.resolve())
-    if recipe_path is not None:
-        report.extra["recipe"] = str(recipe_path.resolve())
-    report.seconds["load_model"] = round(load_seconds, 4)
-    save_start = time.perf_counter()
-    save_pruned(loaded.model.to(loaded.saved_dtype), loaded.processor, report.to_dict(), out_dir, overwrite)
+    report = prune_checkpoint(model_path, out_dir, calib_path, config, settings=settings, dtype=dtype,
+                              image_root=image_root, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
+                              overwrite=overwrite,
+                              extra={"recipe": str(recipe_path.resolve())} if recipe_path is not None else None)
     click.echo(f"pruned {report.model['blocks']} blocks to {report.sparsity['overall']:.2%} sparsity "
-               f"({config.method}, pool {config.resolved_pool}, {config.target_label}) in "
-               f"{report.seconds['total']:.1f}s; saved to {out_dir} in {time.perf_counter() - save_start:.1f}s")
+               f"({config.method}, pool {config.resolved_pool}, {config.target_label}, {report.settings['load']}) "
+               f"in {report.seconds['total']:.1f}s; saved to {out_dir} in {report.seconds['save']:.1f}s")
 
 
 @main.command()

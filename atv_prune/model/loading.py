@@ -101,9 +101,13 @@ def load_model(
         raise _not_image_text_to_text(path, config, error) from None
     except OSError as error:
         raise AtvPruneError(f"cannot load weights from {path}: {str(error).splitlines()[0]}") from None
+    return model.eval(), saved_dtype_of(config, model)
+
+
+def saved_dtype_of(config: Any, model: nn.Module) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (its config's), else the model's."""
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
-    return model.eval(), saved_dtype
+    return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
@@ -14,10 +15,12 @@ from tqdm.auto import tqdm
 from ..algorithms.specs import POOLS
 from ..errors import CalibrationError
 from ..model.calibration import CalibrationSet, load_calibration
-from ..model.capture import capture_sample, non_block_modules_on
+from ..model.capture import ActivationStore, capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
 from ..model.layout import ModelLayout, resolve
 from ..model.loading import resolve_device
+from ..model.memory import available_memory, parse_size
+from ..model.walk import BlockHome
 from ..validation import Record
 from ..versions import package_versions
 from .config import PruneConfig, RunSettings
@@ -37,6 +40,7 @@ class PruneReport(Record):
     blocks: list[dict[str, Any]]
     seconds: dict[str, float]
     warnings: list[str] = Field(default_factory=list)
+    memory: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
 
 
@@ -81,6 +85,21 @@ def _calibration_set(
                             seed=config.seed, max_pixels=max_pixels)
 
 
+def activation_store(settings: RunSettings, device: torch.device) -> ActivationStore:
+    """Where a run's captured activations wait: the offload device within the budget of
+    ``settings.activation_memory`` (default: half the memory available now when they wait on
+    the CPU, no limit elsewhere), spilled to ``settings.spill_dir`` beyond it; pinned when a
+    GPU computes."""
+    offload = torch.device(settings.offload_device)
+    if settings.activation_memory is not None:
+        budget = parse_size(settings.activation_memory, "--activation-memory")
+    else:
+        available = available_memory() if offload.type == "cpu" else None
+        budget = available // 2 if available is not None else None
+    return ActivationStore(offload, budget, Path(settings.spill_dir) if settings.spill_dir else None,
+                           pin=device.type == "cuda")
+
+
 def prune(
     model: nn.Module,
     processor: Any = None,
@@ -91,12 +110,15 @@ def prune(
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
     find_targets: TargetFinder = linear_targets,
+    home: BlockHome | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
     file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
-    the device, offload device and progress bars (default :class:`RunSettings`).
+    the device, offload device, activation budget and progress bars (default :class:`RunSettings`).
+    ``home``: where the decoder blocks' weights live between their turns (default: in the model,
+    in memory; :func:`~atv_prune.runs.checkpoint.prune_checkpoint` streams them from the checkpoint).
     """
     started = time.perf_counter()
     config = config if config is not None else PruneConfig()
@@ -113,6 +135,7 @@ def prune(
     calibration_summary = None
     warnings: list[str] = []
     captured = []
+    store = activation_store(settings, device)
     try:
         if config.needs_calibration:
             start = time.perf_counter()
@@ -124,7 +147,7 @@ def prune(
             with non_block_modules_on(model, blocks, device):
                 for sample in tqdm(calib.samples, desc="capture", disable=not settings.progress):
                     state = capture_sample(model, layout, sample.inputs, sample.source, device,
-                                           settings.offload_device)
+                                           settings.offload_device, store)
                     if state.visual.any():
                         captured.append(state)
                     else:
@@ -147,14 +170,18 @@ def prune(
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
             }
-        pruner.prune(blocks, layout.block_path, captured)
+        pruner.prune(blocks, layout.block_path, captured, home)
     finally:
         model.train(was_training)
+        captured.clear()
+        store.close()
     seconds["total"] = time.perf_counter() - started
     result = pruner.result
     return PruneReport(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
+        memory={"activation_budget_bytes": store.budget, "activations_kept_bytes": store.kept_bytes,
+                "activations_spilled_bytes": store.spilled_bytes},
         model=_model_summary(model, layout),
         versions=package_versions(),
         calibration=calibration_summary,
