@@ -275,15 +275,21 @@ class LayerwisePruner:
             for index, block in walk_blocks(blocks, samples, self.device, seconds=self.result.seconds,
                                             tick=lambda: bar.update(1), home=home):
                 bar.set_description(f"block {index + 1}/{len(blocks)}")
-                targets = self.find_targets(block, f"{prefix}.{index}")
-                for target in targets:
-                    check_finite(target.weight, f"weights in {target.name}")
-                if samples:
-                    self._prune_calibrated(block, index, targets, samples, bar)
-                else:
-                    self._prune_data_free(index, targets)
-                    bar.update(1)
+                self._prune_block(block, index, prefix, samples, bar)
         return self.result
+
+    def _prune_block(self, block: nn.Module, index: int, prefix: str, samples: list[CapturedSample],
+                     bar: tqdm) -> None:
+        """One block's statistics and pruning (its targets are let go when it returns, before the
+        walk fetches the next block)."""
+        targets = self.find_targets(block, f"{prefix}.{index}")
+        for target in targets:
+            check_finite(target.weight, f"weights in {target.name}")
+        if samples:
+            self._prune_calibrated(block, index, targets, samples, bar)
+        else:
+            self._prune_data_free(index, targets)
+            bar.update(1)
 
     def _prune_data_free(self, index: int, targets: list[PruneTarget]) -> None:
         start = time.perf_counter()

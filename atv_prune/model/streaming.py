@@ -16,7 +16,9 @@ the saved dtype), the calibration activations, and at save time one output shard
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
@@ -119,6 +121,16 @@ def read_tensors(entries: Mapping[str, StoredTensor], device: torch.device) -> d
     return tensors
 
 
+def release_free_memory() -> None:
+    """Give the C allocator's free pages back to the system (glibc's ``malloc_trim``): blocks of
+    tensors freed one after another otherwise leave the heap fragmented, and the resident memory
+    of a streamed run would grow block by block (about 0.6 GB over 24 blocks in the benchmark)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put ``value`` in place of the parameter or buffer ``name`` (relative to ``root``)."""
     owner_name, _, leaf = name.rpartition(".")
@@ -173,6 +185,7 @@ class StreamedBlocks:
         self.scratch = scratch
         self.pruned: dict[str, StoredTensor] = {}
         self.bytes_read = 0
+        self.seconds = {"read_blocks": 0.0, "write_blocks": 0.0}
 
     def _prefix(self, index: int) -> str:
         return f"{self.block_path}.{index}."
@@ -182,15 +195,18 @@ class StreamedBlocks:
         return [name for name in self.entries if name.startswith(prefix)]
 
     def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+        start = time.perf_counter()
         prefix = self._prefix(index)
         tensors = read_tensors({name: self.entries[name] for name in self._names(index)}, device)
         for name, tensor in tensors.items():
             _set_tensor(block, name[len(prefix):], tensor)
             self.bytes_read += tensor.numel() * tensor.element_size()
+        self.seconds["read_blocks"] += time.perf_counter() - start
 
     def leave(self, index: int, block: nn.Module, finished: bool) -> None:
         from safetensors.torch import save_file
 
+        start = time.perf_counter()
         prefix = self._prefix(index)
         names = self._names(index)
         if finished:
@@ -202,6 +218,8 @@ class StreamedBlocks:
         for name in names:
             local = name[len(prefix):]
             _set_tensor(block, local, _get_tensor(block, local).detach().to("meta"))
+        release_free_memory()
+        self.seconds["write_blocks"] += time.perf_counter() - start
 
     @contextmanager
     def attached_for_saving(self, model: nn.Module, blocks: nn.ModuleList) -> Iterator[None]:
