@@ -227,3 +227,37 @@ def test_the_command_line_streams_a_checkpoint_with_its_processor(tmp_path: Path
     result = CliRunner().invoke(main, ["prune", "--model", str(checkpoint), "--method", "magnitude", "--sparsity",
                                        "0.5", "--activation-memory", "lots", "--out", str(tmp_path / "never")])
     assert result.exit_code == 2 and result.output.startswith("error: --activation-memory 'lots' is not a size")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_paths_run_on_the_cpu(dtype: torch.dtype, tmp_path: Path) -> None:
+    """What a GPU run computes in (bf16/fp16), streamed, on the CPU: exact sparsity, finite weights,
+    masks close to the fp32 path's."""
+    checkpoint, calibration = _checkpoint(tmp_path, "qwen2_vl")
+    config = PruneConfig(method="atv", sparsity=0.5)
+    name = str(dtype).removeprefix("torch.")
+    half = prune_checkpoint(checkpoint, tmp_path / "half", calibration, config, settings=_settings("stream"),
+                            dtype=name)
+    prune_checkpoint(checkpoint, tmp_path / "fp32", calibration, config, settings=_settings("stream"),
+                     dtype="float32")
+    assert half.sparsity["overall"] == 0.5
+    a, b = _weights(tmp_path / "half"), _weights(tmp_path / "fp32")
+    linears = [k for k in a if ".layers." in k and k.endswith("proj.weight") and "visual" not in k]
+    assert linears and all(torch.isfinite(a[k].float()).all() for k in a)
+    agree = sum(int(((a[k] == 0) == (b[k] == 0)).sum()) for k in linears) / sum(a[k].numel() for k in linears)
+    assert agree > 0.97
+
+
+def test_activation_store_keeps_within_the_budget_and_spills_the_rest(tmp_path: Path) -> None:
+    from atv_prune.model.capture import ActivationStore, SpilledTensor, to_compute
+
+    store = ActivationStore("cpu", budget=100, folder=tmp_path)
+    small, large = torch.randn(1, 5, 4), torch.randn(1, 30, 4)  # 80 and 480 bytes
+    kept, spilled = store.keep(small), store.keep(large)
+    assert isinstance(kept, torch.Tensor) and isinstance(spilled, SpilledTensor)
+    assert torch.equal(spilled.read(), large) and (store.kept_bytes, store.spilled_bytes) == (80, 480)
+    spilled.write(large * 2)
+    assert torch.equal(spilled.read(), large * 2)
+    assert to_compute(kept, torch.device("cpu")) is kept  # no copy, nothing asynchronous on the CPU
+    store.close()
+    assert list(tmp_path.iterdir()) == []

@@ -100,6 +100,15 @@ def activation_store(settings: RunSettings, device: torch.device) -> ActivationS
                            pin=device.type == "cuda")
 
 
+def _gpu_peak(device: torch.device) -> int | None:
+    """The allocator's peak on a CUDA ``device`` since the last call (None elsewhere); restarts the count."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def prune(
     model: nn.Module,
     processor: Any = None,
@@ -136,6 +145,8 @@ def prune(
     warnings: list[str] = []
     captured = []
     store = activation_store(settings, device)
+    gpu_peaks: dict[str, int | None] = {}
+    _gpu_peak(device)
     try:
         if config.needs_calibration:
             start = time.perf_counter()
@@ -144,7 +155,7 @@ def prune(
             seconds["load_calibration"] += time.perf_counter() - start
             start = time.perf_counter()
             skipped = 0
-            with non_block_modules_on(model, blocks, device):
+            with non_block_modules_on(layout.base_model(model), blocks, device):  # the LM head is not needed
                 for sample in tqdm(calib.samples, desc="capture", disable=not settings.progress):
                     state = capture_sample(model, layout, sample.inputs, sample.source, device,
                                            settings.offload_device, store)
@@ -170,7 +181,9 @@ def prune(
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
             }
+        gpu_peaks["capture"] = _gpu_peak(device)
         pruner.prune(blocks, layout.block_path, captured, home)
+        gpu_peaks["blocks"] = _gpu_peak(device)
     finally:
         model.train(was_training)
         captured.clear()
@@ -181,7 +194,8 @@ def prune(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
         memory={"activation_budget_bytes": store.budget, "activations_kept_bytes": store.kept_bytes,
-                "activations_spilled_bytes": store.spilled_bytes},
+                "activations_spilled_bytes": store.spilled_bytes,
+                **{f"gpu_peak_{phase}_bytes": peak for phase, peak in gpu_peaks.items() if peak is not None}},
         model=_model_summary(model, layout),
         versions=package_versions(),
         calibration=calibration_summary,
