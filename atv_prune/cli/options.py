@@ -114,7 +114,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
 
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+                 "load", "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

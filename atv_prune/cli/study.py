@@ -34,7 +34,8 @@ def study_settings(kw: dict[str, Any]):
     return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=words(kw["tasks"]),
                          bench_dir=str(bench) if bench else None, limit=kw["limit"], batch_size=kw["batch_size"],
                          dtype=kw["dtype"], image_root=kw["image_root"], max_pixels=kw["max_pixels"],
-                         trust_remote_code=kw["trust_remote_code"], device=kw["device"], progress=not kw["quiet"])
+                         trust_remote_code=kw["trust_remote_code"], device=kw["device"], progress=not kw["quiet"],
+                         load=kw["load"])
 
 
 def write_study_outputs(kw: dict[str, Any], names: dict[str, str], dense: dict[str, Any],

@@ -63,7 +63,10 @@ class Cell:
 @dataclass
 class StudySettings:
     """What every cell of a study shares: its inputs and evaluation (the study's identity), and how
-    it runs (``device``, ``progress``: not part of the identity)."""
+    it runs (``device``, ``progress``, ``load``: not part of the identity). ``load``: ``memory``
+    prunes and evaluates the model in memory; ``stream`` prunes it block by block from the checkpoint
+    into a temporary folder and evaluates it loaded across the GPU, host memory and disk
+    (accelerate's big-model dispatch); ``auto`` streams when the model would not fit in memory."""
 
     model: Path
     calib: Path
@@ -77,6 +80,7 @@ class StudySettings:
     trust_remote_code: bool = False
     device: str | None = None
     progress: bool = True
+    load: str = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
@@ -180,6 +184,19 @@ class Study:
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
             raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
         self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
+        self._mode: str | None = None
+        self._processor: Any = None
+
+    @property
+    def mode(self) -> str:
+        """``memory`` or ``stream`` (``settings.load``, with ``auto`` resolved once)."""
+        if self._mode is None:
+            from .checkpoint import choose_load
+
+            self._mode, _ = choose_load(self.settings.model, self.settings.load, dtype=self.settings.dtype,
+                                        device=self.settings.device,
+                                        trust_remote_code=self.settings.trust_remote_code)
+        return self._mode
 
     def check_inputs(self, cells: list[Cell]) -> None:
         """Everything about the model, calibration file, tasks and device that can fail, checked
@@ -203,11 +220,26 @@ class Study:
         write_json_atomic(self.folder / "study.json",
                           StudyManifest(identity=self.identity, versions=self.versions).to_dict())
 
-    def _load(self) -> tuple[nn.Module, Any]:
-        loaded = load_model_and_processor(self.settings.model, dtype=self.settings.dtype,
-                                          device=self.settings.device,
-                                          trust_remote_code=self.settings.trust_remote_code)
-        return loaded.model, loaded.processor
+    def _load(self, path: Path | None = None) -> tuple[nn.Module, Any]:
+        """The model (the study's, or the pruned one in ``path``) and its processor: in memory, or,
+        when the study streams, dispatched across the compute device, host memory and disk."""
+        path = self.settings.model if path is None else path
+        if self.mode == "memory":
+            loaded = load_model_and_processor(path, dtype=self.settings.dtype, device=self.settings.device,
+                                              trust_remote_code=self.settings.trust_remote_code)
+            return loaded.model, loaded.processor
+        from ..model.streaming import load_dispatched
+
+        model = load_dispatched(path, self.cells_dir / ".offload", dtype=self.settings.dtype,
+                                device=self.settings.device, trust_remote_code=self.settings.trust_remote_code)
+        return model, self._study_processor()
+
+    def _study_processor(self) -> Any:
+        if self._processor is None:
+            from ..model.processors import load_processor
+
+            self._processor = load_processor(self.settings.model, trust_remote_code=self.settings.trust_remote_code)
+        return self._processor
 
     def _calibration_for(self, processor: Any, config: PruneConfig) -> CalibrationSet:
         """The calibration draw for the cell's samples and seed (read once per draw)."""
@@ -222,7 +254,8 @@ class Study:
         from ..eval.run import evaluate
 
         device = resolve_device(self.settings.device)
-        model.to(device)
+        if not hasattr(model, "hf_device_map"):  # a dispatched model is already placed
+            model.to(device)
         result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
                           limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
                           progress=self.settings.progress)
@@ -233,10 +266,17 @@ class Study:
         path = self.cells_dir / "dense.json"
         if path.exists():
             return json.loads(path.read_text())
-        model, processor = self._load()
-        record = {"label": "dense", "evaluation": self._evaluate(model, processor)}
+        record = {"label": "dense", "evaluation": self._evaluate_checkpoint()}
         write_json_atomic(path, record)
         return record
+
+    def _evaluate_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
+        """Load the model in ``path`` (default: the study's) for evaluation and evaluate it."""
+        try:
+            model, processor = self._load(path)
+            return self._evaluate(model, processor)
+        finally:
+            shutil.rmtree(self.cells_dir / ".offload", ignore_errors=True)
 
     def run(self, cell: Cell, prune_function: PruneFunction = _default_prune) -> dict[str, Any]:
         """Prune and evaluate one cell, or read its stored result."""
@@ -245,15 +285,18 @@ class Study:
             return json.loads(path.read_text())
         from ..eval.run import EvalResult, retention
 
-        model, processor = self._load()
-        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
         settings = RunSettings(device=self.settings.device, progress=False)
         memory = PeakMemory(resolve_device(settings.device))
-        start = time.perf_counter()
-        with memory.measure():
-            report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
-        seconds = time.perf_counter() - start
-        evaluation = self._evaluate(model, processor)
+        if self.mode == "memory":
+            model, processor = self._load()
+            calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
+            start = time.perf_counter()
+            with memory.measure():
+                report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
+            seconds = time.perf_counter() - start
+            evaluation = self._evaluate(model, processor)
+        else:
+            report, seconds, evaluation = self._run_streamed(cell, prune_function, settings, memory)
         dense = EvalResult.from_dict(self.dense()["evaluation"])
         record = {
             "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra,
@@ -266,6 +309,31 @@ class Study:
         write_json_atomic(path, record)
         return record
 
+    def _run_streamed(self, cell: Cell, prune_function: PruneFunction, settings: RunSettings,
+                      memory: PeakMemory) -> tuple[PruneReport, float, dict[str, Any]]:
+        """A cell of a streamed study: pruned block by block into a temporary folder beside the
+        cells, evaluated from there (dispatched), then the folder removed."""
+        from .checkpoint import prune_checkpoint
+
+        if prune_function is not _default_prune:
+            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
+                                f"{self.settings.model} block by block: run it with --load memory on a machine "
+                                "whose memory holds the model")
+        processor = self._study_processor()
+        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
+        folder = self.cells_dir / f".{cell.key()}.pruned"
+        try:
+            start = time.perf_counter()
+            with memory.measure():
+                report = prune_checkpoint(self.settings.model, folder, calibration, cell.config,
+                                          settings=settings.model_copy(update={"load": "stream"}),
+                                          dtype=self.settings.dtype, trust_remote_code=self.settings.trust_remote_code,
+                                          overwrite=True)
+            seconds = time.perf_counter() - start
+            evaluation = self._evaluate_checkpoint(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return report, seconds, evaluation
 
     def run_all(self, cells: list[Cell], prune_function: PruneFunction = _default_prune
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
