@@ -46,9 +46,18 @@ def _stable_sort_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True).reshape(rows, cols)
 
 
+@pytest.fixture(params=[1, 2], ids=["numpy-partition", "kthvalue"])
+def threads(request: pytest.FixtureRequest):
+    """One thread selects with numpy's partition, more with torch's kthvalue: both must agree."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("levels", [2, 3, 5, 1000])
 @pytest.mark.parametrize("count", [0, 1, 7, 16, 31, 32])
-def test_selection_equals_a_stable_sort_with_and_without_ties(levels: int, count: int) -> None:
+def test_selection_equals_a_stable_sort_with_and_without_ties(levels: int, count: int, threads: int) -> None:
     """Scores drawn from a few levels have many ties at the threshold: the lowest positions among
     equal scores are pruned first, exactly as the stable sort the masks used to be made with."""
     g = torch.Generator().manual_seed(levels * 100 + count)
@@ -73,7 +82,7 @@ def test_nm_selection_equals_a_stable_sort(n: int, m: int, levels: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_selection_in_half_precision_equals_a_stable_sort(dtype: torch.dtype) -> None:
+def test_selection_in_half_precision_equals_a_stable_sort(dtype: torch.dtype, threads: int) -> None:
     """Scores in bf16/fp16 (as a GPU run could give them) round to many ties: still the sort's order."""
     scores = torch.rand(24, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
     assert torch.equal(lowest_mask(scores, 29), _stable_sort_mask(scores, 29))

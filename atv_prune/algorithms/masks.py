@@ -1,8 +1,8 @@
 """Pruning masks from scores: pure tensor functions. ``True`` marks a weight to prune.
 
 Weights are chosen by selection, not by sorting: the ``k``-th lowest score of a row is found
-with ``kthvalue`` and every score below it is pruned, then as many of the scores equal to it as
-are still needed, lowest position first. That is the order a stable sort gives, so a mask is a
+(:func:`kth_smallest`) and every score below it is pruned, then as many of the scores equal to it
+as are still needed, lowest position first. That is the order a stable sort gives, so a mask is a
 deterministic function of its scores and equal to the mask of a stable sort, ties included.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -20,6 +21,19 @@ def prune_count(sparsity: float, size: int) -> int:
     return math.floor(sparsity * size + 1e-9)
 
 
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest score (1-based) of every row of a 2-D tensor, shape ``(rows, 1)``.
+
+    On one CPU thread numpy's SIMD partition finds it about 2.5x faster than ``kthvalue``; with
+    more threads or on a GPU ``kthvalue`` runs in parallel. Both give the same value.
+    """
+    if scores.device.type == "cpu" and torch.get_num_threads() == 1:
+        values = scores.detach().float().contiguous().numpy()
+        kth = np.partition(values, k - 1, axis=1)[:, k - 1 : k]
+        return torch.from_numpy(np.ascontiguousarray(kth)).to(scores.dtype)
+    return torch.kthvalue(scores, k, dim=1, keepdim=True).values
+
+
 def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` lowest scores of every row of a 2-D tensor; among equal scores the one at
     the lower position is taken first (a stable sort's order)."""
@@ -28,15 +42,16 @@ def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if count >= cols:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, count, dim=1, keepdim=True).values
-    mask = scores < threshold
-    ties = scores == threshold
-    needed = count - mask.sum(dim=1, keepdim=True)  # >= 1: the threshold itself is among the lowest
-    crowded = (ties.sum(dim=1, keepdim=True) > needed).squeeze(1).nonzero().squeeze(1)
-    if crowded.numel():  # more equal scores than places: the first ones by position
-        first = ties[crowded] & (ties[crowded].cumsum(dim=1) <= needed[crowded])
-        ties[crowded] = first
-    return mask | ties
+    threshold = kth_smallest(scores, count)
+    mask = scores <= threshold
+    crowded = (torch.count_nonzero(mask, dim=1) > count).nonzero().squeeze(1)
+    if crowded.numel():  # more scores equal to the threshold than places: the first ones by position
+        row_scores, row_threshold = scores[crowded], threshold[crowded]
+        below = row_scores < row_threshold
+        ties = row_scores == row_threshold
+        needed = count - torch.count_nonzero(below, dim=1).unsqueeze(1)
+        mask[crowded] = below | (ties & (ties.cumsum(dim=1) <= needed))
+    return mask
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -48,18 +63,19 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the ``n`` lowest-scored weights in every row and every group of ``m`` consecutive inputs.
 
     Each weight's rank in its group (how many scores are lower, plus how many equal ones come
-    before it) is counted with ``m`` comparisons of the whole tensor; ranks below ``n`` are pruned.
+    before it) is counted by comparing every pair of positions once; ranks below ``n`` are pruned.
     """
     rows, cols = scores.shape
     if cols % m:
         raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}: choose another M")
     groups = scores.reshape(rows, cols // m, m)
-    later = torch.arange(m, device=scores.device)
-    rank = torch.zeros(groups.shape, dtype=torch.int16, device=scores.device)
-    for j in range(m):
-        other = groups[:, :, j : j + 1]
-        rank += (other < groups) | ((other == groups) & (later > j))
-    return (rank < n).reshape(rows, cols)
+    ranks = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=scores.device) for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_first = groups[:, :, j] < groups[:, :, i]  # else i comes first: lower, or equal and earlier
+            ranks[i] += j_first
+            ranks[j] += ~j_first
+    return torch.stack([rank < n for rank in ranks], dim=2).reshape(rows, cols)
 
 
 def make_mask(scores: torch.Tensor, sparsity: float | None, pattern: tuple[int, int] | None) -> torch.Tensor:

@@ -388,5 +388,5 @@ class LayerwisePruner:
         target_sparsity = self.plan.sparsity if sparsity is None else sparsity
         pruned = prune_weight(target.weight.data, statistic, target_sparsity, self.plan.pattern)
         target.weight.data.copy_(pruned)
-        self.result.sparsity[target.name] = float((target.weight == 0).float().mean())
+        self.result.sparsity[target.name] = 1.0 - int(torch.count_nonzero(target.weight)) / target.weight.numel()
         self.result.sizes[target.name] = target.weight.numel()
