@@ -114,14 +114,19 @@ def test_activations_beyond_the_budget_spill_to_disk_with_the_same_result(tmp_pa
     checkpoint, calibration = _checkpoint(tmp_path, "llava")
     config = PruneConfig(method="atv", sparsity=0.5)
     kept = prune_checkpoint(checkpoint, tmp_path / "kept", calibration, config, settings=_settings("stream"))
+    (tmp_path / "spill").mkdir()
     spilled = prune_checkpoint(checkpoint, tmp_path / "spilled", calibration, config,
                                settings=_settings("stream", activation_memory="3KB",
                                                   spill_dir=str(tmp_path / "spill")))
+    in_output = prune_checkpoint(checkpoint, tmp_path / "in-output", calibration, config,
+                                 settings=_settings("memory", activation_memory="3KB"))
     assert kept.memory["activations_spilled_bytes"] == 0
-    assert spilled.memory["activations_spilled_bytes"] > 0 and spilled.memory["activations_kept_bytes"] <= 3000
-    a, b = _weights(tmp_path / "kept"), _weights(tmp_path / "spilled")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert list((tmp_path / "spill").iterdir()) == []  # the spill files are removed
+    for report in (spilled, in_output):
+        assert report.memory["activations_spilled_bytes"] > 0 and report.memory["activations_kept_bytes"] <= 3000
+    a = _weights(tmp_path / "kept")
+    assert all(torch.equal(a[k], _weights(tmp_path / name)[k]) for name in ("spilled", "in-output") for k in a)
+    assert list((tmp_path / "spill").iterdir()) == []  # the spill files are removed, the folder given kept
+    assert [p.name for p in (tmp_path / "in-output").iterdir() if p.name.startswith(".")] == []
 
 
 def test_auto_streams_when_the_model_would_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

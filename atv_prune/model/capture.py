@@ -80,6 +80,7 @@ class ActivationStore:
         self.budget = budget
         self.pin = pin and self.device.type == "cpu"
         self._parent = folder
+        self._made_parent = False
         self._folder: Path | None = None
         self.kept_bytes = 0
         self.spilled_bytes = 0
@@ -92,8 +93,9 @@ class ActivationStore:
             kept = tensor.to(self.device)
             return kept.pin_memory() if self.pin else kept
         if self._folder is None:
-            if self._parent is not None:
-                self._parent.mkdir(parents=True, exist_ok=True)
+            if self._parent is not None and not self._parent.exists():
+                self._parent.mkdir(parents=True)
+                self._made_parent = True
             self._folder = Path(tempfile.mkdtemp(prefix="atv-prune-activations-", dir=self._parent))
         spilled = SpilledTensor(self._folder / f"{self.spilled_bytes + self.kept_bytes}.bin", tuple(tensor.shape),
                                 tensor.dtype)
@@ -102,10 +104,13 @@ class ActivationStore:
         return spilled
 
     def close(self) -> None:
-        """Remove the spill files."""
+        """Remove the spill files (and ``folder`` itself when the store made it)."""
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+        if self._made_parent and self._parent is not None:
+            shutil.rmtree(self._parent, ignore_errors=True)
+            self._made_parent = False
 
 
 @dataclass
