@@ -44,6 +44,8 @@ def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = kth_smallest(scores, count)
     mask = scores <= threshold
+    if int(torch.count_nonzero(mask)) == rows * count:  # no row has more equal scores than places
+        return mask
     crowded = (torch.count_nonzero(mask, dim=1) > count).nonzero().squeeze(1)
     if crowded.numel():  # more scores equal to the threshold than places: the first ones by position
         row_scores, row_threshold = scores[crowded], threshold[crowded]
