@@ -170,3 +170,4 @@ def test_a_study_that_changes_the_model_in_memory_refuses_to_stream(workspace, t
                                                 "--sparsity", "0.5", "--load", "stream", "--out",
                                                 str(tmp_path / "s")])
     assert result.exit_code == 2 and "cannot stream" in result.output and "--load memory" in result.output
+    assert not (tmp_path / "s").exists()  # refused before the dense evaluation, nothing written

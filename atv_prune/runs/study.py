@@ -309,16 +309,20 @@ class Study:
         write_json_atomic(path, record)
         return record
 
+    def _check_streamable(self, prune_function: PruneFunction) -> None:
+        """A study whose pruning changes the model in memory first (the MoT probe) cannot stream."""
+        if prune_function is not _default_prune and self.mode == "stream":
+            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
+                                f"{self.settings.model} block by block: run it with --load memory on a machine "
+                                "whose memory holds the model")
+
     def _run_streamed(self, cell: Cell, prune_function: PruneFunction, settings: RunSettings,
                       memory: PeakMemory) -> tuple[PruneReport, float, dict[str, Any]]:
         """A cell of a streamed study: pruned block by block into a temporary folder beside the
         cells, evaluated from there (dispatched), then the folder removed."""
         from .checkpoint import prune_checkpoint
 
-        if prune_function is not _default_prune:
-            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
-                                f"{self.settings.model} block by block: run it with --load memory on a machine "
-                                "whose memory holds the model")
+        self._check_streamable(prune_function)
         processor = self._study_processor()
         calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
         folder = self.cells_dir / f".{cell.key()}.pruned"
@@ -346,6 +350,8 @@ class Study:
         pending = [cell for cell in cells if f"{cell.key()}.json" not in stored]
         if pending or "dense.json" not in stored:
             self.check_inputs(pending)
+        if pending:
+            self._check_streamable(prune_function)
         created = not self.folder.exists()
         try:
             self._open()
