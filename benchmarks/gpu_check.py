@@ -3,17 +3,19 @@
 For each shape (LLaVA-NeXT-8B: Llama-3-8B decoder + CLIP-L/336 anyres; Qwen2-VL-7B), a
 random-initialised model is built in bf16 (on the GPU, then kept in host memory), and:
 
-1. block-0 masks agreement: the shape cut to one decoder block is pruned on the GPU in bf16 and
-   on the CPU in fp32 (the path every figure so far comes from), from the same 4 small samples;
-   the share of weights whose pruned/kept state agrees is printed per method (at 50%);
-2. the runs: ATV, Wanda and SparseGPT at 50% and 2:4 on ``--samples`` calibration samples of
+1. the runs: ATV, Wanda and SparseGPT at 50% and 2:4 on ``--samples`` calibration samples of
    LLaVA-NeXT-sized token counts (~2,900 visual + ~100 text), each from a fresh copy of the dense
    model, blocks moved to the GPU one at a time, activations waiting in (pinned) host memory.
    Printed per run: wall time per phase, peak GPU memory (allocator) while the blocks are walked,
    against one block + one sample's hidden states + 2 GB, and while capturing (vision tower and
    embeddings on the GPU), and peak host memory (VmHWM, reset per run where the kernel lets us).
-   Runs go in order of importance (every shape's 50% runs, then 2:4) and none starts once the
-   ``--budget`` would be exceeded (the ones left out are named), so the check stays under 8 minutes.
+2. block-0 masks agreement: the shape cut to one decoder block is pruned on the GPU in bf16 and
+   on the CPU in fp32 (the path every figure so far comes from), from the same 4 small samples;
+   the share of weights whose pruned/kept state agrees is printed per method (at 50%).
+
+Each method's 50% runs on every shape come first, then its agreement check, then the 2:4 runs;
+none starts once it would pass ``--budget`` (the ones left out are named), so the check stays
+under 8 minutes.
 
 Figures go to stdout and, with ``--out DIR``, to ``DIR/gpu_check.json``. ``--tiny`` uses tiny
 shapes and 4 samples (what the test suite runs on the CPU with ``--device cpu --tiny``).
@@ -117,6 +119,7 @@ def samples(name: str, config, s: dict, n: int, seed: int, small: bool = False) 
     (576 base + 48 x 49 = 2,928 visual tokens at 336 px); Qwen2-VL: ``grid x grid`` patches
     (2,916 visual tokens at 108). ``small``: a one-tile / quarter-grid image (the agreement check)."""
     g = torch.Generator().manual_seed(seed)
+    base: torch.Tensor | None = None  # one random image, shifted per sample (drawing 128 would take longer than a run)
     made = []
     for index in range(n):
         text = torch.randint(3, 200, (s["text"],), generator=g)
@@ -124,14 +127,16 @@ def samples(name: str, config, s: dict, n: int, seed: int, small: bool = False) 
             tile, side = s["tile"], s["tile"] // s["patch"]
             rows, cols = (1, 2) if small else (2, 2)
             n_image = side * side + rows * side * (cols * side + 1)
-            image = {"pixel_values": torch.randn(1, 1 + rows * cols, 3, tile, tile, generator=g).to(torch.bfloat16),
+            base = torch.randn(1, 1 + rows * cols, 3, tile, tile, generator=g) if base is None else base
+            image = {"pixel_values": (base + 0.01 * index).to(torch.bfloat16),
                      "image_sizes": torch.tensor([[rows * tile, cols * tile]])}
             middle = [torch.full((n_image,), config.image_token_index)]
         else:
             grid = s["grid"] // 2 if small else s["grid"]
             vision = config.vision_config
             patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2
-            image = {"pixel_values": torch.randn(grid * grid, patch_dim, generator=g).to(torch.bfloat16),
+            base = torch.randn(grid * grid, patch_dim, generator=g) if base is None else base
+            image = {"pixel_values": (base + 0.01 * index).to(torch.bfloat16),
                      "image_grid_thw": torch.tensor([[1, grid, grid]])}
             middle = [torch.tensor([config.vision_start_token_id]),
                       torch.full((grid * grid // vision.spatial_merge_size ** 2,), config.image_token_id),
@@ -176,23 +181,19 @@ def _masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(module, torch.nn.Linear)}
 
 
-def agreement(name: str, s: dict, device: torch.device, quiet: RunSettings) -> list[dict]:
-    """Block-0 masks on ``device`` in bf16 against the CPU in fp32, per method at 50%."""
-    model = build(name, s, device, layers=1)
-    calibration = samples(name, model.config, s, 4, seed=7, small=True)
-    rows = []
-    for method in METHODS:
-        for target in TARGETS[:1]:
-            on_device, on_cpu = copy.deepcopy(model), copy.deepcopy(model).float()
-            prune(on_device, None, calibration, _config(method, target), settings=quiet)
-            prune(on_cpu, None, calibration, _config(method, target),
-                  settings=RunSettings(device="cpu", progress=False))
-            a, b = _masks(on_device), _masks(on_cpu)
-            agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
-            rows.append(dict(shape=name, run=_label(method, target), mask_agreement=agree))
-            print(f"  block-0 masks {name:14s} {_label(method, target):14s} agree {agree:.2%} ({device} bf16 vs "
-                  "cpu fp32)", flush=True)
-    return rows
+def agreement(name: str, model: torch.nn.Module, calibration: CalibrationSet, method: str, device: torch.device,
+              quiet: RunSettings) -> dict:
+    """Block-0 masks of ``method`` at 50% on ``device`` in bf16 against the CPU in fp32 (``model``:
+    the shape cut to one decoder block)."""
+    target = TARGETS[0]
+    on_device, on_cpu = copy.deepcopy(model), copy.deepcopy(model).float()
+    prune(on_device, None, calibration, _config(method, target), settings=quiet)
+    prune(on_cpu, None, calibration, _config(method, target), settings=RunSettings(device="cpu", progress=False))
+    a, b = _masks(on_device), _masks(on_cpu)
+    agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
+    print(f"  block-0 masks {name:14s} {_label(method, target):14s} agree {agree:.2%} ({device} bf16 vs cpu fp32)",
+          flush=True)
+    return dict(shape=name, run=_label(method, target), mask_agreement=agree)
 
 
 def one_run(name: str, dense: torch.nn.Module, calibration: CalibrationSet, method: str, target: dict,
@@ -247,29 +248,37 @@ def main() -> None:
           f"{n_samples} samples", flush=True)
     result: dict = {"device": str(device), "size": size, "samples": n_samples, "agreement": [], "runs": [],
                     "skipped": []}
-    dense, calibration = {}, {}
+    dense, calibration, one_block, small = {}, {}, {}, {}
     for name in args.shapes:
         s = SHAPES[name][size]
-        result["agreement"] += agreement(name, s, device, quiet)
         build_start = time.perf_counter()
         dense[name] = build(name, s, device)
         calibration[name] = samples(name, dense[name].config, s, n_samples, seed=0)
+        one_block[name] = build(name, s, device, layers=1)
+        small[name] = samples(name, one_block[name].config, s, 4, seed=7, small=True)
         print(f"  {name}: {sum(p.numel() for p in dense[name].parameters()) / 1e9:.2f}B parameters, "
               f"{_tokens(calibration[name])} tokens per sample, built in {time.perf_counter() - build_start:.1f} s",
               flush=True)
-    # the most telling runs first: ATV 50% (the paper's figure) on every shape, then the other methods, then 2:4
-    order = [(name, method, target) for target in TARGETS for method in METHODS for name in args.shapes]
-    longest = 0.0
-    for name, method, target in order:
-        if time.perf_counter() - started + 1.2 * longest > args.budget:
-            result["skipped"].append(f"{name} {_label(method, target)}")
+    # the most telling first: each method at 50% on every shape, then its block-0 agreement, then 2:4
+    tasks = []
+    for method in METHODS:
+        tasks += [("run", name, method, TARGETS[0]) for name in args.shapes]
+        tasks += [("agree", name, method, TARGETS[0]) for name in args.shapes]
+    tasks += [("run", name, method, TARGETS[1]) for method in METHODS for name in args.shapes]
+    longest = {"run": 0.0, "agree": 0.0}
+    for kind, name, method, target in tasks:
+        if time.perf_counter() - started + 1.2 * longest[kind] > args.budget:
+            result["skipped"].append(f"{kind} {name} {_label(method, target)}")
             continue
-        run_start = time.perf_counter()
-        row = one_run(name, dense[name], calibration[name], method, target, device, quiet,
-                      _tokens(calibration[name]))
-        longest = max(longest, time.perf_counter() - run_start)
-        result["runs"].append(row)
-        _print_run(row)
+        task_start = time.perf_counter()
+        if kind == "agree":
+            result["agreement"].append(agreement(name, one_block[name], small[name], method, device, quiet))
+        else:
+            row = one_run(name, dense[name], calibration[name], method, target, device, quiet,
+                          _tokens(calibration[name]))
+            result["runs"].append(row)
+            _print_run(row)
+        longest[kind] = max(longest[kind], time.perf_counter() - task_start)
     result["total_s"] = round(time.perf_counter() - started, 1)
     if result["skipped"]:
         print(f"skipped to stay within --budget {args.budget:.0f} s: {', '.join(result['skipped'])}")
