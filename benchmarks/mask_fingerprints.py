@@ -26,15 +26,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E402
-
 from atv_prune import CalibrationSample, CalibrationSet, PruneConfig, RunSettings, prune  # noqa: E402
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs  # noqa: E402
 
 #: (method, pool) pairs covering every method and every pool.
 METHOD_POOLS: tuple[tuple[str, str | None], ...] = (
     ("magnitude", None), ("wanda", "mixed"), ("wanda", "text"), ("wanda", "visual"),
     ("atv", "atv"), ("atv", "drift-fixed"), ("atv", "random"), ("atv", "random-fixed"), ("atv", "abs"),
-    ("atv", "abs-fixed"), ("atv", "dbs"), ("atv", "dbs-fixed"), ("sparsegpt", "mixed"), ("sparsegpt", "atv"),
+    ("atv", "abs-fixed"), ("atv", "abs-rel"), ("atv", "abs-rel-fixed"), ("atv", "dbs"), ("atv", "dbs-fixed"),
+    ("sparsegpt", "mixed"), ("sparsegpt", "atv"),
     ("tamp", "amia"),
 )
 QUIET = RunSettings(progress=False)

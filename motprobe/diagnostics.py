@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from atv_prune.errors import CalibrationError, ConfigError
-from atv_prune.model.calibration import CalibrationSet
+from atv_prune.model.calibration import CalibrationSet, fit_context
 from atv_prune.model.capture import capture_sample, non_block_modules_on
-from atv_prune.model.layout import resolve
+from atv_prune.model.layout import context_length, resolve
 from atv_prune.model.loading import resolve_device
 from atv_prune.model.walk import walk_blocks
 from atv_prune.runs.api import prune
@@ -96,11 +96,12 @@ def block_activations(
     """The input hidden states of the chosen blocks for every calibration token, with its modality:
     ``{block: (activations (tokens, d) fp32, visual (tokens,) bool)}``, from the dense model, run
     one block at a time on ``device`` (default: CUDA when present, else the CPU) by the engine's
-    own block walk."""
+    own block walk. Samples are first fitted to the model's context as a pruning run fits them."""
     device = resolve_device(device)
     layout = resolve(model)
     decoder = layout.blocks(model)
     check_block_range(blocks, len(decoder))
+    calibration, _ = fit_context(calibration, context_length(model.config), layout.visual_token_ids)
     with non_block_modules_on(model, decoder, device):
         samples = [capture_sample(model, layout, s.inputs, s.source, device, "cpu") for s in calibration.samples]
     collected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {b: [] for b in blocks}
@@ -176,16 +177,17 @@ def plot_drift(blocks: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def plot_sensitivity_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
-    """Mean retention of every (pathway, pool) row at every target, as a heatmap (Table 1)."""
+    """Mean retention of every (pathway, pool) row at every target, as a heatmap (Table 1); a
+    failed cell is left blank."""
     import seaborn as sns
 
     columns = [c for c in rows[0] if c.endswith(" mean")]
-    values = np.array([[row[c] for c in columns] for row in rows], dtype=float)
+    values = np.array([[np.nan if row[c] is None else row[c] for c in columns] for row in rows], dtype=float)
     labels = [f"{row['pathway']} / {row['calibration']}" for row in rows]
 
     def draw(axis: Any) -> None:
-        sns.heatmap(values, annot=True, fmt=".1f", cmap="RdYlGn", vmin=min(50.0, float(values.min())),
-                    vmax=max(100.0, float(values.max())), xticklabels=[c.replace(" mean", "") for c in columns],
+        sns.heatmap(values, annot=True, fmt=".1f", cmap="RdYlGn", vmin=min(50.0, float(np.nanmin(values))),
+                    vmax=max(100.0, float(np.nanmax(values))), xticklabels=[c.replace(" mean", "") for c in columns],
                     yticklabels=labels, ax=axis, cbar_kws={"label": "mean retention (%)"})
         axis.set_xlabel("target")
         axis.set_ylabel("pruned pathway / calibration")

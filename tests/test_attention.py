@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import build_tiny_model, make_inputs
 
 from atv_prune.model.attention import recording_attention
 from atv_prune.model.capture import capture_sample, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
+from tiny_models import build_tiny_model, make_inputs
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])

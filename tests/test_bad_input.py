@@ -3,20 +3,24 @@ are loaded or any evaluation runs, and nothing left behind (no study folder, no 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
+from safetensors import SafetensorError
 
 from atv_prune import PruneConfig, prune
 from atv_prune.cli import main as atv_main
 from atv_prune.errors import ConfigError
 from atv_prune.model.loading import load_model
 from motprobe.cli import main as motprobe_main
+from tiny_checkpoints import make_llava_workspace
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,8 @@ def _invoke(main, *args) -> tuple[int, list[str]]:
     return result.exit_code, lines
 
 
-def _one_error(code: int, lines: list[str], message: str) -> None:
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+def _one_error(code: int, lines: list[str], message: str, status: int = 2) -> None:
+    assert code == status and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 @pytest.fixture
@@ -155,7 +159,7 @@ def test_an_unforeseen_file_system_error_is_one_line(workspace, tmp_path: Path,
 
     monkeypatch.setattr("atv_prune.runs.checkpoint.write_json_atomic", full)
     _one_error(*_invoke(atv_main, "prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
-                        "--sparsity", "0.5", "--out", tmp_path / "out"), "No space left on device")
+                        "--sparsity", "0.5", "--out", tmp_path / "out"), "No space left on device", status=1)
 
 
 def test_an_nm_pattern_that_does_not_fit_fails_before_capture(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,9 +195,9 @@ def test_late_found_cases_are_checked_up_front(workspace, tmp_path: Path, no_wei
 def test_a_bad_device_on_resume_is_named_as_such(workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_study import _scripted_evaluate
 
-    from atv_prune.runs.study import Study
+    from atv_prune.runs.cells import CellRunner
 
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
     assert _invoke(atv_main, *args)[0] == 0
@@ -209,9 +213,10 @@ def test_a_finished_study_resumes_without_checking_its_inputs_again(workspace, t
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from test_study import _scripted_evaluate
 
+    from atv_prune.runs.cells import CellRunner
     from atv_prune.runs.study import Study
 
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", "exist",
             "--methods", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "study"]
     assert _invoke(atv_main, *args)[0] == 0
@@ -256,3 +261,105 @@ def test_messages_name_what_is_wrong_with_a_path_or_a_recipe(workspace, tmp_path
     _one_error(*_invoke(atv_main, "prune", *base, "--calib", workspace["calib"], "--recipe", recipe),
                f"{recipe} is not a valid recipe: it holds an invalid setting (alpha -3.0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "recipe.json"]
+
+
+def _save_fails_with(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from transformers import PreTrainedModel
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)  # the weights are written, then the disk gives out
+        raise error
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(errno.EROFS, "Read-only file system"), "Read-only file system: choose a folder on a writable file"),
+    (SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"),
+     "Disk quota exceeded: free some of your quota"),
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device: free some space"),
+])
+def test_an_environment_failure_while_saving_is_one_line_with_status_1(workspace, tmp_path: Path, error, message,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _save_fails_with(monkeypatch, error)
+    out = tmp_path / "out"
+    _one_error(*_invoke(atv_main, "prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
+                        "--sparsity", "0.5", "--out", out), message, status=1)
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+def test_a_file_size_limit_hit_while_saving_is_one_line_with_status_1(workspace, tmp_path: Path) -> None:
+    """A real limit (RLIMIT_FSIZE, as ``ulimit -f`` sets) in a child process: the write fails with
+    EFBIG ("File too large") inside safetensors."""
+    from crash import run
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "out" / "pruned"
+    code, lines = run(atv_main, ["prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
+                                 "--sparsity", "0.5", "--out", out], tmp_path / "log", small_files)
+    _one_error(code, lines, f"error: writing {out} failed: File too large: raise the file-size limit", status=1)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_seeds_beyond_the_supported_range_are_refused(workspace, tmp_path: Path, no_weights) -> None:
+    from atv_prune.algorithms.specs import MAX_SEED
+
+    base = ["--model", workspace["model"], "--calib", workspace["calib"], "--sparsity", "0.5", "--out", tmp_path / "p"]
+    _one_error(*_invoke(atv_main, "prune", *base, "--seed", str(2**70)), "'--seed': 1180591620717411303424 is not "
+               f"in the range 0<=x<={MAX_SEED}")
+    _one_error(*_invoke(atv_main, "prune", *base, "--seed", "-1"), "'--seed'")
+    with pytest.raises(ConfigError, match=f"seed {2**64} is outside 0..{MAX_SEED}"):
+        PruneConfig(seed=2**64)
+
+
+def test_the_largest_seed_prunes_with_a_random_pool(workspace) -> None:
+    from atv_prune.algorithms.specs import MAX_SEED
+    from atv_prune.model.loading import load_model_and_processor
+
+    loaded = load_model_and_processor(workspace["model"])
+    report = prune(loaded.model, loaded.processor, workspace["calib"],
+                   PruneConfig(method="atv", pool="random", samples=2, seed=MAX_SEED))
+    assert abs(report.sparsity["overall"] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("device, message", [
+    ("mps", "device 'mps' asked for but this torch build"),
+    ("meta", "device 'meta' holds shapes but no data"),
+    ("hpu", "device type 'hpu' is not supported"),
+    ("cuda:7", "device 'cuda:7' asked for but"),
+])
+def test_devices_this_build_lacks_are_refused_before_loading(workspace, tmp_path: Path, device: str, message: str,
+                                                             no_weights) -> None:
+    _one_error(*_invoke(atv_main, "prune", "--model", workspace["model"], "--calib", workspace["calib"],
+                        "--sparsity", "0.5", "--device", device, "--out", tmp_path / "p"), message)
+    _one_error(*_invoke(atv_main, "eval", "--model", workspace["model"], "--tasks", "exist", "--device", device),
+               message)
+
+
+def test_calibration_messages_name_the_actual_problem(workspace, tmp_path: Path, no_weights) -> None:
+    base = ["--model", workspace["model"], "--sparsity", "0.5", "--out", tmp_path / "p"]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"image": "x.png", "conversations": []}], "version": 2}))
+    _one_error(*_invoke(atv_main, "prune", *base, "--calib", wrapped),
+               'wrapped.json holds a JSON object ({"data", "version"}), not a list of records')
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # what process substitution, <(...), hands a command: /dev/fd/N, a pipe
+    _one_error(*_invoke(atv_main, "prune", *base, "--calib", fifo), f"calibration file {fifo} is a pipe, not a "
+               "regular file (as <(...) gives; it can be read only once, so save it to a file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "wrapped.json"]
+
+
+def test_a_single_record_file_is_one_record(workspace, tmp_path: Path) -> None:
+    from atv_prune.model.calibration import load_calibration
+    from atv_prune.model.processors import load_processor
+
+    records = json.loads(workspace["calib"].read_text())
+    single = workspace["calib"].parent / "single.json"
+    single.write_text(json.dumps(records[0], indent=2))  # one record, pretty-printed: not JSONL
+    calibration = load_calibration(single, load_processor(workspace["model"]), samples=4)
+    assert calibration.records_in_file == 1 and len(calibration.samples) == 1

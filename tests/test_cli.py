@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from tiny_checkpoints import make_calibration_files, make_checkpoint
 from transformers import AutoModelForImageTextToText
 
 from atv_prune.cli import main
 from atv_prune.model.processors import load_processor
+from tiny_checkpoints import make_calibration_files, make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 from torch import nn
 
 from atv_prune import Pool, PruneConfig, RunSettings, prune, register_pool
@@ -14,6 +13,7 @@ from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
 QUIET = RunSettings(progress=False)
@@ -167,9 +167,14 @@ def test_block0_wanda_masks_equal_a_plain_reference(pool: str) -> None:
 def test_atv_with_alpha_zero_equals_the_text_pool(name: str) -> None:
     model = build_tiny_model(name)
     calibration = _calibration(model, name)
-    atv, report = _pruned(model, calibration, method="atv", alpha=0.0, sparsity=0.5)
+    blocks = len(resolve(model).blocks(model))
+    with pytest.warns(UserWarning, match=f"the atv pool selected no visual tokens for most samples in {blocks} "
+                                         f"of {blocks} blocks: there it equals the text pool"):
+        atv, report = _pruned(model, calibration, method="atv", alpha=0.0, sparsity=0.5)
     text, _ = _pruned(model, calibration, method="wanda", pool="text", sparsity=0.5)
     assert all(block["visual_tokens_per_sample"] == 0 for block in report.blocks)
+    assert all(block["samples_without_visual"] == N_SAMPLES for block in report.blocks)
+    assert report.warnings[-1].startswith("the atv pool selected no visual tokens")
     for (key, a), (_, b) in zip(_linear_weights(atv).items(), _linear_weights(text).items()):
         assert torch.equal(a == 0, b == 0), key
 
@@ -324,7 +329,8 @@ def test_sparsegpt_factorises_each_input_group_once(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3"])
-@pytest.mark.parametrize("pool", ["random-fixed", "abs", "abs-fixed", "dbs", "dbs-fixed", "drift-fixed"])
+@pytest.mark.parametrize("pool", ["random-fixed", "abs", "abs-fixed", "abs-rel", "abs-rel-fixed", "dbs", "dbs-fixed",
+                                  "drift-fixed"])
 def test_every_visual_subset_pool_prunes_and_reports_its_budget(name: str, pool: str) -> None:
     model = build_tiny_model(name)
     calibration = _calibration(model, name)

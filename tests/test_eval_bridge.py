@@ -18,16 +18,17 @@ from click.testing import CliRunner
 from lmms_eval.api.task import ConfigurableTask, _resolve_hf_datasets_cache_dir
 from lmms_eval.utils import load_yaml_config
 from PIL import Image
-from tiny_checkpoints import make_checkpoint
 
+from atv_prune.cli import main as atv_main
 from atv_prune.cli.evaluate import eval_command
 from atv_prune.errors import AtvPruneError
 from atv_prune.eval import LMMS_EVAL_VERSION, EvalResult, env, evaluate, retention, write_builtin_tasks
 from atv_prune.eval.env import offline, require_lmms_eval
-from atv_prune.eval.hooks import doc_to_text, doc_to_visual
+from atv_prune.eval.hooks import doc_to_messages, doc_to_text, doc_to_visual, process_results
 from atv_prune.eval.model import GenerationError, user_content
 from atv_prune.model.loading import load_model
 from atv_prune.model.processors import load_processor
+from tiny_checkpoints import make_checkpoint
 
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
 
@@ -137,6 +138,43 @@ def test_task_writer_yaml_and_records(bench: Path, tmp_path: Path) -> None:
     assert [c["type"] for c in user_content(doc_to_text(records[1]), image)] == ["image", "text"]
     text_only = [json.loads(line) for line in (tmp_path / "atvbench_exist.jsonl").read_text().splitlines()][3]
     assert text_only["image"] is None and doc_to_visual(text_only) == [] and text_only["choices"] == []
+    assert callable(config["doc_to_messages"])
+
+
+def test_chat_messages_place_the_image_without_a_marker(bench: Path, tmp_path: Path) -> None:
+    write_builtin_tasks(bench, tmp_path)
+    mcq = [json.loads(line) for line in (tmp_path / "atvbench_mcq.jsonl").read_text().splitlines()]
+    exist = [json.loads(line) for line in (tmp_path / "atvbench_exist.jsonl").read_text().splitlines()]
+    for record, kinds in ((mcq[1], ["image", "text"]), (mcq[2], ["text", "image"]), (exist[3], ["text"])):
+        (turn,) = doc_to_messages(record)
+        assert turn["role"] == "user" and [item["type"] for item in turn["content"]] == kinds
+        (text,) = [item["text"] for item in turn["content"] if item["type"] == "text"]
+        assert text == doc_to_text(record).removesuffix(" <image>") and "<image>" not in text
+    (image,) = [item["url"] for item in doc_to_messages(mcq[2])[0]["content"] if item["type"] == "image"]
+    assert image.getpixel((0, 0)) == COLOURS["green"]
+
+
+def test_an_answer_is_scored_on_its_first_line() -> None:
+    doc = {"answer": "yes"}
+    assert process_results(doc, ["Yes.\nbecause it is"]) == {"accuracy": 100.0}
+    assert process_results(doc, ["no\nyes"]) == {"accuracy": 0.0}
+
+
+def test_tasks_command_writes_a_folder_the_stock_cli_can_include(bench: Path, tmp_path: Path) -> None:
+    out = tmp_path / "atvbench"
+    result = CliRunner().invoke(atv_main, ["tasks", "--bench", str(bench), "--tasks", "atvbench_mcq", "--out",
+                                           str(out)])
+    assert result.exit_code == 0, result.output
+    assert "python -m lmms_eval --model llava_hf" in result.output and f"--include_path {out}" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["atvbench_mcq.jsonl", "atvbench_mcq.yaml", "utils.py"]
+    config = load_yaml_config(str(out / "atvbench_mcq.yaml"), mode="full")
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(out / "atvbench_mcq.jsonl")  # the final folder
+    again = CliRunner().invoke(atv_main, ["tasks", "--bench", str(bench), "--out", str(out)])
+    assert again.exit_code == 2 and again.output.startswith("error: ") and "--overwrite" in again.output
+    unknown = CliRunner().invoke(atv_main, ["tasks", "--bench", str(bench), "--tasks", "nosuch", "--out",
+                                            str(tmp_path / "other")])
+    assert unknown.exit_code == 2 and unknown.output.startswith("error: no task nosuch in ")
+    assert not (tmp_path / "other").exists()
 
 
 def test_task_writer_rejects_bad_records(bench: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from tiny_models import build_tiny_model, make_inputs
 from torch import nn
 
 from atv_prune import (
@@ -31,6 +30,7 @@ from atv_prune.cli import main as atv_main
 from atv_prune.model.families import FAMILIES
 from atv_prune.model.layout import resolve
 from motprobe import make_probe, probe_linears
+from tiny_models import build_tiny_model, make_inputs
 
 QUIET = RunSettings(progress=False)
 

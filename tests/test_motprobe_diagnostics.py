@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
-from tiny_models import build_tiny_model, make_inputs
 
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.layout import resolve
 from motprobe.cli import main
 from motprobe.diagnostics import block_activations, iou_summary, mask_iou
+from tiny_checkpoints import make_llava_workspace
+from tiny_models import build_tiny_model, make_inputs
 
 
 def test_mask_iou_arithmetic() -> None:

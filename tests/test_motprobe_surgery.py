@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 from torch import nn
 
 from atv_prune import PruneConfig, prune
@@ -15,6 +14,7 @@ from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.capture import current_visual_mask, visual_mask_context
 from atv_prune.model.layout import resolve
 from motprobe import ModalityRoutedLinear, ProbeError, make_probe, probe_linears, prune_pathway
+from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
 
 ROUTED = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
 

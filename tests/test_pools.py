@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from atv_prune.algorithms.budget import Budget
 from atv_prune.algorithms.pools import PoolChoice, SampleView, diverse_order, visual_drift
-from atv_prune.algorithms.specs import POOLS
+from atv_prune.algorithms.specs import POOLS, saliency_pools
 
 
 def select(pool: str, view: SampleView) -> PoolChoice:
@@ -69,6 +69,15 @@ def test_attention_pool_ranks_by_attention_from_text() -> None:
     assert POOLS["abs"].needs_attention and not POOLS["atv"].needs_attention
 
 
+def test_relative_attention_pool_ranks_like_abs_with_a_scale_free_saliency() -> None:
+    view = _view()
+    relative, plain = select("abs-rel", view), select("abs", view)
+    assert torch.equal(relative.ranked, plain.ranked)
+    assert abs(relative.saliency_sum - plain.saliency_sum * 20) < 1e-5  # s * n, n = 20 positions
+    assert POOLS["abs-rel"].budget == "adaptive" and POOLS["abs-rel-fixed"].budget == "fixed"
+    assert saliency_pools()["abs-rel"] == {"adaptive": "abs-rel", "fixed": "abs-rel-fixed"}
+
+
 def test_diverse_order_is_greedy_max_min() -> None:
     points = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [-1.0, 0.05], [0.7, 0.7]])
     order = diverse_order(points, first=0)
@@ -110,8 +119,92 @@ def _mmd(kernel: torch.Tensor, chosen: torch.Tensor) -> float:
     return float(kernel.mean() + kernel[chosen][:, chosen].mean() - 2 * kernel[:, chosen].mean())
 
 
-def test_amia_stops_once_the_selection_matches_all_tokens() -> None:
+def tamp_authors_amia(features: torch.Tensor, attention: torch.Tensor, visual: torch.Tensor) -> list[int]:
+    """A plain transcription of the TAMP authors' AMIA selection (G-JWLee/TAMP,
+    llava/pruners/wanda_pruner.py, ``AdaptiveMultimodalInputActivation.add_batch``): one pick per
+    loop iteration, neighbours lowered after every pick, the MMD checked after every pick."""
+    out = F.normalize(features.float(), dim=-1)
+    v, t = out[visual], out[~visual]
+
+    def positive_upper_mean(x: torch.Tensor) -> float:
+        similarity = (x @ x.T).triu(diagonal=1)
+        return similarity[similarity > 0].mean().item()
+
+    density = (positive_upper_mean(v) + positive_upper_mean(t) + (v @ t.T).mean().item()) / 3
+    distances = 1 - out @ out.T
+    knn = torch.topk(distances, k=4, largest=False).indices[:, 1:]
+    score = attention.float()
+    graph = score + (torch.exp(-torch.gather(distances, 1, knn) * 1.0) * score[knn]).sum(-1)
+    squared = (out**2).sum(dim=1)
+    kernel = torch.exp(-(squared.view(-1, 1) + squared.view(1, -1) - 2.0 * out @ out.T) / 2)
+    selected: list[int] = []
+    while True:
+        pick = int(torch.argmax(graph))
+        near = knn[pick]
+        graph[near] = graph[near] - torch.exp(-distances[pick, near] * 0.2) * torch.clamp(graph[pick], min=0)
+        selected.append(pick)
+        chosen = torch.tensor(selected)
+        graph[chosen] = graph.min() - 1
+        mmd = kernel.mean() + kernel[chosen][:, chosen].mean() - 2 * kernel[:, chosen].mean()
+        if mmd < torch.sqrt(torch.tensor(1 - density)) * 0.1:
+            return sorted(selected)
+
+
+def _clustered_tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens in six clusters (sizes, widths and modality mix drawn from ``seed``) with peaked attention."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = int(torch.randint(30, 400, (1,), generator=g)), int(torch.randint(3, 24, (1,), generator=g))
+    centres = torch.randn(6, d, generator=g) * 2
+    features = centres[torch.randint(0, 6, (n,), generator=g)] + torch.randn(n, d, generator=g) * 0.5
+    attention = torch.softmax(torch.randn(n, generator=g) * 3, 0)
+    return features, attention, torch.rand(n, generator=g) < 0.6
+
+
+def test_amia_selects_exactly_what_the_tamp_authors_loop_selects() -> None:
     from atv_prune.algorithms.pools import amia_selection
+
+    sizes = []
+    for seed in range(6):
+        features, attention, visual = _clustered_tokens(seed)
+        expected = tamp_authors_amia(features, attention, visual)
+        for batch in (1, 4, 64):  # one pick a step (the plain loop), small steps, the default
+            positions, _ = amia_selection(features, attention, visual, batch=batch)
+            assert positions.tolist() == expected, (seed, batch)
+        sizes.append(len(expected))
+    assert max(sizes) >= 30  # some cases take many steps of picks
+
+
+def test_amia_density_is_the_tamp_authors_rho() -> None:
+    from atv_prune.algorithms.pools import amia_density
+
+    features, _, visual = _clustered_tokens(2)
+    unit = F.normalize(features, dim=-1)
+    cosine = unit @ unit.T
+    parts = []
+    for rows in (visual, ~visual):
+        pairs = [float(cosine[i, j]) for i in rows.nonzero().flatten() for j in rows.nonzero().flatten() if i < j]
+        parts.append(sum(p for p in pairs if p > 0) / sum(1 for p in pairs if p > 0))
+    parts.append(float(cosine[visual][:, ~visual].mean()))
+    assert abs(amia_density(cosine, visual) - sum(parts) / 3) < 1e-5
+    text = cosine[~visual][:, ~visual]  # a text-only sample: the parts without tokens are left out
+    assert abs(amia_density(text, torch.zeros(len(text), dtype=torch.bool)) - parts[1]) < 1e-5
+
+
+def test_lowering_in_order_equals_a_loop() -> None:
+    from atv_prune.algorithms.pools import _lower_in_order
+
+    g = torch.Generator().manual_seed(1)
+    score = torch.rand(10, generator=g)
+    targets = torch.tensor([3, 1, 3, 7, 3, 1])
+    amounts = torch.rand(6, generator=g)
+    expected = score.clone()
+    for target, amount in zip(targets, amounts):
+        expected[target] = expected[target] - amount
+    assert torch.equal(_lower_in_order(score.clone(), targets, amounts), expected)
+
+
+def test_amia_stops_once_the_selection_matches_all_tokens() -> None:
+    from atv_prune.algorithms.pools import amia_density, amia_selection
 
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(4, 16, generator=g) * 3
@@ -125,11 +218,10 @@ def test_amia_stops_once_the_selection_matches_all_tokens() -> None:
     unit = F.normalize(features, dim=-1)
     cosine = unit @ unit.T
     kernel = torch.exp(cosine - 1)
-    rho = float(torch.stack([cosine[visual][:, visual].mean(), cosine[~visual][:, ~visual].mean(),
-                             cosine[visual][:, ~visual].mean()]).mean())
+    threshold = 0.1 * (1 - amia_density(cosine, visual)) ** 0.5
     chosen = torch.zeros(200, dtype=torch.bool)
     chosen[positions] = True
-    assert _mmd(kernel, chosen) < 0.1 * (1 - rho) ** 0.5
+    assert _mmd(kernel, chosen) < threshold
     clusters = set((positions % 4).tolist())
     assert clusters == {0, 1, 2, 3}  # diverse: every cluster represented
     again, _ = amia_selection(features, attention, visual)
@@ -144,26 +236,6 @@ def test_amia_pool_needs_attention_and_weights_its_tokens() -> None:
     assert POOLS["amia"].needs_attention and POOLS["amia"].budget == "none"
     assert choice.weights is not None and len(choice.weights) == len(choice.fixed)
     assert choice.visual_selected == int(view.visual[choice.fixed].sum())
-
-
-def test_amia_stops_at_the_first_prefix_that_meets_the_criterion() -> None:
-    from atv_prune.algorithms.pools import amia_selection
-
-    g = torch.Generator().manual_seed(7)
-    features = torch.randn(300, 12, generator=g)
-    visual = torch.arange(300) >= 40
-    attention = torch.softmax(torch.randn(300, generator=g), 0)
-    positions, _ = amia_selection(features, attention, visual, rounds=4)
-    unit = F.normalize(features, dim=-1)
-    cosine = unit @ unit.T
-    kernel = torch.exp(cosine - 1)
-    rho = float(torch.stack([cosine[visual][:, visual].mean(), cosine[~visual][:, ~visual].mean(),
-                             cosine[visual][:, ~visual].mean()]).mean())
-    threshold = 0.1 * (1 - rho) ** 0.5
-    chosen = torch.zeros(300, dtype=torch.bool)
-    chosen[positions] = True
-    assert _mmd(kernel, chosen) < threshold
-    assert len(positions) < 75  # far fewer than a whole round of 75 picks
 
 
 def test_diverse_order_stops_at_its_limit_with_the_same_prefix() -> None:

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_checkpoints import make_llava_workspace
 
 from atv_prune.cli import main
 from atv_prune.eval.run import EvalResult
-from atv_prune.runs.study import Study
+from atv_prune.runs.cells import CellRunner
+from tiny_checkpoints import make_llava_workspace
 
 TASKS = ("exist", "count")
 
 
-def _scripted_evaluate(self: Study, model: torch.nn.Module, processor) -> dict:
+def _scripted_evaluate(self: CellRunner, model: torch.nn.Module, processor) -> dict:
     """Score = 100 x the fraction of non-zero decoder weights (dense 100, 50% pruned 50); ``count``
     also rewards ATV-like text calibration by a deterministic weight checksum so methods differ."""
     weights = [p.detach() for n, p in model.named_parameters() if "language_model.layers" in n and p.dim() == 2]
@@ -42,7 +42,7 @@ def _invoke(*args) -> tuple[int, str]:
 
 def test_compare_writes_a_table_and_resumes(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(Study, "_evaluate", lambda self, m, p: calls.append(1) or _scripted_evaluate(self, m, p))
+    monkeypatch.setattr(CellRunner, "_evaluate", lambda self, m, p: calls.append(1) or _scripted_evaluate(self, m, p))
     out = workspace["root"] / "compare"
     args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
             "--methods", "magnitude", "wanda", "atv", "--sparsity", "0.5", "0.6", "--pattern", "2:4",
@@ -69,7 +69,7 @@ def test_compare_writes_a_table_and_resumes(workspace, monkeypatch: pytest.Monke
 
 
 def test_sweep_reports_tokens_against_retention(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     out = workspace["root"] / "sweep"
     code, output = _invoke("sweep", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
                            *TASKS, "--alpha", "0", "4", "--ratios", "0.25", "1.0", "--samples", "4", "--out", out)
@@ -84,7 +84,7 @@ def test_sweep_reports_tokens_against_retention(workspace, monkeypatch: pytest.M
 
 
 def test_a_different_study_is_not_mixed_in(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     out = workspace["root"] / "mixed-up"
     base = ["--model", workspace["model"], "--calib", workspace["calib"], "--samples", "4", "--out", out]
     assert _invoke("compare", *base, "--tasks", "exist", "--methods", "magnitude", "--sparsity", "0.5")[0] == 0
@@ -111,7 +111,7 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
             {"id": f"{task}-0", "task": task, "image": None, "question": "q?", "answer": "a", "chance": 0.5}) + "\n")
     monkeypatch.setattr(demo.builtin, "CHECKPOINT_DIR", builtin / "checkpoint")
     monkeypatch.setattr(demo.builtin, "BENCHMARK_DIR", builtin / "benchmark")
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     code, output = _invoke("demo", "--samples", "4", "--out", tmp_path / "demo")
     assert code == 0, output
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -130,7 +130,7 @@ def test_demo_runs_the_papers_grid_on_the_builtin_paths(workspace, tmp_path: Pat
 
 
 def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     out = workspace["root"] / "tamp"
     code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
                            "exist", "--methods", "tamp", "wanda:amia", "--sparsity", "0.5", "--pattern", "2:4",
@@ -143,8 +143,8 @@ def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: 
 
 def test_a_streamed_study_gives_the_cells_of_one_in_memory(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     """--load stream: each cell pruned block by block into a temporary folder, evaluated from there
-    (dispatched), the folder removed; the cells equal those of --load memory."""
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    (loaded into its placement), the folder removed; the cells equal those of --load memory."""
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     results = {}
     for load in ("memory", "stream"):
         out = workspace["root"] / f"compare-{load}"
@@ -164,10 +164,68 @@ def test_a_study_that_changes_the_model_in_memory_refuses_to_stream(workspace, t
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from motprobe.cli import main as motprobe_main
 
-    monkeypatch.setattr(Study, "_evaluate", _scripted_evaluate)
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
     result = CliRunner().invoke(motprobe_main, ["sensitivity", "--model", str(workspace["model"]), "--calib",
                                                 str(workspace["calib"]), "--tasks", *TASKS, "--samples", "4",
                                                 "--sparsity", "0.5", "--load", "stream", "--out",
                                                 str(tmp_path / "s")])
     assert result.exit_code == 2 and "cannot stream" in result.output and "--load memory" in result.output
     assert not (tmp_path / "s").exists()  # refused before the dense evaluation, nothing written
+
+
+def test_a_failed_cell_is_missing_from_the_tables_named_at_exit_and_computed_next_time(
+        workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from atv_prune.errors import NumericalError
+
+    calls = []
+    monkeypatch.setattr(CellRunner, "_evaluate", lambda self, m, p: calls.append(1) or _scripted_evaluate(self, m, p))
+    compute = CellRunner.cell
+    fault: list[Exception] = [RuntimeError("out of luck")]
+
+    def flaky(self, cell, prune_function):
+        if cell.label == "wanda 50%":
+            raise fault[0]
+        return compute(self, cell, prune_function)
+
+    monkeypatch.setattr(CellRunner, "cell", flaky)
+    out = workspace["root"] / "faulty"
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
+            "--methods", "magnitude", "wanda", "atv", "--sparsity", "0.5", "--samples", "4", "--out", out]
+    code, output = _invoke(*args)
+    assert code == 1, output  # not an input problem: the environment's
+    assert output.splitlines()[-1] == (f"error: 1 cell failed: 'wanda 50%' (RuntimeError: out of luck); the finished "
+                                       f"cells are stored in {out}: re-run the same command to compute what is missing")
+    assert len(calls) == 3 and len(list((out / "cells").glob("*.json"))) == 3  # dense, magnitude and atv went on
+    table = (out / "table.md").read_text()
+    assert "| wanda 50% | – | – | – | – | – | – |" in table
+    assert "Failed, missing above: wanda 50% (RuntimeError: out of luck)." in table
+    failed = [c for c in json.loads((out / "results.json").read_text())["cells"] if "failed" in c]
+    assert [c["label"] for c in failed] == ["wanda 50%"] and "out of luck" in failed[0]["failed"]["traceback"]
+    fault[0] = NumericalError("non-finite activations in block 0")
+    code, output = _invoke(*args)
+    assert code == 2 and "'wanda 50%' (non-finite activations in block 0)" in output  # an input problem
+    monkeypatch.setattr(CellRunner, "cell", compute)
+    calls.clear()
+    code, output = _invoke(*args)
+    assert code == 0 and len(calls) == 1 and "Failed" not in (out / "table.md").read_text()
+
+
+def test_cluster_options_need_ray_and_ray_must_be_installed(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    out = workspace["root"] / "no-cluster"
+    args = ["compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
+            "--methods", "magnitude", "--sparsity", "0.5", "--out", out]
+    code, output = _invoke(*args, "--cpus-per-cell", "2")
+    assert code == 2 and output.startswith("error: --cpus-per-cell places cells on a Ray cluster: add --ray")
+    if importlib.util.find_spec("ray") is not None:
+        code, output = _invoke(*args, "--ray", "127.0.0.1:1")  # nothing listens there
+        assert code == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:1'" in output
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # where 'auto' leads
+        code, output = _invoke(*args, "--ray", "auto")
+        assert code == 1 and "error: cannot reach the Ray cluster at 'auto' (" in output and ":1): " in output
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as in a plain install
+    code, output = _invoke(*args, "--ray")
+    assert code == 2 and "--ray needs Ray, which is not installed: pip install 'atv-prune[cluster]'" in output
+    assert not out.exists()

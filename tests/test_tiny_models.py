@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers
 from packaging import version
+from torch import nn
+
 from tiny_models import (
     FAMILY_NAMES,
     TEXT_ID_RANGE,
@@ -16,7 +18,6 @@ from tiny_models import (
     token_type_input,
     visual_token_ids,
 )
-from torch import nn
 
 #: Decoder-block path, block count and image placeholder count per family.
 EXPECTED: dict[str, tuple[str, int, int]] = {

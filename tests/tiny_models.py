@@ -188,10 +188,15 @@ _BUILDERS: dict[str, tuple[_ConfigFactory, type[transformers.PreTrainedModel]]] 
 }
 
 
-def build_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """The family's ``*ForConditionalGeneration`` with seeded random weights, fp32, sdpa, in eval mode."""
+def build_tiny_model(name: str, seed: int = 0, text_overrides: dict[str, Any] | None = None
+                     ) -> transformers.PreTrainedModel:
+    """The family's ``*ForConditionalGeneration`` with seeded random weights, fp32, sdpa, in eval mode.
+
+    ``text_overrides``: decoder-config values to change first (e.g. more key/value heads)."""
     make_config, model_cls = _BUILDERS[name]
     config = make_config()
+    for key, value in (text_overrides or {}).items():
+        setattr(config.get_text_config(decoder=True), key, value)
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     if name == "gemma3":

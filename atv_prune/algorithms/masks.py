@@ -21,6 +21,14 @@ def prune_count(sparsity: float, size: int) -> int:
     return math.floor(sparsity * size + 1e-9)
 
 
+def check_pattern(pattern: tuple[int, int], in_features: int, where: str = "a weight") -> None:
+    """Refuse an N:M pattern whose group size M does not divide ``in_features``."""
+    n, m = pattern
+    if in_features % m:
+        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but {where} has {in_features}: "
+                          "choose another M")
+
+
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th smallest score (1-based) of every row of a 2-D tensor, shape ``(rows, 1)``.
 
@@ -28,7 +36,8 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     more threads or on a GPU ``kthvalue`` runs in parallel. Both give the same value.
     """
     if scores.device.type == "cpu" and torch.get_num_threads() == 1:
-        values = scores.detach().float().contiguous().numpy()
+        exact = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # bf16/fp16 widen exactly
+        values = exact.detach().contiguous().numpy()
         kth = np.partition(values, k - 1, axis=1)[:, k - 1 : k]
         return torch.from_numpy(np.ascontiguousarray(kth)).to(scores.dtype)
     return torch.kthvalue(scores, k, dim=1, keepdim=True).values
@@ -68,8 +77,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     before it) is counted by comparing every pair of positions once; ranks below ``n`` are pruned.
     """
     rows, cols = scores.shape
-    if cols % m:
-        raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, got {cols}: choose another M")
+    check_pattern((n, m), cols)
     groups = scores.reshape(rows, cols // m, m)
     ranks = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=scores.device) for _ in range(m)]
     for i in range(m):

@@ -116,12 +116,26 @@ def random_pool(view: SampleView) -> PoolChoice:
     return _text_plus_ranked(view, drift, order)
 
 
-def attention_pool(view: SampleView) -> PoolChoice:
-    """ABS: visual tokens ranked by the mean attention they receive from the text tokens."""
+def _attention_from_text(view: SampleView) -> torch.Tensor:
     if view.attention_from_text is None:
         raise RuntimeError("the attention-based pool needs the block's attention probabilities")
-    received = view.attention_from_text[view.visual].float()
+    return view.attention_from_text[view.visual].float()
+
+
+def attention_pool(view: SampleView) -> PoolChoice:
+    """ABS (the paper's formula): visual tokens ranked by the mean attention they receive from the
+    text tokens, which is also their saliency. A probability over the whole sequence, it shrinks
+    as sequences grow (about 1/n), and so does the adaptive budget."""
+    received = _attention_from_text(view)
     return _text_plus_ranked(view, received, _descending(received))
+
+
+def relative_attention_pool(view: SampleView) -> PoolChoice:
+    """ABS, scale-free: the same ranking as :func:`attention_pool`, with saliency ``s * n`` (the
+    attention received relative to uniform attention over the sample's n positions), so that the
+    adaptive budget does not vanish on long sequences."""
+    received = _attention_from_text(view)
+    return _text_plus_ranked(view, received * view.visual.numel(), _descending(received))
 
 
 def diverse_order(features: torch.Tensor, first: int, limit: int | None = None) -> torch.Tensor:
@@ -160,20 +174,58 @@ def diversity_pool(view: SampleView) -> PoolChoice:
     return _text_plus_ranked(view, diversity, order)
 
 
+def amia_density(cosine: torch.Tensor, visual: torch.Tensor) -> float:
+    """TAMP's rho: the mean of three cosine similarities of the unit-normalised features, as the
+    TAMP authors compute them: the positive entries above the diagonal among visual tokens, the
+    same among text tokens, and every visual-text entry. A part with no entries (a modality with
+    fewer than two tokens, or no positive pair) is left out (their code would take the mean of
+    nothing, NaN, and never stop selecting)."""
+    parts = []
+    for rows in (visual, ~visual):
+        within = cosine[rows][:, rows].triu(diagonal=1)
+        positive = within[within > 0]
+        if positive.numel():
+            parts.append(float(positive.mean()))
+    if visual.any() and (~visual).any():
+        parts.append(float(cosine[visual][:, ~visual].mean()))
+    return sum(parts) / len(parts) if parts else 0.0
+
+
+def _first_collision(candidates: torch.Tensor, nearest: torch.Tensor) -> int:
+    """How many of ``candidates`` (best first) sequential picking takes before one of them is a
+    neighbour of an earlier candidate (whose pick would lower its score and may reorder the rest)."""
+    among = (nearest[candidates].unsqueeze(2) == candidates.view(1, 1, -1)).any(dim=1)  # [i, j]: j near i
+    lowered = among.triu(diagonal=1).any(dim=0)
+    return int(lowered.nonzero()[0]) if lowered.any() else len(candidates)
+
+
+def _lower_in_order(score: torch.Tensor, targets: torch.Tensor, amounts: torch.Tensor) -> torch.Tensor:
+    """``score`` with ``amounts`` subtracted at ``targets`` one after another, as a loop would: a
+    target met k times is lowered in k passes over distinct indices (deterministic on any device)."""
+    earlier = (targets.unsqueeze(0) == targets.unsqueeze(1)).tril(diagonal=-1).sum(dim=1)
+    for occurrence in range(int(earlier.max()) + 1 if len(targets) else 0):
+        at = earlier == occurrence
+        score[targets[at]] = score[targets[at]] - amounts[at]
+    return score
+
+
 def amia_selection(features: torch.Tensor, attention: torch.Tensor, visual: torch.Tensor, neighbours: int = 3,
-                   mmd_factor: float = 0.1, rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """TAMP's attention- and diversity-guided selection (AMIA), vectorised.
+                   mmd_factor: float = 0.1, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """TAMP's attention- and diversity-guided selection (AMIA), exactly as the TAMP authors' greedy
+    loop picks, in vectorised steps.
 
     On unit-normalised features, ``D = 1 - cos``; each token's score is its attention plus its
-    3 nearest neighbours' attention weighted by ``exp(-D)``. Tokens are taken greedily by score,
-    each pick lowering its neighbours' scores by ``exp(-0.2 D) * max(score, 0)``, until the RBF
+    3 nearest neighbours' (self excluded) attention weighted by ``exp(-D)``. The highest-scored
+    token is picked (ties: the lowest position) and lowers its neighbours' scores by
+    ``exp(-0.2 D) * max(score, 0)``; picking stops at the first token after which the RBF
     (sigma = 1) MMD^2 between all tokens and the picked ones falls below
-    ``mmd_factor * sqrt(1 - rho)``, rho the mean of the visual-visual, text-text and visual-text
-    cosine similarities. Picks are made ``ceil(n / rounds)`` at a time (at most ``rounds``
-    iterations per sample, no per-token loop); within a round the MMD of every prefix is computed
-    from cumulative sums, so the selection stops at exactly the first token that meets the
-    criterion (neighbour scores are lowered once per round). Returns the picked positions and their
-    weights (attention, normalised to mean 1).
+    ``mmd_factor * sqrt(1 - rho)`` (rho: :func:`amia_density`).
+
+    A pick changes only its neighbours' scores, so the best-scored candidates are taken together
+    up to the first one that an earlier candidate of the step neighbours (at most ``batch`` a
+    step): the same picks, in the same order, as one at a time. The MMD of every prefix comes from
+    cumulative sums, so the stop is at exactly the token where the loop would stop. Returns the
+    picked positions (ascending) and their weights (attention, normalised to mean 1).
     """
     unit = F.normalize(features.float(), dim=-1)
     n = unit.shape[0]
@@ -183,31 +235,31 @@ def amia_selection(features: torch.Tensor, attention: torch.Tensor, visual: torc
     nearest_distance, nearest = torch.topk(distance + torch.eye(n, device=unit.device) * 4.0, k, largest=False)
     a = attention.float()
     score = a + (torch.exp(-nearest_distance) * a[nearest]).sum(dim=1)
-    groups = [cosine[m][:, m2] for m, m2 in ((visual, visual), (~visual, ~visual), (visual, ~visual))
-              if m.any() and m2.any()]
-    rho = float(torch.stack([g.mean() for g in groups]).mean())
-    threshold = mmd_factor * max(0.0, 1.0 - rho) ** 0.5
-    kernel = torch.exp(cosine - 1.0)  # RBF with sigma = 1 on unit vectors: exp(-|x - y|^2 / 2)
-    kernel_mean, to_all = kernel.mean(), kernel.mean(dim=0)
+    threshold = mmd_factor * max(0.0, 1.0 - amia_density(cosine, visual)) ** 0.5
+    squared = (unit * unit).sum(dim=1)
+    kernel = torch.exp(-(squared.unsqueeze(1) + squared.unsqueeze(0) - 2.0 * cosine) / 2.0)  # RBF, sigma = 1
+    wide = kernel.double()  # the MMD's running sums, in float64
+    kernel_mean, to_all = wide.mean(), wide.mean(dim=0)
     chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    to_chosen = torch.zeros(n, device=unit.device)  # sum of the kernel to the chosen tokens
-    pair_sum, all_sum, size = torch.zeros((), device=unit.device), torch.zeros((), device=unit.device), 0
-    step = -(-n // rounds)
-    while not chosen.all():
-        picks = torch.topk(score.masked_fill(chosen, float("-inf")), min(step, int((~chosen).sum()))).indices
-        # MMD^2 after each prefix of this round's picks, to stop exactly where it first drops below
-        within = kernel[picks][:, picks].cumsum(0).cumsum(1).diagonal()
+    to_chosen = torch.zeros(n, dtype=torch.float64, device=unit.device)  # kernel sums to the chosen tokens
+    pair_sum, all_sum, size = torch.zeros((), dtype=torch.float64, device=unit.device), 0.0, 0
+    while size < n:
+        ranked = torch.sort(score.masked_fill(chosen, float("-inf")), descending=True, stable=True).indices
+        candidates = ranked[: min(batch, n - size)]
+        picks = candidates[: _first_collision(candidates, nearest)]
+        # MMD^2 after each prefix of the picks, to stop exactly where it first drops below
+        within = wide[picks][:, picks].cumsum(0).cumsum(1).diagonal()
         pairs = pair_sum + 2 * to_chosen[picks].cumsum(0) + within
         alls = all_sum + to_all[picks].cumsum(0)
         sizes = size + torch.arange(1, len(picks) + 1, device=unit.device)
-        below = (kernel_mean + pairs / sizes ** 2 - 2 * alls / sizes < threshold).nonzero()
+        below = (kernel_mean + pairs / sizes**2 - 2 * alls / sizes < threshold).nonzero()
         take = int(below[0]) + 1 if len(below) else len(picks)
         picks = picks[:take]
         pair_sum, all_sum, size = pairs[take - 1], alls[take - 1], size + take
-        chosen[picks] = True
-        to_chosen += kernel[:, picks].sum(dim=1)
         lowered = torch.exp(-0.2 * nearest_distance[picks]) * score[picks].clamp(min=0).unsqueeze(1)
-        score = score.index_add(0, nearest[picks].flatten(), -lowered.flatten())
+        score = _lower_in_order(score, nearest[picks].flatten(), lowered.flatten())
+        chosen[picks] = True
+        to_chosen += wide[:, picks].sum(dim=1)
         if len(below):
             break
     positions = chosen.nonzero().squeeze(1)

@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from ..errors import ConfigError, NumericalError
-from .masks import lowest_mask, nm_mask, prune_count
+from ..errors import NumericalError
+from .masks import check_pattern, lowest_mask, nm_mask, prune_count
 from .scoring import weighted_rows
 
 
@@ -87,10 +87,8 @@ def sparsegpt_prune(
     if (sparsity is None) == (pattern is None):
         raise ValueError("give exactly one of sparsity or pattern")
     rows, cols = weight.shape
-    if pattern is not None and cols % pattern[1]:
-        raise ConfigError(f"N:M pattern {pattern[0]}:{pattern[1]} needs in_features divisible by {pattern[1]}, "
-                          f"got {cols}: choose another M")
     if pattern is not None:
+        check_pattern(pattern, cols)
         block_size = max(pattern[1], block_size - block_size % pattern[1])  # N:M groups never straddle blocks
     w = weight.detach().float().clone()
     w[:, torch.diag(hessian) == 0] = 0

@@ -14,9 +14,17 @@ from typing import Literal
 
 from ..registry import Ref, Registry, resolve_ref
 
+#: The largest seed of a run (calibration draw, random pools, t-SNE): numpy's limit, 2**32 - 1; the
+#: engine's per-block generator seeds, ``seed * 1_000_003 + block * 10_007 + sample``, then stay far
+#: inside torch's 64 bits.
+MAX_SEED = 2**32 - 1
+
 BudgetRule = Literal["none", "adaptive", "fixed"]
 Allocation = Literal["uniform", "das"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "das")
+#: What structured pruning removes: MLP channels, attention heads (whole key/value groups), or both.
+Structure = Literal["channels", "heads", "both"]
+STRUCTURES: tuple[str, ...] = ("channels", "heads", "both")
 
 
 @dataclass(frozen=True)
@@ -51,19 +59,40 @@ class Method:
     methods. ``prepare``: optional, run once per input group on the finished statistic (SparseGPT's
     Cholesky factor, shared by q/k/v). ``prune_weight``: ``(weight, statistic, sparsity, pattern)
     -> pruned weight``.
+
+    A *structured* method (removes whole attention heads and MLP channels) has ``column_scores``
+    instead of ``prune_weight``: ``(weight, statistic) -> one score per input column`` of the
+    linear reading the structures (``o_proj``, ``down_proj``); ``bias_shift``, optional:
+    ``(weight, statistic, removed_columns) -> what to add to that linear's output bias``;
+    ``head_score_power``: a head's score sums its columns' scores each raised to this power (FLAP's
+    reference squares them).
     """
 
-    prune_weight: Ref
+    prune_weight: Ref | None = None
     default_pool: str | None = None  # None: data-free
     accumulator: Ref | None = None
     prepare: Ref | None = None
     plain_pools: bool = True  # whether pools without ranked candidates (see plain_pools()) may be used
     allocation: Allocation = "uniform"  # default per-matrix sparsity allocation
     summary: str = ""
+    column_scores: Ref | None = None
+    bias_shift: Ref | None = None
+    head_score_power: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.prune_weight is None) == (self.column_scores is None):
+            raise ValueError("a method has exactly one of prune_weight (unstructured) or column_scores (structured)")
+        if self.column_scores is not None and self.accumulator is None:
+            raise ValueError("a structured method needs an accumulator: its scores come from calibration")
 
     @property
     def needs_calibration(self) -> bool:
         return self.accumulator is not None
+
+    @property
+    def structured(self) -> bool:
+        """Whether the method removes whole heads and channels (``column_scores``) rather than weights."""
+        return self.column_scores is not None
 
 
 POOLS: Registry[Pool] = Registry("pool")
@@ -114,6 +143,10 @@ for _name, _pool in {
                 summary="text + visual tokens most attended by text, adaptive budget"),
     "abs-fixed": Pool(_POOLS + "attention_pool", "fixed", needs_attention=True, saliency="abs",
                       summary="text + top visual_ratio of visual tokens by text attention"),
+    "abs-rel": Pool(_POOLS + "relative_attention_pool", "adaptive", needs_attention=True, saliency="abs-rel",
+                    summary="as abs, with the budget from attention relative to uniform (s * n), scale-free"),
+    "abs-rel-fixed": Pool(_POOLS + "relative_attention_pool", "fixed", needs_attention=True, saliency="abs-rel",
+                          summary="as abs-fixed (the same tokens: a fixed budget ignores the saliency's scale)"),
     "dbs": Pool(_POOLS + "diversity_pool", "adaptive", saliency="dbs",
                 summary="text + max-min diverse visual tokens, adaptive budget"),
     "dbs-fixed": Pool(_POOLS + "diversity_pool", "fixed", saliency="dbs",
@@ -135,5 +168,16 @@ for _name, _method in {
     "sparsegpt": Method(_PRUNE + "sparsegpt_prune_weight", "mixed", "atv_prune.algorithms.sparsegpt:HessianSum",
                         "atv_prune.algorithms.sparsegpt:prepare_hessian",
                         summary="OBS update with H = (2/N) sum x x^T, any pool"),
+}.items():
+    register_method(_name, _method)
+
+_STRUCTURED = "atv_prune.algorithms.structured:"
+for _name, _method in {
+    "wanda-sp": Method(default_pool="mixed", accumulator=_SQUARES, column_scores=_STRUCTURED + "wanda_columns",
+                       summary="structured Wanda: heads/channels by sum |W| * sqrt(mean sum x^2) of their columns"),
+    "flap": Method(default_pool="mixed", accumulator=_STRUCTURED + "InputMoments",
+                   column_scores=_STRUCTURED + "fluctuation_columns", bias_shift=_STRUCTURED + "mean_shift",
+                   head_score_power=2,
+                   summary="FLAP: heads/channels by input variance * ||W column||^2, bias compensation"),
 }.items():
     register_method(_name, _method)

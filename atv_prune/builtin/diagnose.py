@@ -26,6 +26,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from ..algorithms.prune import magnitude_prune
 from ..eval.run import retention_of
 from ..model.layout import resolve
+from ..model.loading import load_model
 from . import BENCHMARK_DIR, CHECKPOINT_DIR, scenes
 from .train import Encoder, data_image_layout, evaluate, load_split
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"{what}: {path} not found; give a built-in checkpoint and a benchmark folder")
     torch.set_num_threads(args.threads)
     record = json.loads((args.model / "training.json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    model, _ = load_model(args.model)  # strictly: a damaged checkpoint is refused, never partly random
     encoder = Encoder(AutoProcessor.from_pretrained(args.model), record["shape"]["patch_size"],
                       data_image_layout(record["data"]))
     accuracy: dict[str, Any] = evaluate(model, encoder, diagnostic_items(args.bench, args.items))

@@ -15,7 +15,7 @@ import click
 
 from .. import builtin
 from ..errors import AtvPruneError
-from .options import shared
+from .options import CLUSTER_OPTIONS, shared
 from .support import Command, one_line_errors
 
 DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
@@ -46,10 +46,10 @@ def builtin_benchmark() -> Path:
               help="Output folder; re-running resumes it.")
 @shared("samples", "limit", "batch-size", "device", "dtype", "seed")
 @click.option("--overwrite", is_flag=True, help="Recompute everything in --out.")
-@shared("quiet")
+@shared("quiet", *CLUSTER_OPTIONS)
 @one_line_errors
 def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device: str | None, dtype: str,
-         seed: int, overwrite: bool, quiet: bool) -> None:
+         seed: int, overwrite: bool, quiet: bool, **cluster: Any) -> None:
     """Prune the built-in model with magnitude, Wanda, Wanda (text) and ATV; print the retention table."""
     from ..eval.tasks import builtin_tasks
     from .study import run_comparison
@@ -57,8 +57,9 @@ def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device
     model, bench = builtin_checkpoint(), builtin_benchmark()
     kw: dict[str, Any] = dict(model_path=model, calib_path=bench / "calib.json", tasks=tuple(builtin_tasks(bench)),
                               bench_dir=bench, limit=limit, batch_size=batch_size, samples=samples, seed=seed,
-                              device=device, dtype=dtype, image_root=None, max_pixels=None, out_dir=out_dir,
-                              overwrite=overwrite, trust_remote_code=False, quiet=quiet, load="auto")
+                              device=device, dtype=dtype, image_root=None, max_pixels=None, max_length=None,
+                              out_dir=out_dir, overwrite=overwrite, trust_remote_code=False, quiet=quiet, load="auto",
+                              device_map=None, max_memory=None, offload_folder=None, **cluster)
     names = {"json": "report.json", "md": "report.md", "csv": "report.csv", "png": "retention.png"}
-    click.echo(run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names))
+    run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names)
     click.echo(f"written to {out_dir}: report.md, report.json, report.csv, retention.png")

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import AtvPruneError
-from .options import shared
+from ..errors import AtvPruneError, ConfigError
+from .cluster import placement
+from .options import PLACEMENT_OPTIONS, shared
 from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def _read_result(path: Path) -> EvalResult:
 
 
 @click.command("eval", cls=ListOptionsCommand)
-@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype")
+@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype", *PLACEMENT_OPTIONS)
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
               help="eval_results.json of the dense model: adds retention (pruned / dense) "
                    "per task and its mean.")
@@ -52,15 +53,19 @@ def _read_result(path: Path) -> EvalResult:
 @shared("trust-remote-code", "quiet")
 @one_line_errors
 def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | None, limit: int | None,
-                 batch_size: int, device: str | None, dtype: str, baseline_path: Path | None,
-                 out_dir: Path | None, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
+                 batch_size: int, device: str | None, dtype: str, device_map: str | None, max_memory: str | None,
+                 offload_folder: Path | None, baseline_path: Path | None, out_dir: Path | None, overwrite: bool,
+                 trust_remote_code: bool, quiet: bool) -> None:
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from ..builtin import default_benchmark
     from ..eval.env import require_lmms_eval
-    from ..model.loading import compute_dtype, load_model_and_processor, resolve_device
+    from ..model.loading import compute_dtype, load_model_and_processor, resolve_device, silence_loading_bars
     from ..runs.export import check_creatable, write_json_atomic
     from ..runs.preflight import check_model
 
+    spread = placement({"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder})
+    if spread is not None and device is not None:
+        raise ConfigError("--device-map places the model itself: drop --device (or --device-map)")
     out_file = out_dir / RESULTS_FILE if out_dir is not None else None
     if out_file is not None:
         check_creatable(out_dir)
@@ -83,11 +88,11 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     if baseline is not None:
         check_comparable(task_ids.values(), limit, baseline)
     if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    loaded.model.to(loaded.device)
+        silence_loading_bars()
+    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                      placement=spread)
+    if spread is None:
+        loaded.model.to(loaded.device)
     result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,
                       batch_size=batch_size, device=str(loaded.device), progress=not quiet)
     kept = retention(result, baseline) if baseline is not None else None
@@ -110,3 +115,30 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
             record["retention"] = kept
         write_json_atomic(out_file, record)
         click.echo(f"wrote {out_file}")
+
+
+@click.command("tasks", cls=ListOptionsCommand)
+@click.option("--tasks", multiple=True, help="Built-in task names, e.g. exist count [default: every task of --bench].")
+@shared("bench", "out", "overwrite")
+@one_line_errors
+def tasks_command(tasks: tuple[str, ...], bench_dir: Path | None, out_dir: Path, overwrite: bool) -> None:
+    """Write the built-in tasks as an lmms-eval task folder, to score any checkpoint with the stock
+    lmms-eval command line (--include_path)."""
+    from ..builtin import default_benchmark
+    from ..eval.tasks import TASK_PREFIX, builtin_tasks, write_builtin_tasks
+    from ..runs.export import write_dir_atomic
+    from .study import words
+
+    bench = bench_dir if bench_dir is not None else default_benchmark()
+    if bench is None or not Path(bench).is_dir():
+        raise AtvPruneError(f"benchmark folder {bench_dir} not found: pass an existing --bench DIR")
+    names = [name.removeprefix(TASK_PREFIX) for name in words(tasks)] or builtin_tasks(bench)
+    out = out_dir.resolve()
+    ids: dict[str, str] = {}
+    write_dir_atomic(out, lambda folder: ids.update(write_builtin_tasks(bench, folder, names, located_at=out)),
+                     overwrite)
+    click.echo(f"wrote {len(ids)} lmms-eval tasks to {out}: {' '.join(ids.values())}")
+    click.echo("score a checkpoint with the stock lmms-eval command line (offline, greedy), e.g.:\n"
+               f"  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lmms_eval --model llava_hf "
+               f"--model_args pretrained=CHECKPOINT,device_map=cpu,dtype=float32 --include_path {out} "
+               f"--tasks {','.join(ids.values())} --batch_size 1 --device cpu")

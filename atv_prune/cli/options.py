@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from ..algorithms.specs import MAX_SEED
+
 #: Calibration samples drawn by every command (the paper's 128 ShareGPT4V pairs).
 DEFAULT_SAMPLES = 128
 #: Documents per generate call in every evaluation.
@@ -63,7 +65,7 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                   help="Calibration file: conversation JSON or image-text JSONL."),
     "samples": lambda: click.option("--samples", type=click.IntRange(min=1), default=DEFAULT_SAMPLES,
                                     show_default=True, help="Calibration samples drawn."),
-    "seed": lambda: click.option("--seed", type=int, default=0, show_default=True,
+    "seed": lambda: click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                                  help="Seed of the calibration draw and of random pools."),
     "device": lambda: click.option("--device", default=None,
                                    help="Compute device [default: cuda if available, else cpu]."),
@@ -75,6 +77,10 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                             "file's folder]."),
     "max-pixels": lambda: click.option("--max-pixels", type=int, default=None,
                                        help="Downscale calibration images to at most this many pixels."),
+    "max-length": lambda: click.option("--max-length", type=click.IntRange(min=1), default=None,
+                                       help="Truncate calibration samples to at most this many tokens (from the "
+                                            "end of their text) [default: the model's context, "
+                                            "max_position_embeddings]."),
     "out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
                                 help="Output folder (must not exist unless --overwrite)."),
     "overwrite": lambda: click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
@@ -110,11 +116,39 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
     "study-out": lambda: click.option("--out", "out_dir", required=True, type=_PATH,
                                       help="Study folder; re-running the same study there resumes it."),
     "study-overwrite": lambda: click.option("--overwrite", is_flag=True, help="Discard the cells already in --out."),
+    # Models larger than one device, at evaluation (accelerate's big-model inference).
+    "device-map": lambda: click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                                       help="Spread the evaluated model over the GPUs, then the CPU, then disk "
+                                            "(for models larger than one GPU)."),
+    "max-memory": lambda: click.option("--max-memory", default=None,
+                                       help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                                            "[default: what each has free]."),
+    "offload-folder": lambda: click.option("--offload-folder", type=_PATH, default=None,
+                                           help="With --device-map: where weights that fit nowhere go [default: a "
+                                                "temporary folder]."),
+    # Studies on a Ray cluster.
+    "ray": lambda: click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                                metavar="[ADDRESS]",
+                                help="Run the cells as Ray tasks: alone, on a local cluster started for this "
+                                     "command; 'auto' or an address (host:6379, ray://host:10001): on that cluster."),
+    "cpus-per-cell": lambda: click.option("--cpus-per-cell", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                                          show_default=True, help="With --ray: CPUs each cell holds."),
+    "gpus-per-cell": lambda: click.option("--gpus-per-cell", type=click.FloatRange(min=0), default=None,
+                                          help="With --ray: GPUs each cell holds [default: 1 when the cells run on "
+                                               "CUDA, else 0]."),
+    "retries": lambda: click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+                                    help="With --ray: how often a cell whose worker died is run again before it "
+                                         "is recorded as failed."),
 }
 
+#: How a study's cells are placed on a Ray cluster (``--ray`` and its resources).
+CLUSTER_OPTIONS = ("ray", "cpus-per-cell", "gpus-per-cell", "retries")
+#: How an evaluated model is spread over devices (``--device-map`` and its limits).
+PLACEMENT_OPTIONS = ("device-map", "max-memory", "offload-folder")
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "load", "image-root", "max-pixels", "study-out", "study-overwrite", "trust-remote-code", "quiet")
+                 "load", *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-length", "study-out", "study-overwrite",
+                 "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

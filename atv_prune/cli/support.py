@@ -5,29 +5,44 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ..errors import AtvPruneError, one_line
+from ..errors import AtvPruneError, environment_failure, one_line
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an :class:`AtvPruneError`, or an unforeseen file-system ``OSError``, into one
-    ``error: ...`` line on stderr and exit status 2."""
+    ``error: ...`` line on stderr and the exit status its kind calls for: 2 for a problem with the
+    input, 1 for an environment failure (:class:`EnvironmentFailure`; an ``OSError`` for a full or
+    read-only disk, a quota, a file-size limit, a denied write or an I/O error); show warnings as
+    one ``warning: ...`` line."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return command(*args, **kwargs)
         except AtvPruneError as error:
             click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            sys.exit(error.exit_status)
         except OSError as error:  # a file system problem no check foresaw (disk full, a path changed)
             where = f" {error.filename}" if error.filename else " a file"
-            click.echo(f"error: cannot access{where}: {error.strerror or one_line(error)}: check the path, "
-                       "its permissions and the free space", err=True)
+            failure = environment_failure(error, f"accessing{where}")
+            if failure is not None:
+                click.echo(f"error: {failure}", err=True)
+                sys.exit(failure.exit_status)
+            click.echo(f"error: cannot access{where}: {error.strerror or one_line(error)}: check the path and "
+                       "that nothing else changes it during the run", err=True)
             sys.exit(2)
 
     return wrapper

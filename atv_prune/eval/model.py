@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import AtvPruneError
+from ..model.chat import user_content
+from ..model.images import to_rgb
 from ..model.layout import resolve
 from .env import require_lmms_eval
-from .hooks import IMAGE_MARKER
 
 try:
     from lmms_eval.api.instance import Instance
@@ -39,31 +40,16 @@ class GenerationError(RuntimeError):
     """Generation failed for a batch of documents; the evaluation stops instead of scoring 0."""
 
 
-def user_content(context: str, images: list[Image.Image]) -> list[dict[str, Any]]:
-    """The user turn: images where the prompt has ``<image>`` markers (one per image), else first."""
-    pieces = context.split(IMAGE_MARKER)
-    if images and len(pieces) == len(images) + 1:
-        content: list[dict[str, Any]] = []
-        for text, image in zip(pieces, images):
-            if text.strip():
-                content.append({"type": "text", "text": text.strip()})
-            content.append({"type": "image", "image": image})
-        if pieces[-1].strip():
-            content.append({"type": "text", "text": pieces[-1].strip()})
-        return content
-    text = " ".join(piece.strip() for piece in pieces if piece.strip()) if images else context
-    return [*({"type": "image", "image": image} for image in images), {"type": "text", "text": text}]
-
-
 def _images(visuals: Any, where: str) -> list[Image.Image]:
-    """A document's visuals as RGB PIL images; videos, audio and paths are refused."""
+    """A document's visuals as 8-bit RGB PIL images (:func:`~atv_prune.model.images.to_rgb`: high
+    bit depths scaled, transparency on white); videos, audio and paths are refused."""
     if visuals is None:
         return []
     visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
     if not all(isinstance(v, Image.Image) for v in visuals):
         kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
         raise AtvPruneError(f"{where}: visuals of type {', '.join(kinds)} are not supported (images only)")
-    return [v.convert("RGB") for v in visuals]
+    return [to_rgb(v) for v in visuals]
 
 
 def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[int, tuple[str, ...]]:

@@ -33,11 +33,12 @@ MAX_NEW_TOKENS = 8
 
 _UTILS = (
     '"""lmms-eval hooks of the atvbench tasks in this folder (written by atv_prune.eval.tasks)."""\n\n'
-    "from atv_prune.eval.hooks import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
+    "from atv_prune.eval.hooks import doc_to_messages, doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
 )
 _FUNCTIONS = (
     "doc_to_visual: !function utils.doc_to_visual\n"
     "doc_to_text: !function utils.doc_to_text\n"
+    "doc_to_messages: !function utils.doc_to_messages\n"
     "process_results: !function utils.process_results\n"
 )
 
@@ -132,12 +133,14 @@ def task_config(name: str, data_file: Path, cache_dir: Path, bench: Path) -> dic
     }
 
 
-def write_builtin_tasks(bench_dir: str | Path, dest: str | Path,
-                        names: list[str] | None = None) -> dict[str, str]:
+def write_builtin_tasks(bench_dir: str | Path, dest: str | Path, names: list[str] | None = None,
+                        located_at: str | Path | None = None) -> dict[str, str]:
     """Write lmms-eval tasks for the test split of ``bench_dir`` into folder ``dest``.
 
-    ``names`` limits the tasks (default: all). Returns built-in name -> lmms-eval task id. Every
-    record is checked first, so a bad benchmark fails here with one line, not inside lmms-eval.
+    ``names`` limits the tasks (default: all). ``located_at``: where the folder will be read from
+    when that is not ``dest`` (it is written elsewhere and moved there): the YAMLs name their data
+    files there. Returns built-in name -> lmms-eval task id. Every record is checked first, so a
+    bad benchmark fails here with one line, not inside lmms-eval.
     """
     bench = Path(bench_dir).resolve()
     available = builtin_tasks(bench)
@@ -147,14 +150,16 @@ def write_builtin_tasks(bench_dir: str | Path, dest: str | Path,
         raise AtvPruneError(f"no task {', '.join(unknown)} in {bench}/test; "
                             f"built-in tasks: {', '.join(available)}")
     dest = Path(dest)
+    home = Path(located_at) if located_at is not None else dest
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "utils.py").write_text(_UTILS, encoding="utf-8")
     ids = {}
     for name in names:
         records = read_records(bench / "test" / f"{name}.jsonl", bench)
-        data_file = dest / f"{task_id(name)}.jsonl"
-        data_file.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
-        config = yaml.safe_dump(task_config(name, data_file, dest / "hf_datasets", bench), sort_keys=False)
+        data_file = f"{task_id(name)}.jsonl"
+        (dest / data_file).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records),
+                                      encoding="utf-8")
+        config = yaml.safe_dump(task_config(name, home / data_file, home / "hf_datasets", bench), sort_keys=False)
         (dest / f"{task_id(name)}.yaml").write_text(config + _FUNCTIONS, encoding="utf-8")
         ids[name] = task_id(name)
     return ids

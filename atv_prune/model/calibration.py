@@ -14,8 +14,8 @@ import copy
 import json
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from ..errors import CalibrationError, not_a_file, one_line
+from ..errors import CalibrationError, ConfigError, ImageError, not_a_file, one_line
+from .chat import IMAGE_MARKER, user_content
+from .images import open_image
 
-IMAGE_MARKER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _CONVERSATION_HINT = (
     'each record needs "conversations": [{"from": "human", "value": "<image>\\n..."}, '
@@ -44,13 +45,32 @@ class CalibrationSample:
 
 @dataclass
 class CalibrationSet:
-    """The samples drawn from a calibration file, with bookkeeping for the report."""
+    """The samples drawn from a calibration file, with bookkeeping for the report.
+
+    ``max_length``: the longest sample the user allows (tokens), applied by :func:`fit_context`
+    once the model's context is known (None: the model's context)."""
 
     samples: list[CalibrationSample]
     path: str
     records_in_file: int
     seed: int
     warnings: list[str] = field(default_factory=list)
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class ContextFit:
+    """What :func:`fit_context` did: the length limit, and how many samples it truncated (and by
+    how many tokens in all) or skipped because their image's tokens end beyond the limit."""
+
+    max_length: int
+    truncated: int
+    tokens_dropped: int
+    skipped: int
+
+    def summary(self) -> dict[str, int]:
+        return {"max_length": self.max_length, "truncated_too_long": self.truncated,
+                "tokens_truncated": self.tokens_dropped, "skipped_too_long": self.skipped}
 
 
 @dataclass
@@ -70,21 +90,6 @@ def _fail(message: str) -> CalibrationError:
 
 def _text_item(text: str) -> dict[str, str]:
     return {"type": "text", "text": text}
-
-
-def _user_content(text: str, with_image: bool) -> list[dict[str, str]]:
-    """Content list of a user turn: the image where ``<image>`` stood (default: first), then text."""
-    if not with_image:
-        return [_text_item(text.replace(IMAGE_MARKER, "").strip())]
-    before, marker, after = text.partition(IMAGE_MARKER)
-    if not marker:
-        before, after = "", text
-    content = [_text_item(before.strip())] if before.strip() else []
-    content.append({"type": "image"})
-    rest = after.replace(IMAGE_MARKER, "").strip()
-    if rest:
-        content.append(_text_item(rest))
-    return content
 
 
 class _Turn(BaseModel):
@@ -159,7 +164,7 @@ def _conversation_record(raw: dict, number: int, where: str) -> _Record:
     messages = []
     for i, (role, text) in enumerate(parsed):
         if role == "user":
-            content = _user_content(text, with_image=record.image is not None and i == image_turn)
+            content = user_content(text, [None] if record.image is not None and i == image_turn else [])
         else:
             content = [_text_item(text.replace(IMAGE_MARKER, "").strip())]
         messages.append({"role": role, "content": content})
@@ -172,7 +177,7 @@ def _pair_record(raw: dict, number: int, where: str) -> _Record:
         record = _PairRecord.model_validate(raw)
     except ValidationError as error:
         raise _record_error(error, where) from None
-    user = _user_content(record.prompt or "", with_image=record.image is not None)
+    user = user_content(record.prompt or "", [None] if record.image is not None else [])
     answer = [_text_item(record.text.strip())]
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return _Record(number, where, messages, record.image)
@@ -205,7 +210,7 @@ def _parse_jsonl(text: str, name: str) -> list[_Record]:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             hint = "write one JSON object per line"
-            if number == 1 and _is_json(text):
+            if number == 1 and _whole_json(text) is not None:
                 hint = "the file is one JSON document: give a list of conversation records or JSONL"
             raise _fail(f"malformed JSONL in {name} at line {number}, column {exc.colno}: {exc.msg}: "
                         f"{hint}") from None
@@ -217,12 +222,26 @@ def _parse_jsonl(text: str, name: str) -> list[_Record]:
     return records
 
 
-def _is_json(text: str) -> bool:
+def _whole_json(text: str) -> Any:
+    """The file's content as one JSON document, or None when it is not one (JSONL, malformed)."""
     try:
-        json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        return False
-    return True
+        return None
+
+
+def _one_object(raw: dict, file: Path) -> _Record:
+    """A file holding one JSON object: a single record (conversation or image-text pair), or,
+    when the object is not a record, a one-line error saying so."""
+    where = f"the record in {file.name}"
+    if "conversations" in raw:
+        return _conversation_record(raw, 1, where)
+    if "text" in raw:
+        return _pair_record(raw, 1, where)
+    keys = ", ".join(f'"{key}"' for key in list(raw)[:4]) + (", ..." if len(raw) > 4 else "")
+    raise _fail(f"{file} holds a JSON object ({{{keys}}}), not a list of records: give a JSON list [...] of "
+                'conversation records, or JSONL with one {"image", "text"} or {"image", "conversations"} '
+                "record per line")
 
 
 def _read_records(file: Path) -> list[_Record]:
@@ -237,7 +256,9 @@ def _read_records(file: Path) -> list[_Record]:
     stripped = text.lstrip()
     if not stripped:
         raise _fail(f"calibration file {file} is empty: give it at least one record")
-    if file.suffix.lower() == ".jsonl" or not stripped.startswith("["):
+    if stripped.startswith("{") and isinstance(whole := _whole_json(text), dict):
+        records = [_one_object(whole, file)]
+    elif file.suffix.lower() == ".jsonl" or not stripped.startswith("["):
         records = _parse_jsonl(text, file.name)
     else:
         records = _parse_json(text, file.name)
@@ -258,13 +279,12 @@ def _resolve_image(image: str, root: Path, where: str) -> Path:
 
 
 def _open_image(path: Path, max_pixels: int | None) -> Image.Image:
-    """Decode an image as RGB, downscaled (aspect kept, LANCZOS) so width*height <= max_pixels."""
+    """Decode an image as 8-bit RGB (:func:`~atv_prune.model.images.open_image`: high bit depths
+    scaled, transparency on white), downscaled (aspect kept, LANCZOS) so width*height <= max_pixels."""
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except Exception as exc:
-        raise _fail(f"cannot read image {path} ({type(exc).__name__}: {one_line(exc, 200)}): "
-                    "replace or remove the corrupt file or its record") from None
+        image = open_image(path)
+    except ImageError as error:
+        raise _fail(str(error)) from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         scale = math.sqrt(max_pixels / (width * height))
@@ -360,6 +380,72 @@ def _draw(path: str | Path, image_root: str | Path | None, samples: int, seed: i
     return file, len(records), drawn, warnings
 
 
+def _token_aligned(name: str, value: torch.Tensor, length: int) -> bool:
+    """Whether an input runs along the token sequence (ids, masks, token types): a (1, seq) tensor
+    that is not an image input."""
+    return value.ndim == 2 and tuple(value.shape) == (1, length) and not name.startswith(("pixel", "image"))
+
+
+def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Sequence[int]
+                ) -> tuple[CalibrationSet, ContextFit | None]:
+    """Fit every sample into ``calibration.max_length`` tokens, or the model's ``context``
+    (``max_position_embeddings``) when the user set none, so that no statistic comes from
+    positions beyond what the model was trained on.
+
+    A longer sample is truncated on the text side: its last tokens are dropped (the end of the
+    assistant's answer first, then earlier text), which keeps the image and the start of the user
+    turn, the tokens every pool needs. A sample whose image tokens end beyond the limit cannot be
+    cut without splitting the image (its features would no longer match its placeholders) and is
+    skipped. Both are counted in the returned :class:`ContextFit` and in a warning. A
+    ``max_length`` above ``context`` is a :class:`ConfigError`. Returns the set unchanged, with
+    ``None``, when there is no limit at all."""
+    check_max_length(calibration.max_length, context)
+    limit = calibration.max_length or context
+    if limit is None:
+        return calibration, None
+    kept: list[CalibrationSample] = []
+    truncated = dropped = skipped = 0
+    ids = torch.tensor(list(visual_ids), dtype=torch.long)
+    for sample in calibration.samples:
+        input_ids = sample.inputs["input_ids"]
+        length = input_ids.shape[-1]
+        if length <= limit:
+            kept.append(sample)
+            continue
+        visual = torch.isin(input_ids[0], ids.to(input_ids.dtype)).nonzero()
+        if len(visual) and int(visual[-1]) >= limit:
+            skipped += 1
+            continue
+        inputs = {name: value[:, :limit] if _token_aligned(name, value, length) else value
+                  for name, value in sample.inputs.items()}
+        kept.append(CalibrationSample(inputs, sample.source, sample.image))
+        truncated += 1
+        dropped += length - limit
+    where = "--max-length" if calibration.max_length is not None else "the model's context"
+    if skipped and not kept:
+        raise CalibrationError(f"the image tokens of all {skipped} calibration samples end beyond {where} ({limit} "
+                               "tokens): raise --max-length (up to the model's context), or lower --max-pixels so "
+                               "that images take fewer tokens")
+    warnings = list(calibration.warnings)
+    if truncated:
+        warnings.append(f"truncated {truncated} calibration samples longer than {where} ({limit} tokens) by "
+                        f"{dropped} text tokens in all, from their end")
+    if skipped:
+        warnings.append(f"skipped {skipped} calibration samples whose image tokens end beyond {where} "
+                        f"({limit} tokens)")
+    fitted = replace(calibration, samples=kept, warnings=warnings)
+    return fitted, ContextFit(limit, truncated, dropped, skipped)
+
+
+def check_max_length(max_length: int | None, context: int | None) -> None:
+    """Refuse a ``max_length`` below 1 or beyond the model's ``context`` (a :class:`ConfigError`)."""
+    if max_length is not None and max_length < 1:
+        raise ConfigError(f"--max-length must be at least 1, got {max_length}")
+    if max_length is not None and context is not None and max_length > context:
+        raise ConfigError(f"--max-length {max_length} is beyond the model's context ({context} positions, its "
+                          f"max_position_embeddings): pass --max-length {context} or less")
+
+
 def check_calibration_file(path: str | Path, *, image_root: str | Path | None = None, samples: int = 128,
                            seed: int = 0, max_pixels: int | None = None) -> None:
     """Check, before any model is loaded, what :func:`load_calibration` would read: the file, the
@@ -379,14 +465,18 @@ def load_calibration(
     samples: int = 128,
     seed: int = 0,
     max_pixels: int | None = None,
+    max_length: int | None = None,
 ) -> CalibrationSet:
     """Draw ``samples`` records at random (``random.Random(seed)``) and process them for the model.
 
     ``path``: a LLaVA/ShareGPT4V conversation JSON list, or JSONL with one
     ``{"image", "text", "prompt"?}`` per line. Image paths are relative to ``image_root``
     (default: the file's folder). ``max_pixels`` downscales images before processing, a cap on
-    visual tokens for every family. Only the drawn records' images are opened.
+    visual tokens for every family. Only the drawn records' images are opened. ``max_length``
+    caps a sample's tokens (kept in the set; :func:`fit_context` applies it, with the model's
+    context, before the samples are used).
     """
+    check_max_length(max_length, None)
     file, records_in_file, drawn, warnings = _draw(path, image_root, samples, seed, max_pixels)
     image_token = None if _has_chat_template(processor) else _image_token(processor)
     if image_token is not None:
@@ -424,4 +514,4 @@ def load_calibration(
                             "check the record and that the processor belongs to the model") from None
             inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
             out.append(CalibrationSample(inputs, source, str(image_path) if image_path else None))
-    return CalibrationSet(out, str(file), records_in_file, seed, warnings)
+    return CalibrationSet(out, str(file), records_in_file, seed, warnings, max_length)

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..algorithms.allocation import allocate_sparsity, das_importance, output_similarity_sums
 from ..algorithms.budget import Budget
+from ..algorithms.masks import check_pattern
 from ..algorithms.pools import PoolChoice, SampleView, drift_of
 from ..algorithms.specs import Method, Pool
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..registry import resolve_ref
 from .attention import recording_attention
 from .capture import CapturedSample, run_block, to_compute
@@ -92,10 +93,8 @@ def check_targets(blocks: nn.ModuleList, prefix: str, pattern: tuple[int, int] |
     that does not divide some target's in_features (works on a meta-device model too)."""
     for index, block in enumerate(blocks):
         for target in find_targets(block, f"{prefix}.{index}"):
-            if pattern is not None and target.weight.shape[1] % pattern[1]:
-                n, m = pattern
-                raise ConfigError(f"N:M pattern {n}:{m} needs in_features divisible by {m}, but {target.name} has "
-                                  f"{target.weight.shape[1]}: choose another M")
+            if pattern is not None:
+                check_pattern(pattern, target.weight.shape[1], target.name)
 
 
 @dataclass
@@ -106,6 +105,8 @@ class BlockReport:
     mean_drift: float | None = None
     visual_tokens_per_sample: float | None = None
     text_tokens_per_sample: float | None = None
+    #: Samples with visual tokens of which the pool kept none (an adaptive budget that rounded to 0).
+    samples_without_visual: int | None = None
 
 
 @dataclass
@@ -235,10 +236,11 @@ class _BlockStatistics:
         """Resolve every sample's budget from the block mean, add the chosen candidates, and return
         each group's statistic with the block's report."""
         block_mean = self.saliency_sum / max(1, sum(choice.n_visual for choice, _ in self.waiting))
-        visual_selected = 0
+        visual_selected = without_visual = 0
         for choice, parked in self.waiting:
             budget = self.budget.resolve(choice.n_visual, choice.n_text, block_mean)
             visual_selected += choice.visual_selected + budget
+            without_visual += choice.n_visual > 0 and choice.visual_selected + budget == 0
             for leader, rows in parked.items():
                 if budget:
                     self.accumulators[leader].add(rows[:budget].to(self.device))
@@ -248,7 +250,8 @@ class _BlockStatistics:
             check_finite(statistic, f"input statistics of {leader}")
         report = BlockReport(index, mean_drift=self.drift_sum / self.drift_count if self.drift_count else None,
                              visual_tokens_per_sample=visual_selected / samples,
-                             text_tokens_per_sample=sum(choice.n_text for choice, _ in self.waiting) / samples)
+                             text_tokens_per_sample=sum(choice.n_text for choice, _ in self.waiting) / samples,
+                             samples_without_visual=without_visual)
         return statistics, report
 
 

@@ -61,6 +61,10 @@ class Family:
     token_type_input: str | None = None
     #: (leaf name, roles) of each decoder-block linear the family knows.
     linears: tuple[tuple[str, tuple[str, ...]], ...] = STANDARD_LINEARS
+    #: (role, decoder-config flag) that gives that role's linear a bias (Llama's ``attention_bias``
+    #: reaches q/k/v/o, ``mlp_bias`` gate/up/down): structured pruning's bias compensation sets the
+    #: flag; a decoder without it (Qwen2's o_proj) cannot be compensated.
+    bias_flags: tuple[tuple[str, str], ...] = (("o", "attention_bias"), ("down", "mlp_bias"))
     notes: str = ""
 
     def roles_of(self, leaf: str) -> tuple[str, ...]:

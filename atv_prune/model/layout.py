@@ -90,6 +90,14 @@ class ModelLayout:
         return prepared
 
 
+def context_length(config: Any) -> int | None:
+    """The positions the language model was trained on (its text config's
+    ``max_position_embeddings``), or None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def resolve(model: nn.Module) -> ModelLayout:
     """Resolve the family of a loaded model, or raise :class:`UnsupportedModelError`."""
     config = getattr(model, "config", None)

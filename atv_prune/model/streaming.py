@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import AtvPruneError, UnsupportedModelError, one_line
+from .checkpoint import check_checkpoint
 from .layout import ModelLayout, resolve
-from .loading import compute_dtype, read_config, resolve_device, saved_dtype_of
-from .memory import available_memory
+from .loading import read_config, saved_dtype_of
 
 #: Name of the work folder (inside the output's staging folder): pruned blocks until they are saved,
 #: and any block weights transformers must convert (rewrite) before they can be read.
@@ -318,6 +318,7 @@ def _open_streamed(path: Path, dtype: torch.dtype | str, trust_remote_code: bool
     if skeleton is None:
         raise UnsupportedModelError(f"the model in {path} cannot be built on the meta device, so its blocks cannot "
                                     "be streamed: use --load memory")
+    check_checkpoint(path, skeleton)
     layout = resolve(skeleton)
     device_map = block_device_map(skeleton, layout.blocks(skeleton))
     try:
@@ -355,26 +356,3 @@ def model_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
 def block_bytes(blocks: nn.ModuleList, dtype: torch.dtype) -> int:
     """Bytes of one decoder block (the largest) in ``dtype``."""
     return max(model_bytes(block, dtype) for block in blocks)
-
-
-def load_dispatched(path: str | Path, offload_folder: Path, *, dtype: str = "auto", device: str | None = None,
-                    trust_remote_code: bool = False) -> nn.Module:
-    """The model of a checkpoint placed for inference by transformers' ``device_map="auto"``: as much
-    as fits on the compute device (90% of its free memory), then host memory (80% of what is
-    available), the rest offloaded to ``offload_folder``; for evaluating a model larger than host
-    memory. Inputs go to the compute device."""
-    from transformers import AutoModelForImageTextToText
-
-    compute = resolve_device(device)
-    available = available_memory()
-    budget: dict[int | str, int] = {"cpu": int(0.8 * available) if available is not None else 2**40}
-    if compute.type == "cuda":
-        budget[compute.index or 0] = int(0.9 * torch.cuda.mem_get_info(compute)[0])
-    try:
-        with _quiet_offload_messages():
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=compute_dtype(dtype, compute), device_map="auto", max_memory=budget,
-                offload_folder=str(offload_folder), use_safetensors=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise AtvPruneError(f"cannot load {path} for evaluation: {one_line(error)}") from None
-    return model.eval()

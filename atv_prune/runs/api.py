@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+from warnings import warn
 
 import torch
 from pydantic import ConfigDict, Field
@@ -13,13 +14,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.specs import POOLS
-from ..errors import CalibrationError
-from ..model.calibration import CalibrationSet, load_calibration
+from ..errors import CalibrationError, ConfigError
+from ..model.calibration import CalibrationSet, fit_context, load_calibration
 from ..model.capture import ActivationStore, capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
-from ..model.layout import ModelLayout, resolve
+from ..model.layout import ModelLayout, context_length, resolve
 from ..model.loading import resolve_device
 from ..model.memory import available_memory, parse_size
+from ..model.shrink import shrink_surgery
+from ..model.structured import StructuredPruner, SurgeryFactory
 from ..model.walk import BlockHome
 from ..validation import Record
 from ..versions import package_versions
@@ -42,6 +45,7 @@ class PruneReport(Record):
     warnings: list[str] = Field(default_factory=list)
     memory: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
+    structure: dict[str, Any] | None = None  # structured pruning: counts before/after, parameters, config
 
 
 def plan_of(config: PruneConfig) -> PrunePlan:
@@ -71,18 +75,29 @@ def _sparsity_summary(per_linear: dict[str, float], sizes: dict[str, int]) -> di
     return {"overall": zeros / total if total else 0.0, "per_linear": per_linear}
 
 
+def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int) -> str | None:
+    """The warning for an adaptive pool whose visual budget rounded to zero for most samples of
+    some blocks (there the pool is the text pool), or None."""
+    empty = [b for b in blocks if (b.get("samples_without_visual") or 0) * 2 > samples]
+    if not empty:
+        return None
+    return (f"the {pool} pool selected no visual tokens for most samples in {len(empty)} of {len(blocks)} blocks: "
+            "there it equals the text pool (its adaptive budget round(min(1, alpha * mean saliency) * n_text) "
+            "rounded to 0; a larger alpha or a fixed-budget pool keeps some)")
+
+
 def _calibration_set(
     calibration: CalibrationSet | str | Path | None, processor: Any, config: PruneConfig,
-    image_root: str | Path | None, max_pixels: int | None,
+    image_root: str | Path | None, max_pixels: int | None, max_length: int | None,
 ) -> CalibrationSet:
     if calibration is None:
         raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
     if isinstance(calibration, CalibrationSet):
-        return calibration
+        return calibration if max_length is None else replace(calibration, max_length=max_length)
     if processor is None:
         raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
     return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
-                            seed=config.seed, max_pixels=max_pixels)
+                            seed=config.seed, max_pixels=max_pixels, max_length=max_length)
 
 
 def activation_store(settings: RunSettings, device: torch.device) -> ActivationStore:
@@ -118,7 +133,9 @@ def prune(
     settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    max_length: int | None = None,
     find_targets: TargetFinder = linear_targets,
+    surgery: SurgeryFactory = shrink_surgery,
     home: BlockHome | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
@@ -126,8 +143,14 @@ def prune(
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
     file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
     the device, offload device, activation budget and progress bars (default :class:`RunSettings`).
-    ``home``: where the decoder blocks' weights live between their turns (default: in the model,
-    in memory; :func:`~atv_prune.runs.checkpoint.prune_checkpoint` streams them from the checkpoint).
+    Samples longer than ``max_length`` tokens (default: the one a :class:`CalibrationSet`
+    carries), or than the model's context, are truncated from the end of their text, or skipped
+    when their image does not fit (:func:`~atv_prune.model.calibration.fit_context`); the report
+    counts both. A structured config (``structure``/``ratio``) removes heads and channels with
+    ``surgery`` (default: for real, and the model's config updated so that ``save_pretrained`` +
+    ``from_pretrained`` rebuild it). ``home``: where the decoder blocks' weights live between
+    their turns (default: in the model, in memory; :func:`~atv_prune.runs.checkpoint.prune_checkpoint`
+    streams them from the checkpoint; unstructured configs only).
     """
     started = time.perf_counter()
     config = config if config is not None else PruneConfig()
@@ -135,9 +158,18 @@ def prune(
     layout = resolve(model)
     device = resolve_device(settings.device)
     blocks = layout.blocks(model)
-    check_targets(blocks, layout.block_path, config.pattern, find_targets)
-    pruner = LayerwisePruner(plan_of(config), device, find_targets, offload_device=settings.offload_device,
-                             progress=settings.progress)
+    structured = None
+    if config.structured:
+        if home is not None:
+            raise ConfigError("structured pruning changes the blocks' shapes, so their weights cannot be streamed "
+                              "from the checkpoint: load the model whole (--load memory)")
+        structured = surgery(model, layout, config.structure, config.ratio, config.resolved_bias_compensation)
+        pruner = StructuredPruner(plan_of(config), device, structured, compensate=config.resolved_bias_compensation,
+                                  offload_device=settings.offload_device, progress=settings.progress)
+    else:
+        check_targets(blocks, layout.block_path, config.pattern, find_targets)
+        pruner = LayerwisePruner(plan_of(config), device, find_targets, offload_device=settings.offload_device,
+                                 progress=settings.progress)
     seconds = pruner.result.seconds
     was_training = model.training
     model.eval()
@@ -150,7 +182,9 @@ def prune(
     try:
         if config.needs_calibration:
             start = time.perf_counter()
-            calib = _calibration_set(calibration, processor, config, image_root, max_pixels)
+            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length)
+            drawn = len(calib.samples)
+            calib, fit = fit_context(calib, context_length(model.config), layout.visual_token_ids)
             warnings.extend(calib.warnings)
             seconds["load_calibration"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -174,22 +208,35 @@ def prune(
             calibration_summary = {
                 "path": str(Path(calib.path).resolve()) if Path(calib.path).exists() else calib.path,
                 "records_in_file": calib.records_in_file,
-                "samples_drawn": len(calib.samples),
+                "samples_drawn": drawn,
                 "samples_used": len(captured),
                 "skipped_without_image_tokens": skipped,
                 "seed": calib.seed,
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
+                **(fit.summary() if fit is not None else {}),
             }
         gpu_peaks["capture"] = _gpu_peak(device)
         pruner.prune(blocks, layout.block_path, captured, home)
         gpu_peaks["blocks"] = _gpu_peak(device)
+        structure = structured.finish(model) if structured is not None else None
     finally:
         model.train(was_training)
+        samples_used = len(captured)
         captured.clear()
         store.close()
     seconds["total"] = time.perf_counter() - started
     result = pruner.result
+    blocks = [asdict(block) for block in result.blocks]
+    if config.budget.rule == "adaptive":
+        message = _empty_budget_warning(config.resolved_pool, blocks, samples_used)
+        if message is not None:
+            warnings.append(message)
+            warn(message, stacklevel=2)
+    if structure is not None:
+        warnings.extend(structure.get("notes", []))
+        for block, removed in zip(blocks, pruner.removed):
+            block.update(removed)
     return PruneReport(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
@@ -200,7 +247,8 @@ def prune(
         versions=package_versions(),
         calibration=calibration_summary,
         sparsity=_sparsity_summary(result.sparsity, result.sizes),
-        blocks=[asdict(block) for block in result.blocks],
+        blocks=blocks,
         seconds={key: round(value, 4) for key, value in seconds.items()},
         warnings=warnings,
+        structure=structure,
     )

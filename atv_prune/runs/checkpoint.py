@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..model.calibration import CalibrationSet
 from ..model.loading import DTYPES, compute_dtype, load_model, model_skeleton, read_config, resolve_device
 from ..model.memory import available_memory, parse_size, resident_peak
@@ -76,6 +76,7 @@ def prune_checkpoint(
     dtype: str = "auto",
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    max_length: int | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
@@ -86,15 +87,23 @@ def prune_checkpoint(
     ``calibration``: a calibration file (read with the checkpoint's processor) or a
     :class:`CalibrationSet`. ``settings.load`` picks the path: ``memory`` loads the whole model,
     ``stream`` its non-block weights only, reading each decoder block from the checkpoint when its
-    turn comes; ``auto`` streams when the model would not fit in memory. ``dtype`` as for
-    :func:`~atv_prune.model.loading.load_model_and_processor`. ``extra`` goes into the report.
+    turn comes; ``auto`` streams when the model would not fit in memory. A structured config
+    changes the blocks' shapes, so it always loads the model whole. ``dtype`` as for
+    :func:`~atv_prune.model.loading.load_model_and_processor`; ``max_length`` as for
+    :func:`~atv_prune.runs.api.prune`. ``extra`` goes into the report.
     """
     model_path = Path(model_path)
     config = config if config is not None else PruneConfig()
     settings = settings or RunSettings()
     device = resolve_device(settings.device)
-    mode, why = choose_load(model_path, settings.load, dtype=dtype, device=settings.device,
-                            trust_remote_code=trust_remote_code)
+    if config.structured:
+        if settings.load == "stream":
+            raise ConfigError("structured pruning changes the blocks' shapes, so their weights cannot be streamed "
+                              "from the checkpoint: use --load memory (or auto)")
+        mode, why = "memory", {"chosen_by": "structured pruning loads the whole model"}
+    else:
+        mode, why = choose_load(model_path, settings.load, dtype=dtype, device=settings.device,
+                                trust_remote_code=trust_remote_code)
     reports: list[PruneReport] = []
 
     def fill(folder: Path) -> None:
@@ -112,7 +121,7 @@ def prune_checkpoint(
             model, saved_dtype = streamed.model, streamed.saved_dtype
         load_seconds = time.perf_counter() - started
         report = prune(model, processor, data, config, settings=run_settings, image_root=image_root,
-                       max_pixels=max_pixels, home=streamed.home if streamed else None)
+                       max_pixels=max_pixels, max_length=max_length, home=streamed.home if streamed else None)
         save_start = time.perf_counter()
         model = model.to(saved_dtype)
         if streamed is None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import PrivateAttr, model_validator
 
 from ..algorithms.budget import Budget
-from ..algorithms.specs import ALLOCATIONS, METHODS, POOLS, Method, plain_pools
+from ..algorithms.specs import ALLOCATIONS, MAX_SEED, METHODS, POOLS, STRUCTURES, Method, plain_pools
 from ..errors import ConfigError
 from ..model.memory import parse_size
 from ..validation import Record
@@ -44,12 +44,23 @@ def single_target(sparsity: float | None, pattern: str | None, default: float = 
     return {"sparsity": default if sparsity is None else sparsity, "pattern": None}
 
 
-def target_list(sparsities: tuple[float, ...], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
-    """``sparsity``/``pattern`` keyword arguments for each of a study's targets (at least one)."""
-    if not sparsities and not patterns:
-        raise ConfigError("give at least one target: --sparsity 0.5 0.6 and/or --pattern 2:4 4:8")
+def target_list(sparsities: tuple[float, ...], patterns: tuple[str, ...], structures: tuple[str, ...] = (),
+                ratios: tuple[float, ...] = ()) -> list[dict[str, Any]]:
+    """``sparsity``/``pattern`` (or ``structure``/``ratio``) keyword arguments for each of a study's
+    targets (at least one): every sparsity, every pattern, and every structure at every ratio."""
+    if bool(structures) != bool(ratios):
+        raise ConfigError("structured targets need both --structure (channels, heads, both) and --ratio R")
+    if not sparsities and not patterns and not ratios:
+        raise ConfigError("give at least one target: --sparsity 0.5 0.6, --pattern 2:4 4:8 and/or "
+                          "--structure both --ratio 0.2")
     return [{"sparsity": s, "pattern": None} for s in sparsities] + [
-        {"sparsity": None, "pattern": parse_pattern(p)} for p in patterns]
+        {"sparsity": None, "pattern": parse_pattern(p)} for p in patterns] + [
+        {"sparsity": None, "structure": structure, "ratio": ratio} for structure in structures for ratio in ratios]
+
+
+def is_structured(target: dict[str, Any]) -> bool:
+    """Whether a :func:`target_list` entry is a structured (``structure``/``ratio``) target."""
+    return target.get("structure") is not None
 
 
 class RunSettings(Record):
@@ -87,10 +98,14 @@ class RunSettings(Record):
 class PruneConfig(Record):
     """Everything that decides the masks.
 
-    Exactly one of ``sparsity`` (unstructured, row-wise) or ``pattern`` (N:M: N of every M
-    consecutive input weights pruned, so 2:4 and 4:8 give 50%) must be set. ``device``,
-    ``offload_device`` and ``progress`` are run settings (:class:`RunSettings`); given here they
-    still work, with a DeprecationWarning.
+    Exactly one target: ``sparsity`` (unstructured, row-wise), ``pattern`` (N:M: N of every M
+    consecutive input weights pruned, so 2:4 and 4:8 give 50%), or, for a structured method
+    (``wanda-sp``, ``flap``), ``structure`` (``channels``, ``heads`` or ``both``) with ``ratio``:
+    that fraction of each block's MLP channels and/or key/value head groups is removed (floor per
+    block; 0 keeps the model as it is). Giving ``structure`` drops the default ``sparsity``.
+    ``bias_compensation`` (FLAP) adds the removed inputs' mean contribution to the output bias.
+    ``device``, ``offload_device`` and ``progress`` are run settings (:class:`RunSettings`); given
+    here they still work, with a DeprecationWarning.
     """
 
     error_class = ConfigError
@@ -104,6 +119,9 @@ class PruneConfig(Record):
     allocation: str | None = None
     samples: int = 128
     seed: int = 0
+    structure: str | None = None
+    ratio: float | None = None
+    bias_compensation: bool = True
     _legacy_settings: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
@@ -112,6 +130,8 @@ class PruneConfig(Record):
             given = "=..., ".join(legacy) + "=..."
             warnings.warn(f"PruneConfig({given}) is deprecated: pass prune(..., settings=RunSettings({given})) "
                           "instead", DeprecationWarning, stacklevel=2)
+        if (data.get("structure") is not None or data.get("ratio") is not None) and "sparsity" not in data:
+            data["sparsity"] = None  # a structured target replaces the default sparsity
         super().__init__(**data)
         self._legacy_settings = legacy
 
@@ -119,7 +139,8 @@ class PruneConfig(Record):
     def _check(self) -> PruneConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
-        if (self.sparsity is None) == (self.pattern is None):
+        self._check_structured()
+        if self.structure is None and (self.sparsity is None) == (self.pattern is None):
             raise ValueError("give exactly one of --sparsity P (0 < P < 1) or --pattern N:M")
         if self.sparsity is not None and not (math.isfinite(self.sparsity) and 0 < self.sparsity < 1):
             raise ValueError(f"sparsity {self.sparsity} is outside (0, 1): pass e.g. --sparsity 0.5 for 50%")
@@ -147,7 +168,44 @@ class PruneConfig(Record):
                              "0 < R <= 1")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}: pass --samples N with N >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed {self.seed} is outside 0..{MAX_SEED}: pass --seed N with 0 <= N <= {MAX_SEED}")
         return self
+
+    def _check_structured(self) -> None:
+        """A structured method takes exactly a structure and a ratio; an unstructured one neither."""
+        method = METHODS[self.method]
+        structured = self.structure is not None or self.ratio is not None
+        if structured and (self.sparsity is not None or self.pattern is not None):
+            raise ValueError("give one target: --sparsity/--pattern (weights) or --structure with --ratio "
+                             "(heads and channels), not both")
+        if self.structure is not None and self.structure not in STRUCTURES:
+            raise ValueError(f"unknown structure '{self.structure}': choose one of {', '.join(STRUCTURES)}")
+        if structured and (self.structure is None or self.ratio is None):
+            raise ValueError("a structured target needs both --structure (channels, heads, both) and --ratio R")
+        if structured and not method.structured:
+            structured_methods = [name for name, m in METHODS.items() if m.structured]
+            raise ValueError(f"--method {self.method} prunes single weights; for --structure use one of "
+                             f"{', '.join(structured_methods)}")
+        if method.structured and not structured:
+            raise ValueError(f"--method {self.method} removes heads and channels: give --structure "
+                             "channels|heads|both and --ratio R instead of --sparsity/--pattern")
+        if self.ratio is not None and not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
+            raise ValueError(f"ratio {self.ratio} is outside [0, 1): pass e.g. --ratio 0.2 to remove 20% of "
+                             "each block's heads and/or channels")
+        if structured and self.allocation == "das":
+            raise ValueError("DAS allocation spreads unstructured sparsity: drop --allocation with --structure")
+
+    @property
+    def structured(self) -> bool:
+        """Whether this config removes heads and channels (``structure``/``ratio``)."""
+        return self.structure is not None
+
+    @property
+    def resolved_bias_compensation(self) -> bool:
+        """Whether removed structures are compensated in the output bias (a method with a bias term,
+        asked for)."""
+        return self.structured and self.bias_compensation and METHODS[self.method].bias_shift is not None
 
     @property
     def method_spec(self) -> Method:
@@ -179,6 +237,8 @@ class PruneConfig(Record):
         """Human-readable target, e.g. '50%' or '2:4'."""
         if self.pattern is not None:
             return f"{self.pattern[0]}:{self.pattern[1]}"
+        if self.structure is not None:
+            return f"{self.structure}-{self.ratio * 100:g}%"
         return f"{self.sparsity:.0%}"
 
     @property
@@ -192,4 +252,9 @@ class PruneConfig(Record):
         data["pattern"] = None if self.pattern is None else f"{self.pattern[0]}:{self.pattern[1]}"
         data["pool"] = self.resolved_pool
         data["allocation"] = self.resolved_allocation
+        if self.structured:
+            data["bias_compensation"] = self.resolved_bias_compensation
+        else:  # an unstructured config's record (and a study cell's key) is what it was before structures
+            for name in ("structure", "ratio", "bias_compensation"):
+                del data[name]
         return data

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import AtvPruneError
+from ..errors import AtvPruneError, environment_failure
 
 
 def _umask() -> int:
@@ -92,25 +97,85 @@ def check_output_dir(out: Path, overwrite: bool, protected: list[Path] = ()) -> 
     check_creatable(out.parent)
 
 
+def _staging_prefix(out: Path, kind: str) -> str:
+    """``.<out>.<kind>-<host>-<pid>-``: the hidden siblings a writer of ``out`` makes (``tmp``: the
+    folder being filled; ``old``: a replaced result being removed). Host and process id let a later
+    run tell the leftovers of a killed run from those of a run still going."""
+    return f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^/]+)-(?P<pid>\d+)-[^-]+$")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what a killed writer of ``out`` left beside it (its staging folder, a replaced result
+    it was removing): hidden siblings made on this host by a process that no longer runs."""
+    out = Path(out)
+    host = socket.gethostname()
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and match["name"] == out.name and match["host"] == host and not _running(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the filled ``staging`` folder to ``out``. Without ``overwrite``, an ``out`` that
+    another run created meanwhile is left as it is and this run fails; with it, the previous
+    ``out`` is replaced (renamed aside, then removed): at every moment ``out`` is absent or whole."""
+    retired = None
+    if overwrite and out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "old"), dir=out.parent))
+        with contextlib.suppress(FileNotFoundError):  # another run replaced it first
+            os.replace(out, retired / out.name)
+    try:
+        os.rename(staging, out)  # never over a non-empty folder: ENOTEMPTY / EEXIST
+    except OSError as error:
+        if retired is not None and (retired / out.name).exists() and not out.exists():
+            os.rename(retired / out.name, out)  # put the previous result back
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise AtvPruneError(f"output folder {out} was written by another run while this one worked; it was left as "
+                            "that run wrote it: choose another --out, or pass --overwrite to replace it") from None
+    finally:
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+
+
 def write_dir_atomic(out: Path, fill: Callable[[Path], None], overwrite: bool = False) -> None:
     """Create folder ``out`` by letting ``fill`` write into a temporary sibling, then renaming it.
 
-    On any error the temporary folder is removed and an existing ``out`` is left untouched.
+    On any error the temporary folder is removed and an existing ``out`` is left untouched; a full
+    disk, a quota, a file-size limit or a read-only file system is an :class:`EnvironmentFailure`.
+    A process killed at any moment leaves ``out`` absent or whole, and the next writer of ``out``
+    removes what it left beside it (:func:`remove_leftovers`). Two runs racing to create the same
+    ``out`` leave one result: the later one fails (:func:`_publish`).
     """
     out = Path(out).resolve()
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_leftovers(out)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "tmp"), dir=out.parent))
     try:
         fill(staging)
         _publish_mode(staging)
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        _publish(staging, out, overwrite)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        failure = environment_failure(error, f"writing {out}")
+        if failure is not None:
+            raise failure from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

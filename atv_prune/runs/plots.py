@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,17 @@ def save_figure(path: Path, draw: Callable[[Any], None], size: tuple[float, floa
 
 
 def retention_bars(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Grouped bars of mean retention: one group per target, one bar per method."""
+    """Grouped bars of mean retention: one group per target, one bar per method (none where a
+    cell is missing or failed)."""
     targets = list(dict.fromkeys(row["target"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     width = 0.8 / max(1, len(methods))
 
     def draw(axis: Any) -> None:
         for m, method in enumerate(methods):
-            values = [next((r["mean"] for r in rows if r["method"] == method and r["target"] == t), 0.0)
-                      for t in targets]
+            means = [next((r["mean"] for r in rows if r["method"] == method and r["target"] == t), None)
+                     for t in targets]
+            values = [math.nan if mean is None else mean for mean in means]
             axis.bar([i + m * width for i in range(len(targets))], values, width, label=method)
         axis.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(targets))], targets)
         axis.set_ylabel("mean retention (%)")

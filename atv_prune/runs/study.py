@@ -1,42 +1,43 @@
 """Resumable studies: a grid of pruning runs, each evaluated, compared with the dense model.
 
 A study is a list of :class:`Cell` (a label and a :class:`PruneConfig`, plus any extra settings
-such as the MoT pathway). Each cell loads the checkpoint afresh, prunes it, evaluates it through
-the lmms-eval bridge and stores ``cells/<key>.json`` atomically in the study folder; a re-run of
-the same study skips the cells already stored. The folder's ``study.json`` pins what the study is
-(model, calibration, tasks, evaluation settings), so a different study is never mixed into it.
+such as the MoT pathway). Each cell loads the checkpoint afresh, prunes it and evaluates it
+through the lmms-eval bridge (:mod:`.cells`); the dense evaluation is a cell too. An executor
+(:mod:`.executors`) runs the cells, in this process or on a Ray cluster, and this driver alone
+writes the study folder: each finished cell's record as ``cells/<key>.json``, atomically, as it
+arrives. A re-run of the same study skips the cells already stored (whichever executor computed
+them), and a cell that failed is recorded as such, shown as missing in the tables, and computed
+again by the next run. The folder's ``study.json`` pins what the study is (model, calibration,
+tasks, evaluation settings), so a different study is never mixed into it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import os
 import shutil
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
-from torch import nn
+from tqdm.auto import tqdm
 
-from ..errors import AtvPruneError
-from ..model.calibration import CalibrationSet, load_calibration
-from ..model.loading import load_model_and_processor, resolve_device
+from ..errors import AtvPruneError, one_line
+from ..model.loading import parse_device
+from ..model.shrink import shrink_surgery
+from ..model.structured import SurgeryFactory
 from ..validation import Record
 from ..versions import package_versions
-from .api import PruneReport, prune
-from .config import PruneConfig, RunSettings
+from .cells import Cell, CellJob, CellRunner, PruneFunction, StudySettings, default_prune
+from .executors import CellExecutor, CellOutcome, SerialExecutor
 from .export import check_creatable, write_json_atomic
 from .tables import markdown_text
 
-PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, RunSettings, dict[str, Any]], PruneReport]
+__all__ = ["Cell", "CellsFailed", "Study", "StudyManifest", "StudySettings", "cell_summary", "failed_cells",
+           "markdown_table", "retention_rows"]
 
 
 class StudyManifest(Record):
@@ -46,124 +47,73 @@ class StudyManifest(Record):
     versions: dict[str, str]
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One pruning run of a study."""
+class CellsFailed(AtvPruneError):
+    """Cells of a study that have no result; the others are stored. Exit status 2 when every
+    failure is a problem with the inputs, 1 when one is the environment's (a lost worker)."""
 
-    label: str
-    config: PruneConfig
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def key(self) -> str:
-        """Stable identifier of what decides this cell's result."""
-        payload = json.dumps({"config": self.config.to_dict(), "extra": self.extra}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()[:12]
-
-
-@dataclass
-class StudySettings:
-    """What every cell of a study shares: its inputs and evaluation (the study's identity), and how
-    it runs (``device``, ``progress``, ``load``: not part of the identity). ``load``: ``memory``
-    prunes and evaluates the model in memory; ``stream`` prunes it block by block from the checkpoint
-    into a temporary folder and evaluates it loaded across the GPU, host memory and disk
-    (accelerate's big-model dispatch); ``auto`` streams when the model would not fit in memory."""
-
-    model: Path
-    calib: Path
-    tasks: list[str]
-    bench_dir: str | None = None
-    limit: int | None = None
-    batch_size: int = 16
-    dtype: str = "auto"
-    image_root: Path | None = None
-    max_pixels: int | None = None
-    trust_remote_code: bool = False
-    device: str | None = None
-    progress: bool = True
-    load: str = "auto"
-
-    def identity(self) -> dict[str, Any]:
-        """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
-        return {"model": str(self.model.resolve()), "model_fingerprint": _fingerprint(self.model),
-                "calib": str(self.calib.resolve()), "calib_sha1": _file_sha1(self.calib), "tasks": self.tasks,
-                "bench_dir": self.bench_dir, "limit": self.limit, "batch_size": self.batch_size,
-                "dtype": self.dtype, "image_root": str(self.image_root) if self.image_root else None,
-                "max_pixels": self.max_pixels}
+    def __init__(self, failed: list[dict[str, Any]], folder: Path) -> None:
+        names = "; ".join(f"'{record['label']}' ({one_line(record['failed']['error'], limit=160)}"
+                          f"{_attempts(record['failed'])})" for record in failed)
+        stored = "nothing is stored" if not folder.exists() else f"the finished cells are stored in {folder}"
+        super().__init__(f"{len(failed)} cell{'s' if len(failed) > 1 else ''} failed: {names}; {stored}: "
+                         "re-run the same command to compute what is missing")
+        self.exit_status = 2 if all(record["failed"]["input_error"] for record in failed) else 1
 
 
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _attempts(failure: dict[str, Any]) -> str:
+    return f", {failure['attempts']} attempts" if failure["attempts"] > 1 else ""
 
 
-def _fingerprint(folder: Path) -> str:
-    """config.json's content and the weight files' names and sizes (hashing gigabytes of weights
-    would cost more than the check is worth)."""
-    digest = hashlib.sha1()
-    config = folder / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return digest.hexdigest()
+def failed_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the cells that failed."""
+    return [record for record in records if "failed" in record]
 
 
-class PeakMemory:
-    """Peak memory used while the block runs: CUDA allocator peak, or the process's resident set
-    size sampled every 10 ms on the CPU (minus what was resident before)."""
+class _Progress:
+    """The study's one progress bar: cells done of all, with how many run and how many failed;
+    a line per finished cell."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=done, desc="cells", unit="cell", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.total, self.done, self.failed, self.running = total, done, 0, 0
+        self._show()
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as stream:
-            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _show(self) -> None:
+        self.bar.set_postfix_str(f"running {self.running}, failed {self.failed}")
 
-    @contextmanager
-    def measure(self) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            yield
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - before
-            return
-        before = self._rss()
-        peak = [before]
-        stop = threading.Event()
+    def set_running(self, count: int) -> None:
+        self.running = count
+        self._show()
 
-        def sample() -> None:
-            while not stop.wait(0.01):
-                peak[0] = max(peak[0], self._rss())
+    def finished(self, outcome: CellOutcome) -> None:
+        self.done += 1
+        if outcome.failure is None:
+            line = f"[{self.done}/{self.total}] {outcome.job.label}"
+        else:
+            self.failed += 1
+            line = f"[{self.done}/{self.total}] {outcome.job.label} FAILED: {outcome.failure.error}"
+        self.bar.write(line, file=sys.stderr)
+        self.bar.update(1)
+        self._show()
 
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            self.peak_bytes = max(peak[0], self._rss()) - before
-
-
-def _default_prune(model: nn.Module, processor: Any, calibration: CalibrationSet, config: PruneConfig,
-                   settings: RunSettings, extra: dict[str, Any]) -> PruneReport:
-    return prune(model, processor, calibration, config, settings=settings)
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Study:
     """Runs cells into a study folder, resuming finished ones."""
 
-    def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False) -> None:
+    def __init__(self, folder: Path, settings: StudySettings, kind: str, overwrite: bool = False,
+                 surgery: SurgeryFactory | None = shrink_surgery) -> None:
         """Check that ``folder`` is new, or holds this same study (unless ``overwrite``); nothing
-        is written until :meth:`run_all` has checked the inputs."""
-        resolve_device(settings.device)  # a bad device is that, not "a different study"
+        is written until :meth:`run_all` has checked the inputs. ``surgery``: what the input checks
+        try structured cells with (``None`` when the cells' prune function brings its own)."""
+        if settings.device is not None:
+            parse_device(settings.device)  # a bad device is that, not "a different study"
         self.folder = Path(folder)
         self.settings = settings
+        self.surgery = surgery
         self.cells_dir = self.folder / "cells"
         self.overwrite = overwrite
         self.versions = package_versions()
@@ -183,31 +133,20 @@ class Study:
                                     "choose another --out or pass --overwrite")
         elif self.folder.exists() and any(self.folder.iterdir()) and not manifest.exists():
             raise AtvPruneError(f"{self.folder} exists and is not a study folder: choose another --out")
-        self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
-        self._mode: str | None = None
-        self._processor: Any = None
 
-    @property
-    def mode(self) -> str:
-        """``memory`` or ``stream`` (``settings.load``, with ``auto`` resolved once)."""
-        if self._mode is None:
-            from .checkpoint import choose_load
-
-            self._mode, _ = choose_load(self.settings.model, self.settings.load, dtype=self.settings.dtype,
-                                        device=self.settings.device,
-                                        trust_remote_code=self.settings.trust_remote_code)
-        return self._mode
-
-    def check_inputs(self, cells: list[Cell]) -> None:
+    def check_inputs(self, cells: list[Cell], local: bool = True) -> None:
         """Everything about the model, calibration file, tasks and device that can fail, checked
-        before the first cell: such an error then costs seconds and leaves no folder behind."""
+        before the first cell: such an error then costs seconds and leaves no folder behind.
+        The device is checked here only for cells that run here (``local``): a cluster worker
+        has its own."""
         from ..eval.run import check_tasks
         from .preflight import check_run_inputs
 
         settings = self.settings
         check_run_inputs(settings.model, [cell.config for cell in cells], calib_path=settings.calib,
-                         image_root=settings.image_root, max_pixels=settings.max_pixels, device=settings.device,
-                         trust_remote_code=settings.trust_remote_code)
+                         image_root=settings.image_root, max_pixels=settings.max_pixels,
+                         device=settings.device if local else None, trust_remote_code=settings.trust_remote_code,
+                         max_length=settings.max_length, surgery=self.surgery)
         check_tasks(settings.tasks, settings.bench_dir)
 
     def _open(self) -> None:
@@ -220,156 +159,96 @@ class Study:
         write_json_atomic(self.folder / "study.json",
                           StudyManifest(identity=self.identity, versions=self.versions).to_dict())
 
-    def _load(self, path: Path | None = None) -> tuple[nn.Module, Any]:
-        """The model (the study's, or the pruned one in ``path``) and its processor: in memory, or,
-        when the study streams, dispatched across the compute device, host memory and disk."""
-        path = self.settings.model if path is None else path
-        if self.mode == "memory":
-            loaded = load_model_and_processor(path, dtype=self.settings.dtype, device=self.settings.device,
-                                              trust_remote_code=self.settings.trust_remote_code)
-            return loaded.model, loaded.processor
-        from ..model.streaming import load_dispatched
+    def _stored(self, key: str) -> dict[str, Any] | None:
+        """The record stored under ``key`` (a cell's key, or "dense"), if any."""
+        path = self.cells_dir / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
-        model = load_dispatched(path, self.cells_dir / ".offload", dtype=self.settings.dtype,
-                                device=self.settings.device, trust_remote_code=self.settings.trust_remote_code)
-        return model, self._study_processor()
+    def _jobs(self, cells: list[Cell], prune_function: PruneFunction, executor: CellExecutor) -> list[CellJob]:
+        """The jobs of what is not stored yet: the dense evaluation first, then each cell once.
+        Cells computed elsewhere show no progress bars of their own (the driver shows the study's)."""
+        stored = set() if self.overwrite else {path.stem for path in self.cells_dir.glob("*.json")}
+        settings = self.settings if executor.local else dataclasses.replace(self.settings, progress=False)
+        jobs = [] if "dense" in stored else [CellJob(settings, None, prune_function)]
+        for cell in cells:
+            job = CellJob(settings, cell, prune_function)
+            if job.key not in stored and all(job.key != other.key for other in jobs):
+                jobs.append(job)
+        return jobs
 
-    def _study_processor(self) -> Any:
-        if self._processor is None:
-            from ..model.processors import load_processor
+    def run_all(self, cells: list[Cell], prune_function: PruneFunction = default_prune,
+                executor: CellExecutor | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The dense evaluation and every cell's record (with its retention), computing only what
+        is not stored yet, on ``executor`` (default: in this process, one after another).
 
-            self._processor = load_processor(self.settings.model, trust_remote_code=self.settings.trust_remote_code)
-        return self._processor
-
-    def _calibration_for(self, processor: Any, config: PruneConfig) -> CalibrationSet:
-        """The calibration draw for the cell's samples and seed (read once per draw)."""
-        key = (config.samples, config.seed)
-        if key not in self._calibrations:
-            self._calibrations[key] = load_calibration(
-                self.settings.calib, processor, image_root=self.settings.image_root, samples=config.samples,
-                seed=config.seed, max_pixels=self.settings.max_pixels)
-        return self._calibrations[key]
-
-    def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
-        from ..eval.run import evaluate
-
-        device = resolve_device(self.settings.device)
-        if not hasattr(model, "hf_device_map"):  # a dispatched model is already placed
-            model.to(device)
-        result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
-                          limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
-                          progress=self.settings.progress)
-        return result.to_dict()
-
-    def dense(self) -> dict[str, Any]:
-        """The dense model's evaluation (computed once, then read back)."""
-        path = self.cells_dir / "dense.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        record = {"label": "dense", "evaluation": self._evaluate_checkpoint()}
-        write_json_atomic(path, record)
-        return record
-
-    def _evaluate_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
-        """Load the model in ``path`` (default: the study's) for evaluation and evaluate it."""
-        try:
-            model, processor = self._load(path)
-            return self._evaluate(model, processor)
-        finally:
-            shutil.rmtree(self.cells_dir / ".offload", ignore_errors=True)
-
-    def run(self, cell: Cell, prune_function: PruneFunction = _default_prune) -> dict[str, Any]:
-        """Prune and evaluate one cell, or read its stored result."""
-        path = self.cells_dir / f"{cell.key()}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        from ..eval.run import EvalResult, retention
-
-        settings = RunSettings(device=self.settings.device, progress=False)
-        memory = PeakMemory(resolve_device(settings.device))
-        if self.mode == "memory":
-            model, processor = self._load()
-            calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
-            start = time.perf_counter()
-            with memory.measure():
-                report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
-            seconds = time.perf_counter() - start
-            evaluation = self._evaluate(model, processor)
-        else:
-            report, seconds, evaluation = self._run_streamed(cell, prune_function, settings, memory)
-        dense = EvalResult.from_dict(self.dense()["evaluation"])
-        record = {
-            "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra,
-            "prune_seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes,
-            "sparsity": report.sparsity["overall"], "blocks": report.blocks,
-            "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),
-            "calibration": report.calibration, "warnings": report.warnings, "versions": report.versions,
-            "evaluation": evaluation, "retention": retention(EvalResult.from_dict(evaluation), dense),
-        }
-        write_json_atomic(path, record)
-        return record
-
-    def _check_streamable(self, prune_function: PruneFunction) -> None:
-        """A study whose pruning changes the model in memory first (the MoT probe) cannot stream."""
-        if prune_function is not _default_prune and self.mode == "stream":
-            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
-                                f"{self.settings.model} block by block: run it with --load memory on a machine "
-                                "whose memory holds the model")
-
-    def _run_streamed(self, cell: Cell, prune_function: PruneFunction, settings: RunSettings,
-                      memory: PeakMemory) -> tuple[PruneReport, float, dict[str, Any]]:
-        """A cell of a streamed study: pruned block by block into a temporary folder beside the
-        cells, evaluated from there (dispatched), then the folder removed."""
-        from .checkpoint import prune_checkpoint
-
-        self._check_streamable(prune_function)
-        processor = self._study_processor()
-        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
-        folder = self.cells_dir / f".{cell.key()}.pruned"
-        try:
-            start = time.perf_counter()
-            with memory.measure():
-                report = prune_checkpoint(self.settings.model, folder, calibration, cell.config,
-                                          settings=settings.model_copy(update={"load": "stream"}),
-                                          dtype=self.settings.dtype, trust_remote_code=self.settings.trust_remote_code,
-                                          overwrite=True)
-            seconds = time.perf_counter() - start
-            evaluation = self._evaluate_checkpoint(folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return report, seconds, evaluation
-
-    def run_all(self, cells: list[Cell], prune_function: PruneFunction = _default_prune
-                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The dense evaluation and every cell's record, computing only what is not stored yet.
-
-        The inputs are checked first (unless everything is stored already: a finished study's
-        tables can be rebuilt without its inputs); a folder this call created is removed again
-        if it fails before any result is stored."""
-        stored = {path.name for path in self.cells_dir.glob("*.json")} if not self.overwrite else set()
-        pending = [cell for cell in cells if f"{cell.key()}.json" not in stored]
-        if pending or "dense.json" not in stored:
-            self.check_inputs(pending)
-        if pending:
-            self._check_streamable(prune_function)
+        Each record is stored as it arrives. A cell that failed gets a record with ``failed`` (its
+        error) instead of results, and is not stored (the next run computes it again); when the
+        dense evaluation fails no retention can be computed and :class:`CellsFailed` is raised
+        once the other cells are stored. The inputs are checked first (unless everything is
+        stored already: a finished study's tables can be rebuilt without its inputs); a folder
+        this call created is removed again if no result was stored in it."""
+        executor = executor if executor is not None else SerialExecutor()
+        jobs = self._jobs(cells, prune_function, executor)
+        if jobs:
+            self.check_inputs([job.cell for job in jobs if job.cell is not None], local=executor.local)
+            CellRunner(self.settings).check_streamable(prune_function)
         created = not self.folder.exists()
+        failures: dict[str, CellOutcome] = {}
         try:
             self._open()
-            dense = self.dense()
-            records = []
-            for number, cell in enumerate(cells, 1):
-                print(f"[{number}/{len(cells)}] {cell.label}", file=sys.stderr, flush=True)
-                records.append(self.run(cell, prune_function))
+            if jobs:
+                failures = self._compute(jobs, executor, total=len({cell.key() for cell in cells}) + 1)
         except BaseException:
-            if created and not any(self.cells_dir.glob("*.json")):
-                shutil.rmtree(self.folder, ignore_errors=True)
+            self._remove_if_empty(created)
             raise
-        return dense, records
+        dense = self._stored("dense")
+        records = [self._stored(cell.key()) or _failed_record(cell, failures.get(cell.key())) for cell in cells]
+        if dense is None:
+            self._remove_if_empty(created)
+            raise CellsFailed([_failed_record(None, failures["dense"]), *failed_cells(records)], self.folder)
+        return dense, [_with_retention(record, dense) for record in records]
+
+    def _compute(self, jobs: list[CellJob], executor: CellExecutor, total: int) -> dict[str, CellOutcome]:
+        """Run the jobs, storing each record as it arrives; the failed jobs' outcomes by key."""
+        failures = {}
+        with executor:  # joins or starts a cluster: the progress bar shows once the cells can run
+            progress = _Progress(total, total - len(jobs), self.settings.progress)
+            # closing(): an interrupted run stops its cells before the executor leaves the cluster.
+            with closing(executor.run(jobs, progress.set_running)) as outcomes:
+                try:
+                    for outcome in outcomes:
+                        if outcome.record is not None:
+                            write_json_atomic(self.cells_dir / f"{outcome.job.key}.json", outcome.record)
+                        else:
+                            failures[outcome.job.key] = outcome
+                        progress.finished(outcome)
+                finally:
+                    progress.close()
+        return failures
+
+    def _remove_if_empty(self, created: bool) -> None:
+        if created and not any(self.cells_dir.glob("*.json")):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _mean_visual_tokens(blocks: list[dict[str, Any]]) -> float | None:
-    values = [b["visual_tokens_per_sample"] for b in blocks if b.get("visual_tokens_per_sample") is not None]
-    return sum(values) / len(values) if values else None
+def _failed_record(cell: Cell | None, outcome: CellOutcome | None) -> dict[str, Any]:
+    """The record of a cell that has no result: what it is, and why."""
+    if outcome is None or outcome.failure is None:
+        raise AssertionError("a cell neither stored nor failed")
+    record: dict[str, Any] = {"label": outcome.job.label}
+    if cell is not None:
+        record |= {"key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra}
+    return record | {"failed": outcome.failure.to_dict()}
+
+
+def _with_retention(record: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
+    """A cell's record with its retention against the dense evaluation (none for a failed cell)."""
+    if "failed" in record:
+        return record
+    from ..eval.run import EvalResult, retention
+
+    kept = retention(EvalResult.from_dict(record["evaluation"]), EvalResult.from_dict(dense["evaluation"]))
+    return record | {"retention": kept}
 
 
 def retention_rows(records: list[dict[str, Any]], dense: dict[str, Any]) -> list[dict[str, Any]]:
@@ -378,6 +257,10 @@ def retention_rows(records: list[dict[str, Any]], dense: dict[str, Any]) -> list
     rows = [{"label": "dense", **{t: 100.0 for t in tasks}, "mean": 100.0, "prune_seconds": None,
              "peak_memory_gib": None, "visual_tokens_per_sample": None}]
     for record in records:
+        if "failed" in record:
+            rows.append({"label": record["label"], **{t: None for t in tasks}, "mean": None, "prune_seconds": None,
+                         "peak_memory_gib": None, "visual_tokens_per_sample": None})
+            continue
         per_task = record["retention"]["tasks"]
         rows.append({"label": record["label"], **{t: per_task.get(t) for t in tasks},
                      "mean": record["retention"]["mean"], "prune_seconds": record["prune_seconds"],
@@ -386,15 +269,24 @@ def retention_rows(records: list[dict[str, Any]], dense: dict[str, Any]) -> list
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
-    """The rows as a Table-2-style markdown table (retention %, dense scores in the note below)."""
+def markdown_table(rows: list[dict[str, Any]], dense: dict[str, Any], records: Sequence[dict[str, Any]] = ()) -> str:
+    """The rows as a Table-2-style markdown table (retention %, dense scores in the note below,
+    and the failed cells among ``records``, which the table shows as missing)."""
     scores = ", ".join(f"{t} {s:.1f}" for t, s in dense["evaluation"]["scores"].items())
-    return markdown_text(rows) + f"\nRetention = pruned / dense × 100 per task. Dense scores: {scores}.\n"
+    text = markdown_text(rows) + f"\nRetention = pruned / dense × 100 per task. Dense scores: {scores}.\n"
+    failed = failed_cells(list(records))
+    if failed:
+        text += "Failed, missing above: " + "; ".join(
+            f"{record['label']} ({one_line(record['failed']['error'], limit=160)})" for record in failed) + ".\n"
+    return text
 
 
 def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
     """The parts of a cell record worth keeping in a study's summary file."""
-    return {k: record[k] for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
-                                   "visual_tokens_per_sample", "retention")} | {
-        "scores": record["evaluation"]["scores"]}
+    if "failed" in record:
+        return {k: record.get(k) for k in ("label", "config", "extra", "failed")}
+    return {k: record.get(k) for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
+                                       "weights_sha256", "visual_tokens_per_sample", "retention")} | {
+        "scores": record["evaluation"]["scores"]} | (
+        {"structure": record["structure"]} if record.get("structure") else {})
 
