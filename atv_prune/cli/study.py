@@ -43,8 +43,7 @@ def study_settings(kw: dict[str, Any]):
                          bench_dir=str(bench) if bench else None, limit=kw["limit"], batch_size=kw["batch_size"],
                          dtype=kw["dtype"], image_root=kw["image_root"], max_pixels=kw["max_pixels"],
                          max_length=kw["max_length"], trust_remote_code=kw["trust_remote_code"], device=kw["device"],
-                         placement=placement(kw),
-                         progress=not kw["quiet"])
+                         placement=placement(kw), progress=not kw["quiet"], load=kw["load"])
 
 
 def run_study(kw: dict[str, Any], kind: str, cells: list[Cell], prune_function: PruneFunction | None = None,
