@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "load_calibration": "atv_prune.model.calibration",
     "load_model_and_processor": "atv_prune.model.loading",
     "prune": "atv_prune.runs.api",
+    "prune_checkpoint": "atv_prune.runs.checkpoint",
     "register_family": "atv_prune.model.families",
     "register_method": "atv_prune.algorithms.specs",
     "register_pool": "atv_prune.algorithms.specs",

@@ -157,7 +157,7 @@ def test_an_unforeseen_file_system_error_is_one_line(workspace, tmp_path: Path,
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out"))
 
-    monkeypatch.setattr("atv_prune.runs.export.save_pruned", full)
+    monkeypatch.setattr("atv_prune.runs.checkpoint.write_json_atomic", full)
     _one_error(*_invoke(atv_main, "prune", "--quiet", "--model", workspace["model"], "--method", "magnitude",
                         "--sparsity", "0.5", "--out", tmp_path / "out"), "No space left on device", status=1)
 

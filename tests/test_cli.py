@@ -204,3 +204,15 @@ def test_outputs_get_the_usual_permissions(workspace) -> None:
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert (out / "pruning_report.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_importing_the_command_lines_imports_no_torch() -> None:
+    """``--help`` and usage errors answer at once: the CLI modules import torch, transformers and
+    lmms-eval only when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, atv_prune.cli, motprobe.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'lmms_eval') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

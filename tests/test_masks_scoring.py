@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from atv_prune.algorithms.masks import make_mask, nm_mask, unstructured_mask
+from atv_prune.algorithms.masks import lowest_mask, make_mask, nm_mask, unstructured_mask
 from atv_prune.algorithms.scoring import magnitude_scores, squared_input_sum, wanda_scores
 from atv_prune.errors import ConfigError
 from atv_prune.runs.config import PruneConfig, parse_pattern
@@ -31,6 +31,62 @@ def test_ties_break_by_position() -> None:
     mask = unstructured_mask(scores, 0.5)
     assert mask[:, :4].all() and not mask[:, 4:].any()
     assert nm_mask(torch.ones(1, 8), 2, 4).tolist() == [[True, True, False, False, True, True, False, False]]
+
+
+def _stable_sort_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The reference: the first ``count`` positions of a stable sort of every row."""
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :count]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def _stable_sort_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[:, :, :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True).reshape(rows, cols)
+
+
+@pytest.fixture(params=[1, 2], ids=["numpy-partition", "kthvalue"])
+def threads(request: pytest.FixtureRequest):
+    """One thread selects with numpy's partition, more with torch's kthvalue: both must agree."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 5, 1000])
+@pytest.mark.parametrize("count", [0, 1, 7, 16, 31, 32])
+def test_selection_equals_a_stable_sort_with_and_without_ties(levels: int, count: int, threads: int) -> None:
+    """Scores drawn from a few levels have many ties at the threshold: the lowest positions among
+    equal scores are pruned first, exactly as the stable sort the masks used to be made with."""
+    g = torch.Generator().manual_seed(levels * 100 + count)
+    scores = torch.randint(0, levels, (40, 32), generator=g).float() / levels
+    assert torch.equal(lowest_mask(scores, count), _stable_sort_mask(scores, count))
+
+
+def test_selection_ties_pin_the_first_positions() -> None:
+    scores = torch.tensor([[0.5, 0.2, 0.5, 0.5, 0.9, 0.5], [0.0, -0.0, 0.0, 1.0, 0.0, 2.0]])
+    assert lowest_mask(scores, 3).tolist() == [[True, True, True, False, False, False],
+                                               [True, True, True, False, False, False]]
+    assert nm_mask(torch.tensor([[3.0, 1.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]]), 2, 4).tolist() == [
+        [True, True, False, False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4)])
+@pytest.mark.parametrize("levels", [2, 3, 1000])
+def test_nm_selection_equals_a_stable_sort(n: int, m: int, levels: int) -> None:
+    g = torch.Generator().manual_seed(n * 10 + m + levels)
+    scores = torch.randint(0, levels, (17, 48), generator=g).float()
+    assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_selection_in_half_precision_equals_a_stable_sort(dtype: torch.dtype, threads: int) -> None:
+    """Scores in bf16/fp16 (as a GPU run could give them) round to many ties: still the sort's order."""
+    scores = torch.rand(24, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert torch.equal(lowest_mask(scores, 29), _stable_sort_mask(scores, 29))
+    assert torch.equal(nm_mask(scores, 2, 4), _stable_sort_nm(scores, 2, 4))
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4)])

@@ -68,3 +68,19 @@ def test_a_precomputed_factor_gives_the_same_result() -> None:
     shared, shared_mask = sparsegpt_prune(weight, hessian, sparsity=0.5, block_size=16,
                                           factor=inverse_hessian_factor(hessian))
     assert torch.equal(plain, shared) and torch.equal(mask, shared_mask)
+
+
+def test_equal_saliencies_prune_the_first_positions() -> None:
+    """With H = I no error spreads, so the mask is the lowest w² per column block; among equal
+    saliencies the lower flat position (row-major) goes first, as the stable sort did."""
+    weight = torch.randint(-2, 3, (6, 32), generator=torch.Generator().manual_seed(4)).float()
+    _, mask = sparsegpt_prune(weight, torch.eye(32), sparsity=0.5, block_size=16)
+    for start in (0, 16):
+        saliency = weight[:, start:start + 16].pow(2).flatten()
+        order = torch.sort(saliency, stable=True).indices[: saliency.numel() // 2]
+        expected = torch.zeros_like(saliency, dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(mask[:, start:start + 16].flatten(), expected)
+    _, nm = sparsegpt_prune(weight, torch.eye(32), pattern=(2, 4), block_size=16)
+    order = torch.sort(weight.pow(2).reshape(6, 8, 4), dim=2, stable=True).indices[:, :, :2]
+    assert torch.equal(nm, torch.zeros(6, 8, 4, dtype=torch.bool).scatter_(2, order, True).reshape(6, 32))

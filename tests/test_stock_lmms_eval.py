@@ -26,9 +26,8 @@ from atv_prune.eval.model import InMemoryVLM  # noqa: E402
 from atv_prune.eval.run import evaluate  # noqa: E402
 from atv_prune.eval.tasks import builtin_tasks, read_records, write_builtin_tasks  # noqa: E402
 from atv_prune.model.loading import load_model_and_processor  # noqa: E402
-from atv_prune.runs.api import prune  # noqa: E402
+from atv_prune.runs.checkpoint import prune_checkpoint  # noqa: E402
 from atv_prune.runs.config import PruneConfig, RunSettings  # noqa: E402
-from atv_prune.runs.export import save_pruned  # noqa: E402
 
 LIMIT = 40  # documents per task
 
@@ -40,13 +39,11 @@ def _image_tasks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shipped model and an ATV 60% pruning of it, saved like ``atv-prune prune`` saves it."""
-    loaded = load_model_and_processor(CHECKPOINT_DIR, dtype="float32", device="cpu")
-    prune(loaded.model, loaded.processor, BENCHMARK_DIR / "calib.json", PruneConfig(method="atv", sparsity=0.6,
-                                                                                    samples=32),
-          settings=RunSettings(device="cpu", progress=False))
+    """The shipped model and an ATV 60% pruning of it, saved as ``atv-prune prune`` saves it."""
     pruned = tmp_path_factory.mktemp("stock") / "atv60"
-    save_pruned(loaded.model, loaded.processor, {}, pruned)
+    prune_checkpoint(CHECKPOINT_DIR, pruned, BENCHMARK_DIR / "calib.json",
+                     PruneConfig(method="atv", sparsity=0.6, samples=32),
+                     settings=RunSettings(device="cpu", progress=False), dtype="float32")
     return {"dense": CHECKPOINT_DIR, "pruned": pruned}
 
 

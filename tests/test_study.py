@@ -141,6 +141,38 @@ def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: 
     assert cells["wanda:amia 50%"]["allocation"] == "uniform" and cells["wanda:amia 50%"]["pool"] == "amia"
 
 
+def test_a_streamed_study_gives_the_cells_of_one_in_memory(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--load stream: each cell pruned block by block into a temporary folder, evaluated from there
+    (loaded into its placement), the folder removed; the cells equal those of --load memory."""
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
+    results = {}
+    for load in ("memory", "stream"):
+        out = workspace["root"] / f"compare-{load}"
+        code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
+                               *TASKS, "--methods", "wanda", "atv", "--sparsity", "0.5", "--samples", "4",
+                               "--load", load, "--out", out)
+        assert code == 0, output
+        results[load] = json.loads((out / "results.json").read_text())
+        assert [p.name for p in (out / "cells").iterdir() if p.name.startswith(".")] == []
+    for memory, stream in zip(results["memory"]["cells"], results["stream"]["cells"]):
+        assert memory["label"] == stream["label"] and memory["scores"] == stream["scores"]
+        assert memory["sparsity"] == stream["sparsity"]
+    assert results["memory"]["dense"] == results["stream"]["dense"]
+
+
+def test_a_study_that_changes_the_model_in_memory_refuses_to_stream(workspace, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from motprobe.cli import main as motprobe_main
+
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
+    result = CliRunner().invoke(motprobe_main, ["sensitivity", "--model", str(workspace["model"]), "--calib",
+                                                str(workspace["calib"]), "--tasks", *TASKS, "--samples", "4",
+                                                "--sparsity", "0.5", "--load", "stream", "--out",
+                                                str(tmp_path / "s")])
+    assert result.exit_code == 2 and "cannot stream" in result.output and "--load memory" in result.output
+    assert not (tmp_path / "s").exists()  # refused before the dense evaluation, nothing written
+
+
 def test_a_failed_cell_is_missing_from_the_tables_named_at_exit_and_computed_next_time(
         workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     from atv_prune.errors import NumericalError

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..errors import NumericalError
-from .masks import check_pattern, prune_count
+from .masks import check_pattern, lowest_mask, nm_mask, prune_count
 from .scoring import weighted_rows
 
 
@@ -102,17 +102,13 @@ def sparsegpt_prune(
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         if sparsity is not None:
             saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
-            n_prune = prune_count(sparsity, saliency.numel())
-            if n_prune:
-                order = torch.sort(saliency.flatten(), stable=True).indices[:n_prune]
-                block_mask.view(-1)[order] = True
+            block_mask = lowest_mask(saliency.reshape(1, -1), prune_count(sparsity, saliency.numel())).view_as(block)
         errors = torch.zeros_like(block)
         for i in range(end - start):
             if pattern is not None and i % pattern[1] == 0:
                 n, m = pattern
                 group = block[:, i : i + m].pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
-                lowest = torch.sort(group, dim=1, stable=True).indices[:, :n]
-                block_mask[:, i : i + m].scatter_(1, lowest, True)
+                block_mask[:, i : i + m] = nm_mask(group, n, m)
             column = block[:, i]
             pruned = torch.where(block_mask[:, i], torch.zeros_like(column), column)
             error = (column - pruned) / diag[i]

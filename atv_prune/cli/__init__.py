@@ -3,7 +3,6 @@ run, so ``--help`` and usage errors answer at once."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -47,23 +46,24 @@ def main() -> None:
               help="Per-matrix sparsity: uniform, or TAMP's diversity-aware DAS [default: das for tamp].")
 @shared("samples", "seed", "device")
 @click.option("--offload-device", default="cpu", show_default=True, help="Where calibration activations live.")
-@shared("dtype", "image-root", "max-pixels", "max-frames", "fps", "max-length", "out", "overwrite",
-        "trust-remote-code", "quiet")
+@shared("load", "activation-memory", "spill-dir", "max-shard-size", "dtype", "image-root", "max-pixels",
+        "max-frames", "fps", "max-length", "out", "overwrite", "trust-remote-code", "quiet")
 @click.pass_context
 @one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
           pool: str | None, sparsity: float | None, pattern: str | None, structure: str | None, ratio: float | None,
           no_bias_compensation: bool, alpha: float, visual_ratio: float, allocation: str | None, samples: int,
-          seed: int, device: str | None, offload_device: str, dtype: str, image_root: Path | None,
+          seed: int, device: str | None, offload_device: str, load: str, activation_memory: str | None,
+          spill_dir: Path | None, max_shard_size: str | None, dtype: str, image_root: Path | None,
           max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None, out_dir: Path,
           overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
-    from ..model.loading import load_model_and_processor, silence_loading_bars
+    from ..model.loading import silence_loading_bars
     from ..model.videos import VideoSampling
-    from ..runs.api import prune as run_prune
+    from ..runs.checkpoint import prune_checkpoint
     from ..runs.config import PruneConfig, RunSettings, parse_pattern
-    from ..runs.export import check_output_dir, save_pruned
+    from ..runs.export import check_output_dir
     from ..runs.preflight import check_run_inputs
     from ..runs.recipe import Recipe
 
@@ -78,7 +78,9 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
                          pattern=parse_pattern(pattern) if pattern else None, allocation=allocation,
                          samples=samples, seed=seed, structure=structure, ratio=ratio,
                          bias_compensation=not no_bias_compensation)
-    settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet)
+    settings = RunSettings(device=device, offload_device=offload_device, progress=not quiet, load=load,
+                           max_shard_size=max_shard_size, activation_memory=activation_memory,
+                           spill_dir=str(spill_dir) if spill_dir else None)
     if config.needs_calibration and calib_path is None:
         raise AtvPruneError(f"--method {method} needs calibration data: pass --calib FILE")
     if calib_path is not None and not calib_path.is_file():
@@ -87,18 +89,11 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     check_run_inputs(model_path, [config], calib_path=calib_path, image_root=image_root, max_pixels=max_pixels,
                      device=device, offload_device=offload_device, trust_remote_code=trust_remote_code,
                      max_length=max_length)
-    started = time.perf_counter()
-    loaded = load_model_and_processor(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    load_seconds = time.perf_counter() - started
-    report = run_prune(loaded.model, loaded.processor, calib_path if config.needs_calibration else None, config,
-                       settings=settings, image_root=image_root, max_pixels=max_pixels, max_length=max_length,
-                       video=VideoSampling(max_frames=max_frames, fps=fps))
-    report.model["path"] = str(model_path.resolve())
-    if recipe_path is not None:
-        report.extra["recipe"] = str(recipe_path.resolve())
-    report.seconds["load_model"] = round(load_seconds, 4)
-    save_start = time.perf_counter()
-    save_pruned(loaded.model.to(loaded.saved_dtype), loaded.processor, report.to_dict(), out_dir, overwrite)
+    report = prune_checkpoint(model_path, out_dir, calib_path, config, settings=settings, dtype=dtype,
+                              image_root=image_root, max_pixels=max_pixels, max_length=max_length,
+                              trust_remote_code=trust_remote_code, overwrite=overwrite,
+                              video=VideoSampling(max_frames=max_frames, fps=fps),
+                              extra={"recipe": str(recipe_path.resolve())} if recipe_path is not None else None)
     if report.structure is not None:
         heads, channels, parameters = (report.structure[k] for k in ("heads", "channels", "parameters"))
         done = (f"structured-pruned {report.model['blocks']} blocks to {heads['after']}/{heads['before']} heads and "
@@ -106,8 +101,9 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
                 f"{parameters['after'] / 1e6:.2f}M parameters")
     else:
         done = f"pruned {report.model['blocks']} blocks to {report.sparsity['overall']:.2%} sparsity"
-    click.echo(f"{done} ({config.method}, pool {config.resolved_pool}, {config.target_label}) in "
-               f"{report.seconds['total']:.1f}s; saved to {out_dir} in {time.perf_counter() - save_start:.1f}s")
+    click.echo(f"{done} ({config.method}, pool {config.resolved_pool}, {config.target_label}, "
+               f"{report.settings['load']}) in {report.seconds['total']:.1f}s; saved to {out_dir} in "
+               f"{report.seconds['save']:.1f}s")
     for note in (report.structure or {}).get("notes", []):
         click.echo(f"note: {note}")
 

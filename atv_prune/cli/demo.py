@@ -58,10 +58,9 @@ def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device
     kw: dict[str, Any] = dict(model_path=model, calib_path=bench / "calib.json", tasks=tuple(builtin_tasks(bench)),
                               bench_dir=bench, limit=limit, batch_size=batch_size, samples=samples, seed=seed,
                               device=device, dtype=dtype, image_root=None, max_pixels=None, max_length=None,
-                              max_frames=DEFAULT_MAX_FRAMES, fps=None,
-                              out_dir=out_dir,
-                              overwrite=overwrite, trust_remote_code=False, quiet=quiet, device_map=None,
-                              max_memory=None, offload_folder=None, **cluster)
+                              max_frames=DEFAULT_MAX_FRAMES, fps=None, out_dir=out_dir, overwrite=overwrite,
+                              trust_remote_code=False, quiet=quiet, load="auto",
+                              device_map=None, max_memory=None, offload_folder=None, **cluster)
     names = {"json": "report.json", "md": "report.md", "csv": "report.csv", "png": "retention.png"}
     run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names)
     click.echo(f"written to {out_dir}: report.md, report.json, report.csv, retention.png")

@@ -96,6 +96,21 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
     "trust-remote-code": lambda: click.option("--trust-remote-code", is_flag=True,
                                               help="Allow custom model code shipped with the checkpoint."),
     "quiet": lambda: click.option("--quiet", is_flag=True, help="No progress bars."),
+    "load": lambda: click.option("--load", type=click.Choice(["auto", "memory", "stream"]), default="auto",
+                                 show_default=True,
+                                 help="memory: load the whole model; stream: load the non-block weights and read "
+                                      "each decoder block from the checkpoint when its turn comes, then write it out "
+                                      "and free it (for models larger than host memory); auto: stream when the "
+                                      "model would need more than 80% of the available memory."),
+    "max-shard-size": lambda: click.option("--max-shard-size", default=None,
+                                           help="Largest output weight file, e.g. 5GB [default: transformers' for a "
+                                                "model in memory, two decoder blocks when streamed]."),
+    "activation-memory": lambda: click.option("--activation-memory", default=None,
+                                              help="Calibration activations kept in memory, e.g. 8GB; beyond it they "
+                                                   "spill to memory-mapped files [default: half the memory available "
+                                                   "when the capture starts]."),
+    "spill-dir": lambda: click.option("--spill-dir", type=_PATH, default=None,
+                                      help="Folder for spilled activations [default: inside the output folder]."),
     "tasks": lambda: click.option("--tasks", multiple=True, required=True,
                                   help="Built-in task names (exist, count, ...) or lmms-eval task ids (gqa, pope, "
                                        "mme, ...), e.g. --tasks exist count pope."),
@@ -141,8 +156,8 @@ CLUSTER_OPTIONS = ("ray", "cpus-per-cell", "gpus-per-cell", "retries")
 PLACEMENT_OPTIONS = ("device-map", "max-memory", "offload-folder")
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-frames", "fps", "max-length", "study-out",
-                 "study-overwrite", "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
+                 "load", *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-frames", "fps", "max-length",
+                 "study-out", "study-overwrite", "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

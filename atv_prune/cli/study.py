@@ -44,8 +44,7 @@ def study_settings(kw: dict[str, Any]):
                          dtype=kw["dtype"], image_root=kw["image_root"], max_pixels=kw["max_pixels"],
                          max_frames=kw["max_frames"], fps=kw["fps"], max_length=kw["max_length"],
                          trust_remote_code=kw["trust_remote_code"], device=kw["device"],
-                         placement=placement(kw),
-                         progress=not kw["quiet"])
+                         placement=placement(kw), progress=not kw["quiet"], load=kw["load"])
 
 
 def run_study(kw: dict[str, Any], kind: str, cells: list[Cell], prune_function: PruneFunction | None = None,

@@ -12,10 +12,14 @@ capture costs the vision tower plus the embeddings, not a forward through the de
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,17 +47,100 @@ def current_visual_mask() -> torch.Tensor | None:
     return _VISUAL_MASK.get()
 
 
+@dataclass(frozen=True)
+class SpilledTensor:
+    """A tensor kept in a file and memory-mapped only while it is read or written, so that it
+    costs neither resident memory nor address space between uses."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def _mapped(self, shared: bool) -> torch.Tensor:
+        return torch.from_file(str(self.path), shared=shared, size=math.prod(self.shape), dtype=self.dtype)
+
+    def read(self) -> torch.Tensor:
+        """The values, mapped copy-on-write from the file (a CPU tensor)."""
+        return self._mapped(shared=False).view(self.shape)
+
+    def write(self, values: torch.Tensor) -> None:
+        """Replace the values in the file."""
+        self._mapped(shared=True).view(self.shape).copy_(values)
+
+
+class ActivationStore:
+    """Where the captured hidden states wait between blocks: on the offload device while their
+    total stays within ``budget`` bytes, beyond it in files under ``folder`` (a temporary folder
+    by default), memory-mapped only while they are used. ``pin``: keep CPU states in pinned
+    memory, so that copies to a CUDA compute device can run asynchronously."""
+
+    def __init__(self, device: torch.device | str = "cpu", budget: int | None = None, folder: Path | None = None,
+                 pin: bool = False) -> None:
+        self.device = torch.device(device)
+        self.budget = budget
+        self.pin = pin and self.device.type == "cpu"
+        self._parent = folder
+        self._made_parent = False
+        self._folder: Path | None = None
+        self.kept_bytes = 0
+        self.spilled_bytes = 0
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor | SpilledTensor:
+        """``tensor`` on the offload device, or spilled to a file when the budget is used up."""
+        size = tensor.numel() * tensor.element_size()
+        if self.budget is None or self.kept_bytes + size <= self.budget:
+            self.kept_bytes += size
+            kept = tensor.to(self.device)
+            return kept.pin_memory() if self.pin else kept
+        if self._folder is None:
+            if self._parent is not None and not self._parent.exists():
+                self._parent.mkdir(parents=True)
+                self._made_parent = True
+            self._folder = Path(tempfile.mkdtemp(prefix="atv-prune-activations-", dir=self._parent))
+        spilled = SpilledTensor(self._folder / f"{self.spilled_bytes + self.kept_bytes}.bin", tuple(tensor.shape),
+                                tensor.dtype)
+        spilled.write(tensor)
+        self.spilled_bytes += size
+        return spilled
+
+    def close(self) -> None:
+        """Remove the spill files (and ``folder`` itself when the store made it)."""
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        if self._made_parent and self._parent is not None:
+            shutil.rmtree(self._parent, ignore_errors=True)
+            self._made_parent = False
+
+
 @dataclass
 class CapturedSample:
-    """One calibration sample's replay state, kept on the offload device."""
+    """One calibration sample's replay state, kept on the offload device (its hidden states
+    possibly spilled to disk: :class:`ActivationStore`)."""
 
     source: str
     visual: torch.Tensor  # bool (seq,)
-    hidden: torch.Tensor  # (1, seq, d): the input of the next block to run
+    state: torch.Tensor | SpilledTensor  # (1, seq, d): the input of the next block to run
     block_args: list[tuple[Any, ...]] = field(default_factory=list)
     block_kwargs: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # block l -> (token positions, values) added to block l's output (only the non-zero rows)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The input of the next block to run."""
+        return self.state.read() if isinstance(self.state, SpilledTensor) else self.state
+
+    @hidden.setter
+    def hidden(self, values: torch.Tensor) -> None:
+        """Store the next block's input where the states live: into the spill file, into the
+        same (possibly pinned) buffer when it comes from another device, else as it is."""
+        if isinstance(self.state, SpilledTensor):
+            self.state.write(values)
+        elif values.device != self.state.device and values.shape == self.state.shape:
+            self.state.copy_(values)
+        else:
+            self.state = values.to(self.state.device)
 
 
 def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
@@ -71,6 +158,14 @@ def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None 
     if isinstance(obj, dict):
         return {key: to_device(value, device, memo) for key, value in obj.items()}
     return obj
+
+
+def to_compute(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on the compute device; from pinned CPU memory to a GPU without waiting (later work
+    on the same stream orders after the copy, and the source is not written before a synchronising
+    copy back)."""
+    asynchronous = device.type == "cuda" and tensor.device.type == "cpu" and tensor.is_pinned()
+    return tensor.to(device, non_blocking=asynchronous)
 
 
 def _move_outside(module: nn.Module, keep: set[int], device: torch.device | str) -> None:
@@ -171,9 +266,11 @@ def capture_sample(
     source: str,
     compute_device: torch.device | str,
     offload_device: torch.device | str,
+    store: ActivationStore | None = None,
 ) -> CapturedSample:
     """Record block 0's input and every block's arguments for one sample (non-block modules
-    must already be on ``compute_device``)."""
+    must already be on ``compute_device``); the hidden states go to ``store`` (default: plainly on
+    ``offload_device``)."""
     blocks = layout.blocks(model)
     dtype = next(blocks.parameters()).dtype
     forward_inputs = prepare_forward_inputs(layout, inputs, compute_device, dtype)
@@ -188,7 +285,7 @@ def capture_sample(
     return CapturedSample(
         source=source,
         visual=layout.visual_mask(forward_inputs["input_ids"][0]).to(offload_device),
-        hidden=hidden.to(offload_device),
+        state=hidden.to(offload_device) if store is None else store.keep(hidden),
         block_args=[to_device(a, offload_device, memo) for a in recorder.args],
         block_kwargs=[to_device(k, offload_device, memo) for k in recorder.kwargs],
         deltas={i: _sparse_rows(d, offload_device) for i, d in recorder.deltas.items()},

@@ -36,8 +36,8 @@ from ..algorithms.specs import Method, Pool
 from ..errors import UnsupportedModelError
 from ..registry import resolve_ref
 from .attention import recording_attention
-from .capture import CapturedSample, run_block
-from .walk import check_finite, walk_blocks
+from .capture import CapturedSample, run_block, to_compute
+from .walk import BlockHome, check_finite, walk_blocks
 
 
 @dataclass(frozen=True)
@@ -267,24 +267,32 @@ class LayerwisePruner:
         self.progress = progress
         self.result = EngineResult()
 
-    def prune(self, blocks: nn.ModuleList, prefix: str, samples: list[CapturedSample]) -> EngineResult:
+    def prune(self, blocks: nn.ModuleList, prefix: str, samples: list[CapturedSample],
+              home: BlockHome | None = None) -> EngineResult:
         """Prune every block: statistics from ``samples`` (none for a data-free method), masks,
-        then propagation of the samples through the pruned block."""
+        then propagation of the samples through the pruned block. ``home``: where the blocks'
+        weights live between their turns (default: in memory)."""
         steps = len(blocks) * len(samples) * 2 - len(samples) if samples else len(blocks)
         with tqdm(total=steps, desc=self.plan.label or "pruning", unit="fwd" if samples else "block",
                   disable=not self.progress) as bar:
             for index, block in walk_blocks(blocks, samples, self.device, seconds=self.result.seconds,
-                                            tick=lambda: bar.update(1)):
+                                            tick=lambda: bar.update(1), home=home):
                 bar.set_description(f"block {index + 1}/{len(blocks)}")
-                targets = self.find_targets(block, f"{prefix}.{index}")
-                for target in targets:
-                    check_finite(target.weight, f"weights in {target.name}")
-                if samples:
-                    self._prune_calibrated(block, index, targets, samples, bar)
-                else:
-                    self._prune_data_free(index, targets)
-                    bar.update(1)
+                self._prune_block(block, index, prefix, samples, bar)
         return self.result
+
+    def _prune_block(self, block: nn.Module, index: int, prefix: str, samples: list[CapturedSample],
+                     bar: tqdm) -> None:
+        """One block's statistics and pruning (its targets are let go when it returns, before the
+        walk fetches the next block)."""
+        targets = self.find_targets(block, f"{prefix}.{index}")
+        for target in targets:
+            check_finite(target.weight, f"weights in {target.name}")
+        if samples:
+            self._prune_calibrated(block, index, targets, samples, bar)
+        else:
+            self._prune_data_free(index, targets)
+            bar.update(1)
 
     def _prune_data_free(self, index: int, targets: list[PruneTarget]) -> None:
         start = time.perf_counter()
@@ -319,7 +327,7 @@ class LayerwisePruner:
         try:
             for number, sample in enumerate(samples):
                 recorder.start_sample()
-                hidden, visual = sample.hidden.to(self.device), sample.visual.to(self.device)
+                hidden, visual = to_compute(sample.hidden, self.device), sample.visual.to(self.device)
                 output, attention = self._dense_forward(block, index, sample, hidden, visual)
                 n_visual = int(visual.sum())
                 limit = plan.budget.limit(n_visual, visual.numel() - n_visual)
@@ -329,7 +337,7 @@ class LayerwisePruner:
                 choice = select(view)
                 if diversity is not None:
                     diversity.finish_sample(visual)
-                statistics.add(recorder.inputs, visual.numel(), choice, drift, limit, sample.hidden.device)
+                statistics.add(recorder.inputs, visual.numel(), choice, drift, limit, self.offload_device)
                 bar.update(1)
         finally:
             recorder.remove()
@@ -383,5 +391,5 @@ class LayerwisePruner:
         target_sparsity = self.plan.sparsity if sparsity is None else sparsity
         pruned = prune_weight(target.weight.data, statistic, target_sparsity, self.plan.pattern)
         target.weight.data.copy_(pruned)
-        self.result.sparsity[target.name] = float((target.weight == 0).float().mean())
+        self.result.sparsity[target.name] = 1.0 - int(torch.count_nonzero(target.weight)) / target.weight.numel()
         self.result.sizes[target.name] = target.weight.numel()

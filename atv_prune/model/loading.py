@@ -247,9 +247,13 @@ def load_model(
             shutil.rmtree(folder, ignore_errors=True)
             raise
         _remove_with(model, folder)
+    return model.eval(), saved_dtype_of(config, model)
+
+
+def saved_dtype_of(config: Any, model: nn.Module) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in (its config's), else the model's."""
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved_dtype = saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
-    return model.eval(), saved_dtype
+    return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
 
 
 @dataclass

@@ -4,6 +4,11 @@ The pruning engine (statistics, masks) and the diagnostics (activations at chose
 need block l's inputs with blocks < l already processed; :func:`walk_blocks` yields each block on
 the compute device and, once the caller is done with it, runs every sample through it (as it is
 then: pruned, for the engine) to give the next block its inputs.
+
+Where a block's weights live between turns is a :class:`BlockHome`: :class:`ResidentBlocks`
+keeps the whole model in memory and moves each block to the compute device and back; the
+streamed home (:mod:`.streaming`) reads each block from the checkpoint when its turn comes and
+writes it out and frees it after.
 """
 
 from __future__ import annotations
@@ -11,29 +16,58 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..errors import NumericalError
-from .capture import CapturedSample, module_device, next_input, run_block
+from .capture import CapturedSample, module_device, next_input, run_block, to_compute
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Refuse non-finite weights or activations with one line."""
-    if not torch.isfinite(tensor).all():
+    """Refuse non-finite weights or activations with one line. (A finite sum means every element
+    is finite, and takes one pass without a mask; only when it is not is every element looked at,
+    as a sum can overflow.)"""
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise NumericalError(f"non-finite {what}: the model overflows or is corrupt; try --dtype float32")
 
 
+class BlockHome(Protocol):
+    """Where the decoder blocks' weights live between their turns in the walk."""
+
+    def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Make block ``index``'s weights real on ``device`` for its turn."""
+
+    def leave(self, index: int, block: nn.Module, finished: bool) -> None:
+        """Block ``index``'s turn is over: put its weights back home. ``finished`` is False when the
+        turn ended early (an error, or a walk stopped before the block's outputs were computed)."""
+
+
+class ResidentBlocks:
+    """Every block stays in memory: moved to the compute device for its turn and back after it."""
+
+    def __init__(self) -> None:
+        self._homes: dict[int, torch.device] = {}
+
+    def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._homes[index] = module_device(block)
+        block.to(device)
+
+    def leave(self, index: int, block: nn.Module, finished: bool) -> None:
+        block.to(self._homes.pop(index))
+
+
 @contextmanager
-def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """``block`` moved to ``device`` for the enclosed code, then back where it was."""
-    home = module_device(block)
-    block.to(device)
+def turn(home: BlockHome, index: int, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Block ``index`` on ``device`` for the enclosed code, then back home (also on an error)."""
+    home.enter(index, block, device)
     try:
         yield block
-    finally:
-        block.to(home)
+    except BaseException:
+        home.leave(index, block, finished=False)
+        raise
+    home.leave(index, block, finished=True)
 
 
 @torch.no_grad()
@@ -42,23 +76,26 @@ def propagate(block: nn.Module, index: int, samples: list[CapturedSample], devic
     """Replace every sample's hidden states by block ``index``'s output (plus what the model adds
     between blocks), computed on ``device`` and stored back where the states live."""
     for sample in samples:
-        hidden = sample.hidden.to(device)
+        hidden = to_compute(sample.hidden, device)
         output = next_input(sample, index, run_block(block, sample, index, hidden))
         check_finite(output, f"activations after block {index} for sample {sample.source}")
-        sample.hidden = output.to(sample.hidden.device)
+        sample.hidden = output
         if tick is not None:
             tick()
 
 
 def walk_blocks(blocks: nn.ModuleList, samples: list[CapturedSample], device: torch.device, *,
                 last: int | None = None, seconds: dict[str, float] | None = None,
-                tick: Callable[[], None] | None = None) -> Iterator[tuple[int, nn.Module]]:
+                tick: Callable[[], None] | None = None, home: BlockHome | None = None
+                ) -> Iterator[tuple[int, nn.Module]]:
     """Yield ``(index, block)`` for blocks ``0 .. last`` (default: all), each on ``device``; after
-    the caller's work on a block, ``samples`` advance through it (not after ``last``). Propagation
-    time is added to ``seconds["propagation"]``; ``tick`` is called once per sample propagated."""
+    the caller's work on a block, ``samples`` advance through it (not after ``last``), then the
+    block goes back to ``home`` (default: :class:`ResidentBlocks`). Propagation time is added to
+    ``seconds["propagation"]``; ``tick`` is called once per sample propagated."""
     last = len(blocks) - 1 if last is None else last
+    home = ResidentBlocks() if home is None else home
     for index in range(last + 1):
-        with on_device(blocks[index], device) as block:
+        with turn(home, index, blocks[index], device) as block:
             yield index, block
             if index < last and samples:
                 start = time.perf_counter()

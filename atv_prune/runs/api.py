@@ -8,20 +8,23 @@ from pathlib import Path
 from typing import Any
 from warnings import warn
 
+import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.specs import POOLS
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..model.calibration import CalibrationSet, fit_context, load_calibration
-from ..model.capture import capture_sample, non_block_modules_on
+from ..model.capture import ActivationStore, capture_sample, non_block_modules_on
 from ..model.engine import LayerwisePruner, PrunePlan, TargetFinder, check_targets, linear_targets
 from ..model.layout import ModelLayout, context_length, resolve
 from ..model.loading import resolve_device
+from ..model.memory import available_memory, parse_size
 from ..model.shrink import shrink_surgery
 from ..model.structured import StructuredPruner, SurgeryFactory
 from ..model.videos import VideoSampling
+from ..model.walk import BlockHome
 from ..validation import Record
 from ..versions import package_versions
 from .config import PruneConfig, RunSettings
@@ -41,6 +44,7 @@ class PruneReport(Record):
     blocks: list[dict[str, Any]]
     seconds: dict[str, float]
     warnings: list[str] = Field(default_factory=list)
+    memory: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)  # what a caller adds (e.g. the MoT pathway)
     structure: dict[str, Any] | None = None  # structured pruning: counts before/after, parameters, config
 
@@ -97,6 +101,30 @@ def _calibration_set(
                             seed=config.seed, max_pixels=max_pixels, max_length=max_length, video=video)
 
 
+def activation_store(settings: RunSettings, device: torch.device) -> ActivationStore:
+    """Where a run's captured activations wait: the offload device within the budget of
+    ``settings.activation_memory`` (default: half the memory available now when they wait on
+    the CPU, no limit elsewhere), spilled to ``settings.spill_dir`` beyond it; pinned when a
+    GPU computes."""
+    offload = torch.device(settings.offload_device)
+    if settings.activation_memory is not None:
+        budget = parse_size(settings.activation_memory, "--activation-memory")
+    else:
+        available = available_memory() if offload.type == "cpu" else None
+        budget = available // 2 if available is not None else None
+    return ActivationStore(offload, budget, Path(settings.spill_dir) if settings.spill_dir else None,
+                           pin=device.type == "cuda")
+
+
+def _gpu_peak(device: torch.device) -> int | None:
+    """The allocator's peak on a CUDA ``device`` since the last call (None elsewhere); restarts the count."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def prune(
     model: nn.Module,
     processor: Any = None,
@@ -109,18 +137,22 @@ def prune(
     max_length: int | None = None,
     find_targets: TargetFinder = linear_targets,
     surgery: SurgeryFactory = shrink_surgery,
+    home: BlockHome | None = None,
     video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
     ``calibration`` is a :class:`CalibrationSet` or the path of a conversation JSON / JSONL
     file (read with ``processor``); it is ignored by data-free methods (magnitude). ``settings``:
-    the device, offload device and progress bars (default :class:`RunSettings`). Samples longer
-    than ``max_length`` tokens (default: the one a :class:`CalibrationSet` carries), or than the
-    model's context, are truncated from the end of their text, or skipped when their image does
-    not fit (:func:`~atv_prune.model.calibration.fit_context`); the report counts both. A structured
-    config (``structure``/``ratio``) removes heads and channels with ``surgery`` (default: for
-    real, and the model's config updated so that ``save_pretrained`` + ``from_pretrained`` rebuild it).
+    the device, offload device, activation budget and progress bars (default :class:`RunSettings`).
+    Samples longer than ``max_length`` tokens (default: the one a :class:`CalibrationSet`
+    carries), or than the model's context, are truncated from the end of their text, or skipped
+    when their image does not fit (:func:`~atv_prune.model.calibration.fit_context`); the report
+    counts both. A structured config (``structure``/``ratio``) removes heads and channels with
+    ``surgery`` (default: for real, and the model's config updated so that ``save_pretrained`` +
+    ``from_pretrained`` rebuild it). ``home``: where the decoder blocks' weights live between
+    their turns (default: in the model, in memory; :func:`~atv_prune.runs.checkpoint.prune_checkpoint`
+    streams them from the checkpoint; unstructured configs only).
     ``video``: how frames are drawn from the calibration file's clips (default
     :class:`~atv_prune.model.videos.VideoSampling`: 8 frames evenly over each clip).
     """
@@ -132,6 +164,9 @@ def prune(
     blocks = layout.blocks(model)
     structured = None
     if config.structured:
+        if home is not None:
+            raise ConfigError("structured pruning changes the blocks' shapes, so their weights cannot be streamed "
+                              "from the checkpoint: load the model whole (--load memory)")
         structured = surgery(model, layout, config.structure, config.ratio, config.resolved_bias_compensation)
         pruner = StructuredPruner(plan_of(config), device, structured, compensate=config.resolved_bias_compensation,
                                   offload_device=settings.offload_device, progress=settings.progress)
@@ -145,6 +180,9 @@ def prune(
     calibration_summary = None
     warnings: list[str] = []
     captured = []
+    store = activation_store(settings, device)
+    gpu_peaks: dict[str, int | None] = {}
+    _gpu_peak(device)
     try:
         if config.needs_calibration:
             start = time.perf_counter()
@@ -155,10 +193,10 @@ def prune(
             seconds["load_calibration"] += time.perf_counter() - start
             start = time.perf_counter()
             skipped = 0
-            with non_block_modules_on(model, blocks, device):
+            with non_block_modules_on(layout.base_model(model), blocks, device):  # the LM head is not needed
                 for sample in tqdm(calib.samples, desc="capture", disable=not settings.progress):
                     state = capture_sample(model, layout, sample.inputs, sample.source, device,
-                                           settings.offload_device)
+                                           settings.offload_device, store)
                     if state.visual.any():
                         captured.append(state)
                     else:
@@ -184,15 +222,20 @@ def prune(
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),
                 **(fit.summary() if fit is not None else {}),
             }
-        pruner.prune(blocks, layout.block_path, captured)
+        gpu_peaks["capture"] = _gpu_peak(device)
+        pruner.prune(blocks, layout.block_path, captured, home)
+        gpu_peaks["blocks"] = _gpu_peak(device)
         structure = structured.finish(model) if structured is not None else None
     finally:
         model.train(was_training)
+        samples_used = len(captured)
+        captured.clear()
+        store.close()
     seconds["total"] = time.perf_counter() - started
     result = pruner.result
     blocks = [asdict(block) for block in result.blocks]
     if config.budget.rule == "adaptive":
-        message = _empty_budget_warning(config.resolved_pool, blocks, len(captured))
+        message = _empty_budget_warning(config.resolved_pool, blocks, samples_used)
         if message is not None:
             warnings.append(message)
             warn(message, stacklevel=2)
@@ -203,6 +246,9 @@ def prune(
     return PruneReport(
         config=config.to_dict(),
         settings={"device": str(device), "offload_device": settings.offload_device},
+        memory={"activation_budget_bytes": store.budget, "activations_kept_bytes": store.kept_bytes,
+                "activations_spilled_bytes": store.spilled_bytes,
+                **{f"gpu_peak_{phase}_bytes": peak for phase, peak in gpu_peaks.items() if peak is not None}},
         model=_model_summary(model, layout),
         versions=package_versions(),
         calibration=calibration_summary,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import AtvPruneError
 from ..model.calibration import CalibrationSet, load_calibration
 from ..model.layout import resolve
-from ..model.loading import Placement, dispatch, load_model_and_processor, resolve_device
+from ..model.loading import Placement, dispatch, load_model_and_processor, main_device, resolve_device
 from ..model.videos import VideoSampling
 from .api import PruneReport, prune
 from .config import PruneConfig, RunSettings
@@ -51,8 +54,12 @@ class Cell:
 @dataclass
 class StudySettings:
     """What every cell of a study shares: its inputs and evaluation (the study's identity), and how
-    it runs (``device``, ``placement``, ``progress``: not part of the identity). ``placement``
-    spreads each evaluated model over the GPUs, the CPU and disk (``--device-map``)."""
+    it runs (``device``, ``placement``, ``progress``, ``load``: not part of the identity).
+    ``placement`` spreads each evaluated model over the GPUs, the CPU and disk (``--device-map``).
+    ``load``: ``memory`` prunes and evaluates the model in memory; ``stream`` prunes it block by
+    block from the checkpoint into a temporary folder and evaluates it from there, loaded across the
+    GPU, host memory and disk (``placement``, default ``device_map="auto"``); ``auto`` streams when
+    the model would not fit in memory."""
 
     model: Path
     calib: Path
@@ -70,6 +77,7 @@ class StudySettings:
     device: str | None = None
     placement: Placement | None = None
     progress: bool = True
+    load: str = "auto"
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
@@ -174,12 +182,19 @@ class PeakMemory:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 (16 hex digits) of the decoder blocks' weights, byte for byte: two cells with the
-    same fingerprint have the same masks (and the same SparseGPT updates)."""
+    same fingerprint have the same masks (and the same SparseGPT updates). Weights a placement
+    left on disk are brought in one block at a time."""
+    from accelerate.utils import align_module_device
+
     digest = hashlib.sha256()
+    cpu = torch.device("cpu")
     for index, block in enumerate(resolve(model).blocks(model)):
-        for name, parameter in sorted(block.named_parameters()):
-            digest.update(f"{index}.{name}".encode())
-            digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        with ExitStack() as aligned:
+            for module in block.modules():
+                aligned.enter_context(align_module_device(module, cpu))
+            for name, parameter in sorted(block.named_parameters()):
+                digest.update(f"{index}.{name}".encode())
+                digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 
@@ -190,12 +205,36 @@ class CellRunner:
     def __init__(self, settings: StudySettings) -> None:
         self.settings = settings
         self._calibrations: dict[tuple[int, int], CalibrationSet] = {}
+        self._mode: str | None = None
+        self._processor: Any = None
 
-    def _load(self) -> tuple[nn.Module, Any]:
-        loaded = load_model_and_processor(self.settings.model, dtype=self.settings.dtype,
+    @property
+    def mode(self) -> str:
+        """``memory`` or ``stream`` (``settings.load``, with ``auto`` resolved once)."""
+        if self._mode is None:
+            from .checkpoint import choose_load
+
+            self._mode, _ = choose_load(self.settings.model, self.settings.load, dtype=self.settings.dtype,
+                                        device=self.settings.device,
+                                        trust_remote_code=self.settings.trust_remote_code)
+        return self._mode
+
+    def _load(self, path: Path | None = None) -> tuple[nn.Module, Any]:
+        """The model (the study's, or the pruned one in ``path``) and its processor: in memory, or,
+        when the study streams, loaded straight into its placement (GPU, host memory, disk)."""
+        placement = (self.settings.placement or Placement()) if self.mode == "stream" else None
+        loaded = load_model_and_processor(path or self.settings.model, dtype=self.settings.dtype,
                                           device=self.settings.device,
-                                          trust_remote_code=self.settings.trust_remote_code)
+                                          trust_remote_code=self.settings.trust_remote_code, placement=placement)
         return loaded.model, loaded.processor
+
+    def _study_processor(self) -> Any:
+        """The study model's processor alone (a streamed cell loads no model to prune)."""
+        if self._processor is None:
+            from ..model.processors import load_processor
+
+            self._processor = load_processor(self.settings.model, trust_remote_code=self.settings.trust_remote_code)
+        return self._processor
 
     def _calibration_for(self, processor: Any, config: PruneConfig) -> CalibrationSet:
         """The calibration draw for the cell's samples and seed (read once per draw)."""
@@ -208,10 +247,13 @@ class CellRunner:
         return self._calibrations[key]
 
     def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
-        """The model's evaluation, on the compute device or spread as the placement says."""
+        """The model's evaluation, on the compute device or spread as the placement says (a model
+        loaded into its placement is evaluated where it is)."""
         from ..eval.run import evaluate
 
-        if self.settings.placement is not None:
+        if hasattr(model, "hf_device_map"):
+            device = main_device(model.hf_device_map)
+        elif self.settings.placement is not None:
             device = dispatch(model, self.settings.placement)
         else:
             device = resolve_device(self.settings.device)
@@ -226,18 +268,58 @@ class CellRunner:
         model, processor = self._load()
         return {"label": "dense", "evaluation": self._evaluate(model, processor)}
 
+    def check_streamable(self, prune_function: PruneFunction) -> None:
+        """A study whose pruning changes the model in memory first (the MoT probe) cannot stream."""
+        if prune_function is not default_prune and self.mode == "stream":
+            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
+                                f"{self.settings.model} block by block: run it with --load memory on a machine "
+                                "whose memory holds the model")
+
     def cell(self, cell: Cell, prune_function: PruneFunction = default_prune) -> dict[str, Any]:
         """Prune and evaluate one cell; its record (retention is the driver's: it needs the dense
         evaluation)."""
-        model, processor = self._load()
-        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
         settings = RunSettings(device=self.settings.device, progress=False)
         memory = PeakMemory(resolve_device(settings.device))
+        if self.mode == "stream":
+            return self._streamed_cell(cell, prune_function, settings, memory)
+        model, processor = self._load()
+        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
         start = time.perf_counter()
         with memory.measure():
             report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
         seconds = time.perf_counter() - start
-        fingerprint = weights_fingerprint(model)
+        return self._record(cell, report, seconds, memory, weights_fingerprint(model),
+                            self._evaluate(model, processor))
+
+    def _streamed_cell(self, cell: Cell, prune_function: PruneFunction, settings: RunSettings,
+                       memory: PeakMemory) -> dict[str, Any]:
+        """A cell of a streamed study: pruned block by block into a temporary folder, evaluated
+        from there, then the folder removed."""
+        from .checkpoint import prune_checkpoint
+
+        self.check_streamable(prune_function)
+        processor = self._study_processor()
+        calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
+        scratch = Path(tempfile.mkdtemp(prefix="atv-cell-"))
+        folder = scratch / "pruned"
+        try:
+            start = time.perf_counter()
+            with memory.measure():
+                report = prune_checkpoint(self.settings.model, folder, calibration, cell.config,
+                                          settings=settings.model_copy(update={"load": "stream"}),
+                                          dtype=self.settings.dtype, trust_remote_code=self.settings.trust_remote_code)
+            seconds = time.perf_counter() - start
+            model, processor = self._load(folder)
+            record = self._record(cell, report, seconds, memory, weights_fingerprint(model),
+                                  self._evaluate(model, processor))
+            del model
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return record
+
+    @staticmethod
+    def _record(cell: Cell, report: PruneReport, seconds: float, memory: PeakMemory, fingerprint: str,
+                evaluation: dict[str, Any]) -> dict[str, Any]:
         return {
             "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra,
             "prune_seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes,
@@ -245,7 +327,7 @@ class CellRunner:
             "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),
             "calibration": report.calibration, "warnings": report.warnings, "versions": report.versions,
             **({"structure": report.structure} if report.structure is not None else {}),
-            "evaluation": self._evaluate(model, processor),
+            "evaluation": evaluation,
         }
 
     def run(self, job: CellJob) -> dict[str, Any]:

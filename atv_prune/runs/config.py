@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import PrivateAttr, model_validator
 
 from ..algorithms.budget import Budget
 from ..algorithms.specs import ALLOCATIONS, MAX_SEED, METHODS, POOLS, STRUCTURES, Method, plain_pools
 from ..errors import ConfigError
+from ..model.memory import parse_size
 from ..validation import Record
 
 #: PruneConfig keywords that moved to RunSettings (accepted with a DeprecationWarning).
@@ -64,13 +65,34 @@ def is_structured(target: dict[str, Any]) -> bool:
 
 class RunSettings(Record):
     """How a run is carried out, not what it computes: the compute device (None: CUDA when
-    present, else the CPU), where calibration activations wait, and progress bars."""
+    present, else the CPU), where calibration activations wait, and progress bars; for a
+    checkpoint pruned into a folder (:func:`~atv_prune.runs.checkpoint.prune_checkpoint`) also
+    whether the model is loaded whole or its blocks streamed (``load``: auto, memory, stream)
+    and the output's shard size. ``activation_memory``: the bytes of calibration activations
+    kept in memory ("8GB"; None: half the memory available when the capture starts), the rest
+    spilled to files in ``spill_dir`` (default: the output folder, else the system's temporary
+    folder)."""
 
     error_class = ConfigError
 
     device: str | None = None
     offload_device: str = "cpu"
     progress: bool = True
+    load: Literal["auto", "memory", "stream"] = "auto"
+    max_shard_size: str | None = None
+    activation_memory: str | None = None
+    spill_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> RunSettings:
+        for name in ("max_shard_size", "activation_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_size(value, f"--{name.replace('_', '-')}")
+                except ConfigError as error:
+                    raise ValueError(str(error)) from None
+        return self
 
 
 class PruneConfig(Record):

@@ -208,15 +208,3 @@ def write_files_into(out: Path, fill: Callable[[Path], None], last: str) -> None
             os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def save_pruned(model: Any, processor: Any, report: dict[str, Any], out: Path, overwrite: bool = False) -> None:
-    """Save the pruned model (safetensors), its processor and ``pruning_report.json`` into ``out``."""
-
-    def fill(folder: Path) -> None:
-        model.save_pretrained(folder)
-        if processor is not None:
-            processor.save_pretrained(folder)
-        write_json_atomic(folder / "pruning_report.json", report)
-
-    write_dir_atomic(out, fill, overwrite)

@@ -31,7 +31,7 @@ from ..model.shrink import shrink_surgery
 from ..model.structured import SurgeryFactory
 from ..validation import Record
 from ..versions import package_versions
-from .cells import Cell, CellJob, PruneFunction, StudySettings, default_prune
+from .cells import Cell, CellJob, CellRunner, PruneFunction, StudySettings, default_prune
 from .executors import CellExecutor, CellOutcome, SerialExecutor
 from .export import check_creatable, write_json_atomic
 from .tables import markdown_text
@@ -191,6 +191,7 @@ class Study:
         jobs = self._jobs(cells, prune_function, executor)
         if jobs:
             self.check_inputs([job.cell for job in jobs if job.cell is not None], local=executor.local)
+            CellRunner(self.settings).check_streamable(prune_function)
         created = not self.folder.exists()
         failures: dict[str, CellOutcome] = {}
         try:
