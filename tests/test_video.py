@@ -28,7 +28,7 @@ from atv_prune.model.video_processors import (
     QwenVideoProcessor,
 )
 from atv_prune.model.videos import VideoSampling, frame_files, read_clip
-from atv_prune.runs.export import save_pruned
+from atv_prune.runs.checkpoint import prune_checkpoint
 from atv_prune.runs.preflight import check_run_inputs
 from tiny_checkpoints import VIDEO_FAMILIES, make_checkpoint, make_video_calibration_files, write_clip, write_mjpeg_avi
 
@@ -273,6 +273,8 @@ def test_video_replay_equals_the_models_own_hidden_states(family, checkpoints, f
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_calibration_prunes_saves_reloads_and_generates(family, checkpoints, files, tmp_path) -> None:
+    """Pruned in memory, and by prune_checkpoint with the blocks streamed: the same weights; the saved
+    model reloads with its video processor and generates from a clip."""
     loaded = load_model_and_processor(checkpoints[family])
     calib = load_calibration(files["mixed"], loaded.processor, samples=100, seed=0, video=VideoSampling(max_frames=4))
     report = prune(loaded.model, None, calib, PruneConfig(method="atv", sparsity=0.5), settings=QUIET).to_dict()
@@ -281,8 +283,9 @@ def test_video_calibration_prunes_saves_reloads_and_generates(family, checkpoint
     assert report["calibration"]["samples_with_video"] == 3
     assert (report["calibration"]["max_frames"], report["calibration"]["fps"]) == (4, None)
     assert all(block["mean_drift"] is not None and block["visual_tokens_per_sample"] > 0 for block in report["blocks"])
-    out = tmp_path / "pruned"
-    save_pruned(loaded.model, loaded.processor, report, out)
+    out = tmp_path / "pruned"  # what atv-prune prune runs, its blocks streamed from the checkpoint
+    prune_checkpoint(checkpoints[family], out, files["mixed"], PruneConfig(method="atv", sparsity=0.5),
+                     settings=RunSettings(progress=False, load="stream"), video=VideoSampling(max_frames=4))
     saved = json.loads((out / "processor_config.json").read_text())
     assert saved["video_processor"]["video_processor_type"].endswith("VideoProcessor")
     again = load_model_and_processor(out)
