@@ -26,15 +26,18 @@ def _load(model_path: Path, dtype: str, device: str | None, trust_remote_code: b
 
 
 def _calibration(calib: Path, processor, samples: int, seed: int, image_root: Path | None, max_pixels: int | None,
-                 max_length: int | None):
+                 max_length: int | None, max_frames: int, fps: float | None):
     from atv_prune.model.calibration import load_calibration
+    from atv_prune.model.videos import VideoSampling
 
     return load_calibration(calib, processor, image_root=image_root, samples=samples, seed=seed,
-                            max_pixels=max_pixels, max_length=max_length)
+                            max_pixels=max_pixels, max_length=max_length,
+                            video=VideoSampling(max_frames=max_frames, fps=fps))
 
 
 #: The options iou and tsne share.
-common_options = shared("model", "calib", "samples", "seed", "image-root", "max-pixels", "max-length", "out",
+common_options = shared("model", "calib", "samples", "seed", "image-root", "max-pixels", "max-frames", "fps",
+                        "max-length", "out",
                         "overwrite",
                         "trust-remote-code", "device", "dtype")
 
@@ -53,7 +56,8 @@ def main() -> None:
               help="The two pools compared.")
 @one_line_errors
 def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-        max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+        max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None, out_dir: Path,
+        overwrite: bool, trust_remote_code: bool,
         device: str | None, dtype: str, method: str, sparsity: float | None, pattern: str | None,
         pools: tuple[str, str]) -> None:
     """Mask IoU between two calibration pools for every pruned linear (table, summary, histogram)."""
@@ -74,7 +78,8 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
     masks = []
     for config in configs:
         loaded = _load(model_path, dtype, device, trust_remote_code)
-        calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length)
+        calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length,
+                                   max_frames, fps)
         masks.append(pruned_masks(loaded.model, calibration, config, RunSettings(device=device)))
         del loaded
     rows = mask_iou(*masks)
@@ -101,7 +106,8 @@ def iou(model_path: Path, calib_path: Path, samples: int, seed: int, image_root:
               help="t-SNE perplexity.")
 @one_line_errors
 def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root: Path | None,
-         max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
+         max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None, out_dir: Path,
+        overwrite: bool, trust_remote_code: bool,
          device: str | None, dtype: str, block_list: tuple[int, ...], tokens: int, perplexity: float) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
     from atv_prune.model.calibration import check_calibration_file
@@ -119,7 +125,8 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
         check_block_range(sorted(set(block_list)), n_blocks)
     check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
     loaded = _load(model_path, dtype, device, trust_remote_code)
-    calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length)
+    calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length,
+                                   max_frames, fps)
     activations = block_activations(loaded.model, calibration, sorted(set(block_list)), device)
     embeddings = {block: tsne_embedding(acts, visual, tokens, seed, perplexity)
                   for block, (acts, visual) in activations.items()}

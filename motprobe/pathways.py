@@ -27,6 +27,7 @@ from atv_prune.model.engine import PruneTarget, TargetFinder
 from atv_prune.model.layout import ModelLayout
 from atv_prune.model.shrink import DecoderGeometry, removal_for
 from atv_prune.model.structured import Cut, StructureUnits, SurgeryFactory
+from atv_prune.model.videos import VideoSampling
 from atv_prune.runs.api import PruneReport, prune
 from atv_prune.runs.config import PruneConfig, RunSettings
 
@@ -134,6 +135,7 @@ def prune_pathway(
     settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the ``pathway`` copies of a probe in place with ``config`` (any method, pool,
     sparsity, N:M pattern, or structure and ratio); the other pathway and every unrouted linear
@@ -142,7 +144,8 @@ def prune_pathway(
     if not routed:
         raise ProbeError("the model is not a MoT probe: call motprobe.make_probe(model) first")
     report = prune(model, processor, calibration, config, settings=settings, image_root=image_root,
-                   max_pixels=max_pixels, find_targets=pathway_targets(pathway), surgery=pathway_structures(pathway))
+                   max_pixels=max_pixels, find_targets=pathway_targets(pathway), surgery=pathway_structures(pathway),
+                   video=video)
     report.extra["probe"] = {
         "pathway": pathway,
         "routed_linears": sorted({name.rpartition(".")[2] for name in routed}),

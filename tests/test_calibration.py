@@ -16,6 +16,7 @@ from atv_prune.errors import CalibrationError
 from atv_prune.model import processors
 from atv_prune.model.calibration import CalibrationSet, load_calibration
 from atv_prune.model.processors import load_processor
+from atv_prune.model.video_processors import QwenVideoProcessor
 from tiny_checkpoints import FAMILIES, make_calibration_files, make_checkpoint
 
 
@@ -95,18 +96,25 @@ def test_auto_processor_failure_falls_back_to_video_free_class(checkpoints, monk
     assert isinstance(proc, Qwen2VLProcessor) and proc.image_processor is not None
 
 
-def test_checkpoint_declaring_a_video_processor_loads(checkpoints, monkeypatch, tmp_path):
-    """Real Qwen2-VL checkpoints also save a video processor config; it is ignored, not loaded."""
+@pytest.mark.parametrize("where", ["processor_config.json", "video_preprocessor_config.json"])
+def test_checkpoint_declaring_a_video_processor_loads(checkpoints, monkeypatch, tmp_path, where):
+    """Real Qwen2-VL checkpoints also save a video processor config (inside processor_config.json,
+    or in video_preprocessor_config.json): without torchvision its settings go to the torch-only twin."""
     folder = tmp_path / "qwen"
     shutil.copytree(checkpoints["qwen2_vl"], folder)
     config = json.loads((folder / "processor_config.json").read_text())
-    video = {**config["image_processor"], "video_processor_type": "Qwen2VLVideoProcessor"}
-    config["video_processor"] = video
+    video = {**config["image_processor"], "video_processor_type": "Qwen2VLVideoProcessor",
+             "size": {"shortest_edge": 64, "longest_edge": 4096}}
+    config.pop("video_processor", None)
+    if where == "processor_config.json":
+        config["video_processor"] = video
+    else:
+        (folder / where).write_text(json.dumps(video))
     (folder / "processor_config.json").write_text(json.dumps(config))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(video))
     monkeypatch.setattr(processors, "torchvision_usable", lambda: False)
     proc = load_processor(folder)
-    assert isinstance(proc, Qwen2VLProcessor) and not hasattr(proc, "video_processor")
+    assert isinstance(proc, Qwen2VLProcessor) and isinstance(proc.video_processor, QwenVideoProcessor)
+    assert proc.video_processor.size == {"shortest_edge": 64, "longest_edge": 4096}
 
 
 def test_image_processor_falls_back_to_pil(checkpoints, monkeypatch):

@@ -132,7 +132,7 @@ def _no_images(tmp: Path) -> Path:
     (_bad_jsonl, "line 2"),
     (_missing_image, "nope.png"),
     (_corrupt_image, "broken.png"),
-    (_no_images, "has an image: the calibration needs image tokens"),
+    (_no_images, "has an image or a video: the calibration needs visual tokens"),
 ])
 def test_bad_calibration_input_is_one_line_and_leaves_nothing(workspace, make, message: str) -> None:
     calib = make(workspace["images"])
@@ -191,6 +191,8 @@ def test_non_finite_weights_are_refused(workspace, tmp_path: Path) -> None:
 def test_families_lists_the_registry() -> None:
     result = CliRunner().invoke(main, ["families"])
     assert result.exit_code == 0 and "qwen3_vl" in result.output and "smolvlm" in result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "image+video" in lines["qwen2_5_vl"] and "image+video" not in lines["llava"]
 
 
 def test_outputs_get_the_usual_permissions(workspace) -> None:

@@ -96,9 +96,9 @@ def test_a_sample_whose_image_does_not_fit_is_skipped(space) -> None:
     both = CalibrationSet(late.samples + mixed.samples, "both", 3, 0, max_length=40)
     fitted, fit = fit_context(both, 1024, layout.visual_token_ids)
     assert fit.skipped == 1 and len(fitted.samples) == 2
-    assert any("skipped 1 calibration samples whose image tokens end beyond --max-length" in w
+    assert any("skipped 1 calibration samples whose image/video tokens end beyond --max-length" in w
                for w in fitted.warnings)
-    with pytest.raises(CalibrationError, match="the image tokens of all 1 calibration samples end beyond"):
+    with pytest.raises(CalibrationError, match="the image/video tokens of all 1 calibration samples end beyond"):
         fit_context(late, 1024, layout.visual_token_ids)
 
 

@@ -216,7 +216,7 @@ def test_samples_without_image_tokens_are_skipped_and_counted() -> None:
     _, report = _pruned(model, mixed, method="atv", sparsity=0.5)
     assert report.calibration["samples_used"] == 3
     assert report.calibration["skipped_without_image_tokens"] == 2
-    with pytest.raises(CalibrationError, match="none of the 2 calibration samples contains image tokens"):
+    with pytest.raises(CalibrationError, match="none of the 2 calibration samples contains image or video tokens"):
         _pruned(model, without, method="atv", sparsity=0.5)
 
 

@@ -14,10 +14,11 @@ from PIL import Image
 
 from atv_prune.errors import CalibrationError, ImageError
 from atv_prune.eval.hooks import doc_to_visual
-from atv_prune.eval.model import _images
+from atv_prune.eval.model import _visuals
 from atv_prune.model.calibration import load_calibration
 from atv_prune.model.images import MIN_SIDE, open_image, to_rgb
 from atv_prune.model.processors import load_processor
+from atv_prune.model.videos import VideoSampling
 from tiny_checkpoints import make_checkpoint
 
 RNG = np.random.default_rng(0)
@@ -133,7 +134,7 @@ def test_a_16_bit_png_reaches_calibration_and_evaluation_scaled(tmp_path: Path) 
     assert np.array_equal(np.asarray(open_image(tmp_path / "deep.png")), expected)
     assert np.array_equal(np.asarray(doc_to_visual({"image": str(tmp_path / "deep.png")})[0]), expected)
     rgba = _image(np.zeros((16, 16, 4), np.uint8), "RGBA")  # fully transparent
-    assert (np.asarray(_images([rgba], "doc 0")[0]) == 255).all()
+    assert (np.asarray(_visuals([rgba], "doc 0", VideoSampling())[0][0]) == 255).all()
 
 
 def _calibrate_on(image_path: Path, tmp_path: Path) -> None:

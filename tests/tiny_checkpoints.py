@@ -17,7 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 #: Families :func:`make_checkpoint` can build.
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "llava_onevision", "qwen2_5_vl", "qwen3_vl",
+            "llava_next_video")
+#: The families among them that take video (their processor gets the torch-only video processor).
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video")
 
 _CORPUS = (
     "What is shown in this image? Describe the picture in detail.",
@@ -34,7 +37,8 @@ _LLAVA_TEMPLATE = (
     "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
     "{% endfor %}"
@@ -45,6 +49,7 @@ _QWEN_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -181,64 +186,155 @@ def _save_llava_next(dest: Path) -> None:
     processor.save_pretrained(dest)
 
 
-def _save_qwen2_vl(dest: Path) -> None:
-    """Qwen2-VL: patch 4, merge 2, 256..1024 pixels -> at most 16 visual tokens; no video processor."""
+def _save_llava_next_video(dest: Path) -> None:
+    """LLaVA-NeXT-Video: the LLaVA-NeXT layout above for images; video frames CLIP-preprocessed to
+    32x32 (shorter side, centre crop), 16 patches pooled 2x2 -> 4 ``<video>`` tokens per frame."""
     from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-        Qwen2VLProcessor,
+        LlavaNextImageProcessorPil,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
     )
 
     from atv_prune.model.processors import without_video
+    from atv_prune.model.video_processors import ClipVideoProcessor
 
+    tokenizer = _tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"],
+        _LLAVA_TEMPLATE,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = without_video(LlavaNextVideoProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE,
+    )
+    processor.video_processor = ClipVideoProcessor({"size": {"shortest_edge": 32},
+                                                    "crop_size": {"height": 32, "width": 32}})
+    config = LlavaNextVideoConfig(
+        vision_config=dict(_CLIP_VISION),
+        text_config=_llama_text_config(len(tokenizer), ids("<pad>"), ids("<s>"), ids("</s>")),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=16,
+        video_seq_length=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_stride=2,
+        spatial_pool_mode="average",
+    )
+    LlavaNextVideoForConditionalGeneration(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = _tokenizer(
+    return _tokenizer(
         special,
         _QWEN_TEMPLATE,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
+
+
+def _save_qwen(dest: Path, family: str) -> None:
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: patch 4, merge 2, 256..1024 pixels -> at most 16 visual tokens
+    per image or frame pair; the torch-only video processor with the image processor's settings."""
+    import transformers
+
+    from atv_prune.model.processors import without_video
+    from atv_prune.model.video_processors import VIDEO_PROCESSORS
+
+    names = {"qwen2_vl": ("Qwen2VL", "qwen2_vl"), "qwen2_5_vl": ("Qwen2_5_VL", "qwen2_vl"),
+             "qwen3_vl": ("Qwen3VL", "qwen3_vl")}
+    prefix, video_kind = names[family]
+    tokenizer = _qwen_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
-    image_processor = Qwen2VLImageProcessorPil(
+    image_processor = transformers.Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
     )
-    processor = without_video(Qwen2VLProcessor)(
+    processor = without_video(getattr(transformers, f"{prefix}Processor"))(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
     )
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 1024,
-            # head_dim 16: the three M-RoPE sections cover head_dim / 2 frequencies.
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": ids("<|endoftext|>"),
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>"),
-        },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 32,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+    processor.video_processor = VIDEO_PROCESSORS[video_kind](
+        {**image_processor.to_dict(), "size": {"shortest_edge": 16 * 16, "longest_edge": 32 * 32 * 2}})
+    # head_dim 16: the three M-RoPE sections cover head_dim / 2 frequencies.
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2] if family == "qwen3_vl" else [2, 3, 3]}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 3 if family == "qwen3_vl" else 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "max_position_embeddings": 1024, "rope_parameters": rope,
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>")}
+    vision = {"depth": 2, "num_heads": 2, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "hidden_size": 32, "in_channels": 3}
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        vision.update(intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])
+    else:  # deepstack: features of vision blocks 0 and 1 are added after decoder blocks 0 and 1
+        vision.update(intermediate_size=64, out_hidden_size=32, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text, vision_config=vision,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
-    Qwen2VLForConditionalGeneration(config).save_pretrained(dest)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(config).save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _save_llava_onevision(dest: Path) -> None:
+    """LLaVA-OneVision: SigLIP 32 px / patch 8 (16 patches, all kept), anyres up to 64x64, Qwen2
+    decoder; video frames 32x32, pooled 2x2 -> 4 ``<video>`` tokens per frame plus one newline."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    from atv_prune.model.processors import without_video
+    from atv_prune.model.video_processors import OnevisionVideoProcessor
+
+    tokenizer = _tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        _LLAVA_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = without_video(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
+        vision_feature_select_strategy="full", chat_template=_LLAVA_TEMPLATE,
+    )
+    processor.video_processor = OnevisionVideoProcessor({"size": {"height": 32, "width": 32}})
+    text = _llama_text_config(len(tokenizer), ids("<|endoftext|>"), ids("<|endoftext|>"), ids("<|im_end|>"))
+    config = LlavaOnevisionConfig(
+        text_config={**text, "model_type": "qwen2"},
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                       "vision_use_head": False},
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(dest)
     processor.save_pretrained(dest)
 
 
@@ -292,7 +388,11 @@ def _save_idefics3(dest: Path) -> None:
 _BUILDERS = {
     "llava": _save_llava,
     "llava_next": _save_llava_next,
-    "qwen2_vl": _save_qwen2_vl,
+    "qwen2_vl": lambda dest: _save_qwen(dest, "qwen2_vl"),
+    "qwen2_5_vl": lambda dest: _save_qwen(dest, "qwen2_5_vl"),
+    "qwen3_vl": lambda dest: _save_qwen(dest, "qwen3_vl"),
+    "llava_onevision": _save_llava_onevision,
+    "llava_next_video": _save_llava_next_video,
     "idefics3": _save_idefics3,
 }
 
@@ -369,3 +469,76 @@ def make_llava_workspace(root: Path) -> dict[str, Path]:
     """A tiny LLaVA checkpoint and a conversation-JSON calibration file under ``root``."""
     calib = make_calibration_files(root / "calib")["json"]
     return {"root": root, "model": make_checkpoint(root / "llava", "llava"), "calib": calib}
+
+
+def write_clip(folder: Path, n_frames: int = 6, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """A folder of ``n_frames`` PNG frames of one square moving left to right over a plain background."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    background = tuple(rng.randint(0, 255) for _ in range(3))
+    colour = tuple(rng.randint(0, 255) for _ in range(3))
+    side = min(size) // 3
+    for i in range(n_frames):
+        frame = Image.new("RGB", size, background)
+        x = (size[0] - side) * i // max(1, n_frames - 1)
+        ImageDraw.Draw(frame).rectangle((x, size[1] // 3, x + side, size[1] // 3 + side), fill=colour)
+        frame.save(folder / f"frame_{i + 1}.png")
+    return folder
+
+
+def make_video_calibration_files(dest: Path, n_clips: int = 3, seed: int = 0) -> dict:
+    """Image records plus video records (frame folders under ``dest/videos``) in one conversation
+    JSON (``mixed``), and a video-only JSONL (``videos_jsonl``). Returns their paths and ``clips``."""
+    dest = Path(dest)
+    files = make_calibration_files(dest, n_images=3, seed=seed)
+    clips = [write_clip(dest / "videos" / f"clip{i}", n_frames=4 + i, seed=seed + i) for i in range(n_clips)]
+    records = json.loads(files["json"].read_text())
+    for i, clip in enumerate(clips):
+        question = ("What moves in this video?", "Where does the square go?", "<video>\nHow many squares?")[i % 3]
+        value = question if "<video>" in question else f"{question}\n<video>"
+        records.append({"id": f"clip{i}", "video": f"videos/{clip.name}", "fps": 2,
+                        "conversations": [{"from": "human", "value": value},
+                                          {"from": "gpt", "value": "A square moves to the right."}]})
+    mixed = dest / "mixed.json"
+    mixed.write_text(json.dumps(records, indent=1))
+    videos_jsonl = dest / "videos.jsonl"
+    videos_jsonl.write_text("".join(json.dumps({"video": f"videos/{clip.name}", "prompt": "What moves?",
+                                                "text": "A square."}) + "\n" for clip in clips))
+    return {**files, "mixed": mixed, "videos_jsonl": videos_jsonl, "clips": clips}
+
+
+def write_mjpeg_avi(path: Path, frames: list[Image.Image], fps: int = 4) -> Path:
+    """A minimal Motion-JPEG AVI of ``frames`` (what a camera writes; decoders read it, and Pillow
+    encodes its JPEG frames, so tests need no video encoder)."""
+    import io
+    import struct
+
+    def chunk(fourcc: bytes, data: bytes) -> bytes:
+        return fourcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def riff_list(kind: bytes, fourcc: bytes, data: bytes) -> bytes:
+        return kind + struct.pack("<I", len(data) + 4) + fourcc + data
+
+    width, height = frames[0].size
+    jpegs = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.convert("RGB").save(buffer, format="JPEG", quality=95)
+        jpegs.append(buffer.getvalue())
+    avih = struct.pack("<14I", 1_000_000 // fps, 0, 0, 0x10, len(frames), 0, 1, max(map(len, jpegs)), width, height,
+                       0, 0, 0, 0)
+    strh = struct.pack("<4s4sIHHIIIIIIiI4H", b"vids", b"MJPG", 0, 0, 0, 0, 1, fps, 0, len(frames),
+                       max(map(len, jpegs)), -1, 0, 0, 0, width, height)
+    strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
+    header = riff_list(b"LIST", b"hdrl", chunk(b"avih", avih)
+                       + riff_list(b"LIST", b"strl", chunk(b"strh", strh) + chunk(b"strf", strf)))
+    movi, index, offset = b"", b"", 4
+    for jpeg in jpegs:
+        data = chunk(b"00dc", jpeg)
+        index += struct.pack("<4sIII", b"00dc", 0x10, offset, len(jpeg))
+        movi += data
+        offset += len(data)
+    body = header + riff_list(b"LIST", b"movi", movi) + chunk(b"idx1", index)
+    Path(path).write_bytes(riff_list(b"RIFF", b"AVI ", body))
+    return Path(path)

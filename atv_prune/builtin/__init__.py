@@ -12,6 +12,13 @@ from pathlib import Path
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmark"
 
+#: The shipped video benchmark (``clips``: test split of four video tasks, calibration clips), for
+#: users' own video models; the shipped model is an image model.
+VIDEO_BENCHMARK_DIR = Path(__file__).resolve().parent / "video_benchmark"
+
+#: ``clips.generate_video_benchmark`` arguments that rebuild the shipped video benchmark.
+SHIPPED_VIDEO_BENCHMARK_ARGS = dict(seed=0, n_test=40, n_calib=32)
+
 #: ``scenes.generate_benchmark`` arguments of each generation's benchmark as shipped: the test split
 #: and the calibration captions (plus an empty ``val/`` and ``train.jsonl``, which are not shipped).
 BENCHMARK_ARGS = {

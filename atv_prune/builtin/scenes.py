@@ -181,6 +181,19 @@ def _font() -> ImageFont.FreeTypeFont:
     return _FONT
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, h: int,
+               fill: tuple[int, int, int] | int) -> None:
+    """Draw one shape of half-extent ``h`` centred at (cx, cy) (scenes and the video clips share it)."""
+    if shape == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw a scene as an RGB image of its generation's size (deterministic: same scene, same pixels)."""
     canvas = CANVASES[scene_generation(scene)]
@@ -207,15 +220,8 @@ def _draw_foreground(draw: ImageDraw.ImageDraw, scene: Scene, canvas: Canvas, ma
     for obj in scene["objects"]:
         cx = obj["col"] * cell + cell // 2 + obj["dx"]
         cy = obj["row"] * cell + cell // 2 + obj["dy"]
-        h, fill = canvas.half_extent[obj["size"]], 255 if mask else COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        elif obj["shape"] == "triangle":
-            draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
-        else:
-            draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+        fill = 255 if mask else COLORS[obj["color"]]
+        draw_shape(draw, obj["shape"], cx, cy, canvas.half_extent[obj["size"]], fill)
     word = scene["word"]
     if word is not None:
         width, height = canvas.plate

@@ -47,7 +47,7 @@ def main() -> None:
 @shared("samples", "seed", "device")
 @click.option("--offload-device", default="cpu", show_default=True, help="Where calibration activations live.")
 @shared("load", "activation-memory", "spill-dir", "max-shard-size", "dtype", "image-root", "max-pixels",
-        "max-length", "out", "overwrite", "trust-remote-code", "quiet")
+        "max-frames", "fps", "max-length", "out", "overwrite", "trust-remote-code", "quiet")
 @click.pass_context
 @one_line_errors
 def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_path: Path | None, method: str,
@@ -55,11 +55,12 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
           no_bias_compensation: bool, alpha: float, visual_ratio: float, allocation: str | None, samples: int,
           seed: int, device: str | None, offload_device: str, load: str, activation_memory: str | None,
           spill_dir: Path | None, max_shard_size: str | None, dtype: str, image_root: Path | None,
-          max_pixels: int | None, max_length: int | None, out_dir: Path, overwrite: bool, trust_remote_code: bool,
-          quiet: bool) -> None:
+          max_pixels: int | None, max_frames: int, fps: float | None, max_length: int | None, out_dir: Path,
+          overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Prune a checkpoint's language model and save it with pruning_report.json."""
     from ..errors import AtvPruneError, not_a_file
     from ..model.loading import silence_loading_bars
+    from ..model.videos import VideoSampling
     from ..runs.checkpoint import prune_checkpoint
     from ..runs.config import PruneConfig, RunSettings, parse_pattern
     from ..runs.export import check_output_dir
@@ -91,6 +92,7 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
     report = prune_checkpoint(model_path, out_dir, calib_path, config, settings=settings, dtype=dtype,
                               image_root=image_root, max_pixels=max_pixels, max_length=max_length,
                               trust_remote_code=trust_remote_code, overwrite=overwrite,
+                              video=VideoSampling(max_frames=max_frames, fps=fps),
                               extra={"recipe": str(recipe_path.resolve())} if recipe_path is not None else None)
     if report.structure is not None:
         heads, channels, parameters = (report.structure[k] for k in ("heads", "channels", "parameters"))
@@ -108,11 +110,12 @@ def prune(ctx: click.Context, recipe_path: Path | None, model_path: Path, calib_
 
 @main.command()
 def families() -> None:
-    """List the model families the registry knows."""
+    """List the model families the registry knows (and which take video calibration)."""
     from ..model.families import FAMILIES
 
     for family in FAMILIES.values():
-        click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {family.notes}")
+        inputs = "image+video" if family.takes_video else "image"
+        click.echo(f"{family.name:16s} model_type {', '.join(family.model_types):20s} {inputs:12s} {family.notes}")
 
 
 def _register() -> None:

@@ -15,7 +15,7 @@ import click
 
 from .. import builtin
 from ..errors import AtvPruneError
-from .options import CLUSTER_OPTIONS, shared
+from .options import CLUSTER_OPTIONS, DEFAULT_MAX_FRAMES, shared
 from .support import Command, one_line_errors
 
 DEMO_METHODS = ["magnitude", "wanda", "wanda:text", "atv"]
@@ -58,7 +58,8 @@ def demo(out_dir: Path, samples: int, limit: int | None, batch_size: int, device
     kw: dict[str, Any] = dict(model_path=model, calib_path=bench / "calib.json", tasks=tuple(builtin_tasks(bench)),
                               bench_dir=bench, limit=limit, batch_size=batch_size, samples=samples, seed=seed,
                               device=device, dtype=dtype, image_root=None, max_pixels=None, max_length=None,
-                              out_dir=out_dir, overwrite=overwrite, trust_remote_code=False, quiet=quiet, load="auto",
+                              max_frames=DEFAULT_MAX_FRAMES, fps=None, out_dir=out_dir, overwrite=overwrite,
+                              trust_remote_code=False, quiet=quiet, load="auto",
                               device_map=None, max_memory=None, offload_folder=None, **cluster)
     names = {"json": "report.json", "md": "report.md", "csv": "report.csv", "png": "retention.png"}
     run_comparison(kw, DEMO_METHODS, DEMO_TARGETS, 1.0, "demo", names)

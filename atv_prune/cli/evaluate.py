@@ -43,7 +43,7 @@ def _read_result(path: Path) -> EvalResult:
 
 
 @click.command("eval", cls=ListOptionsCommand)
-@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype", *PLACEMENT_OPTIONS)
+@shared("model", "tasks", "bench", "limit", "batch-size", "device", "dtype", *PLACEMENT_OPTIONS, "max-frames", "fps")
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
               help="eval_results.json of the dense model: adds retention (pruned / dense) "
                    "per task and its mean.")
@@ -54,12 +54,13 @@ def _read_result(path: Path) -> EvalResult:
 @one_line_errors
 def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | None, limit: int | None,
                  batch_size: int, device: str | None, dtype: str, device_map: str | None, max_memory: str | None,
-                 offload_folder: Path | None, baseline_path: Path | None, out_dir: Path | None, overwrite: bool,
-                 trust_remote_code: bool, quiet: bool) -> None:
+                 offload_folder: Path | None, max_frames: int, fps: float | None, baseline_path: Path | None,
+                 out_dir: Path | None, overwrite: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Evaluate a checkpoint with lmms-eval (offline, greedy) and print a score per task."""
     from ..builtin import default_benchmark
     from ..eval.env import require_lmms_eval
     from ..model.loading import compute_dtype, load_model_and_processor, resolve_device, silence_loading_bars
+    from ..model.videos import VideoSampling
     from ..runs.export import check_creatable, write_json_atomic
     from ..runs.preflight import check_model
 
@@ -94,7 +95,8 @@ def eval_command(model_path: Path, tasks: tuple[str, ...], bench_dir: Path | Non
     if spread is None:
         loaded.model.to(loaded.device)
     result = evaluate(loaded.model, loaded.processor, list(tasks), bench_dir=bench_dir, limit=limit,
-                      batch_size=batch_size, device=str(loaded.device), progress=not quiet)
+                      batch_size=batch_size, device=str(loaded.device), progress=not quiet,
+                      video=VideoSampling(max_frames=max_frames, fps=fps))
     kept = retention(result, baseline) if baseline is not None else None
 
     header = f"{'task':28s} {'lmms-eval id':28s} {'docs':>6s} {'score':>8s}"

@@ -18,6 +18,8 @@ from ..algorithms.specs import MAX_SEED
 
 #: Calibration samples drawn by every command (the paper's 128 ShareGPT4V pairs).
 DEFAULT_SAMPLES = 128
+#: Frames drawn from a calibration video (VideoSampling's default, kept here so --help imports no numpy).
+DEFAULT_MAX_FRAMES = 8
 #: Documents per generate call in every evaluation.
 DEFAULT_BATCH_SIZE = 16
 
@@ -77,6 +79,13 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                             "file's folder]."),
     "max-pixels": lambda: click.option("--max-pixels", type=int, default=None,
                                        help="Downscale calibration images to at most this many pixels."),
+    "max-frames": lambda: click.option("--max-frames", type=click.IntRange(min=2), default=DEFAULT_MAX_FRAMES,
+                                       show_default=True,
+                                       help="Frames drawn from each video (calibration clips, video tasks), "
+                                            "evenly over the clip."),
+    "fps": lambda: click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+                                help="Draw this many frames per second of each video (still at most "
+                                     "--max-frames) [default: --max-frames over the whole clip]."),
     "max-length": lambda: click.option("--max-length", type=click.IntRange(min=1), default=None,
                                        help="Truncate calibration samples to at most this many tokens (from the "
                                             "end of their text) [default: the model's context, "
@@ -147,8 +156,8 @@ CLUSTER_OPTIONS = ("ray", "cpus-per-cell", "gpus-per-cell", "retries")
 PLACEMENT_OPTIONS = ("device-map", "max-memory", "offload-folder")
 #: The options of every study command (compare, sweep, motprobe sensitivity).
 STUDY_OPTIONS = ("model", "calib", "tasks", "bench", "limit", "batch-size", "samples", "seed", "device", "dtype",
-                 "load", *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-length", "study-out", "study-overwrite",
-                 "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
+                 "load", *PLACEMENT_OPTIONS, "image-root", "max-pixels", "max-frames", "fps", "max-length",
+                 "study-out", "study-overwrite", "trust-remote-code", "quiet", *CLUSTER_OPTIONS)
 
 
 def shared(*names: str) -> Callable[[Any], Any]:

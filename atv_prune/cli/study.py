@@ -42,7 +42,8 @@ def study_settings(kw: dict[str, Any]):
     return StudySettings(model=kw["model_path"], calib=kw["calib_path"], tasks=words(kw["tasks"]),
                          bench_dir=str(bench) if bench else None, limit=kw["limit"], batch_size=kw["batch_size"],
                          dtype=kw["dtype"], image_root=kw["image_root"], max_pixels=kw["max_pixels"],
-                         max_length=kw["max_length"], trust_remote_code=kw["trust_remote_code"], device=kw["device"],
+                         max_frames=kw["max_frames"], fps=kw["fps"], max_length=kw["max_length"],
+                         trust_remote_code=kw["trust_remote_code"], device=kw["device"],
                          placement=placement(kw), progress=not kw["quiet"], load=kw["load"])
 
 

@@ -3,7 +3,9 @@
 The task YAMLs written by :mod:`atv_prune.eval.tasks` reference these through a one-line
 ``utils.py`` next to them (lmms-eval resolves ``!function utils.name`` beside the YAML).
 Documents are the normalised records of :func:`atv_prune.eval.tasks.write_builtin_tasks`:
-``image`` is an absolute path or None and ``choices`` a (possibly empty) list.
+``image`` and ``video`` are absolute paths or None and ``choices`` a (possibly empty) list. A
+video document's visual is its clip's path (lmms-eval's convention for video tasks: the model
+class reads the clip; :class:`~atv_prune.eval.model.InMemoryVLM` draws its frames).
 
 They follow lmms-eval's conventions, so that its stock model classes run the tasks as our own
 does: simple (``is_simple``) classes read :func:`doc_to_text`, where an ``<image>`` marker places
@@ -19,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..model.chat import IMAGE_MARKER
+from ..model.chat import IMAGE_MARKER, VIDEO_MARKER
 from ..model.images import open_image
 from .answers import answer_matches
 
@@ -49,6 +51,8 @@ def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = No
     text = _question(doc)
     if doc.get("image") and doc.get("image_position") == "after":
         text = f"{text} {IMAGE_MARKER}"
+    if doc.get("video"):
+        text = f"{text} {VIDEO_MARKER}" if doc.get("image_position") == "after" else f"{VIDEO_MARKER}\n{text}"
     return text
 
 
@@ -56,14 +60,17 @@ def doc_to_messages(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None 
     """The chat form of the document: one user turn holding the image (if any) and the question,
     in the record's order (the chat classes' format: ``{"type": "image", "url": PIL image}``)."""
     text = {"type": "text", "text": _question(doc)}
-    images = [{"type": "image", "url": image} for image in doc_to_visual(doc)]
-    content = [text, *images] if doc.get("image_position") == "after" else [*images, text]
+    kind = "video" if doc.get("video") else "image"
+    visuals = [{"type": kind, "url": visual} for visual in doc_to_visual(doc)]
+    content = [text, *visuals] if doc.get("image_position") == "after" else [*visuals, text]
     return [{"role": "user", "content": content}]
 
 
-def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    """The document's image as 8-bit RGB, converted as calibration images are (an empty list for
-    text-only questions)."""
+def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image | str]:
+    """The document's image as 8-bit RGB, converted as calibration images are, or its video's
+    path (an empty list for text-only questions)."""
+    if doc.get("video"):
+        return [doc["video"]]
     if not doc.get("image"):
         return []
     return [open_image(doc["image"])]

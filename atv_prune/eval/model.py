@@ -3,7 +3,9 @@
 lmms-eval's own wrappers load a checkpoint by name; a model pruned in memory (or wrapped as a
 modality-routed probe) would need a save/load round trip. :class:`InMemoryVLM` instead takes
 the model and processor objects as they are, renders prompts with the processor's own chat
-template and generates greedily in left-padded batches. Unlike lmms-eval's wrappers, which
+template and generates greedily in left-padded batches; a video document's clip (its path, as
+lmms-eval passes videos) is read and its frames drawn as calibration clips are
+(:mod:`atv_prune.model.videos`). Unlike lmms-eval's wrappers, which
 answer "" when generation fails (scored 0, indistinguishable from a wrong answer), any error
 here raises :class:`GenerationError` and ends the evaluation.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +22,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import AtvPruneError
+from ..errors import AtvPruneError, ImageError
 from ..model.chat import user_content
 from ..model.images import to_rgb
 from ..model.layout import resolve
+from ..model.videos import Clip, VideoSampling, read_clip
 from .env import require_lmms_eval
 
 try:
@@ -40,16 +44,22 @@ class GenerationError(RuntimeError):
     """Generation failed for a batch of documents; the evaluation stops instead of scoring 0."""
 
 
-def _images(visuals: Any, where: str) -> list[Image.Image]:
-    """A document's visuals as 8-bit RGB PIL images (:func:`~atv_prune.model.images.to_rgb`: high
-    bit depths scaled, transparency on white); videos, audio and paths are refused."""
+def _visuals(visuals: Any, where: str, sampling: VideoSampling) -> tuple[list[Image.Image], list[Clip]]:
+    """A document's visuals: PIL images as 8-bit RGB (:func:`~atv_prune.model.images.to_rgb`: high
+    bit depths scaled, transparency on white), and paths as video clips (frames drawn by
+    ``sampling``); audio and other kinds are refused."""
     if visuals is None:
-        return []
+        return [], []
     visuals = visuals if isinstance(visuals, (list, tuple)) else [visuals]
-    if not all(isinstance(v, Image.Image) for v in visuals):
-        kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, Image.Image)})
-        raise AtvPruneError(f"{where}: visuals of type {', '.join(kinds)} are not supported (images only)")
-    return [to_rgb(v) for v in visuals]
+    unknown = sorted({type(v).__name__ for v in visuals if not isinstance(v, (Image.Image, str, Path))})
+    if unknown:
+        raise AtvPruneError(f"{where}: visuals of type {', '.join(unknown)} are not supported (images, and videos "
+                            "given as paths)")
+    try:
+        clips = [read_clip(Path(v), sampling) for v in visuals if isinstance(v, (str, Path))]
+    except ImageError as error:
+        raise AtvPruneError(f"{where}: {error}") from None
+    return [to_rgb(v) for v in visuals if isinstance(v, Image.Image)], clips
 
 
 def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
@@ -75,7 +85,7 @@ class InMemoryVLM(lmms):
     """
 
     def __init__(self, model: nn.Module, processor: Any, *, batch_size: int = 8, device: str = "cpu",
-                 progress: bool = False) -> None:
+                 progress: bool = False, video: VideoSampling | None = None) -> None:
         require_lmms_eval()
         super().__init__()
         if batch_size < 1:
@@ -85,20 +95,26 @@ class InMemoryVLM(lmms):
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.progress = progress
+        self.video = video or VideoSampling()
         self.layout = resolve(model)
 
     def _batch(self, requests: list[Instance], max_new_tokens: int, until: tuple[str, ...]) -> list[str]:
         """Greedy answers to a batch of requests sharing generation settings."""
-        conversations = []
+        conversations, clips = [], []
         for request in requests:
             context, _, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
-            images = _images(doc_to_visual(doc), f"task {task} document {doc_id}")
-            conversations.append([{"role": "user", "content": user_content(context, images)}])
-        inputs = self.processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        )
+            images, doc_clips = _visuals(doc_to_visual(doc), f"task {task} document {doc_id}", self.video)
+            clips += doc_clips
+            content = user_content(context, images, [clip.frames for clip in doc_clips])
+            conversations.append([{"role": "user", "content": content}])
+        if clips:
+            inputs = self._encode_with_videos(conversations, clips)
+        else:
+            inputs = self.processor.apply_chat_template(
+                conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                processor_kwargs={"padding": True, "padding_side": "left"},
+            )
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v
                   for k, v in self.layout.prepare_inputs(inputs).items()}
         with torch.inference_mode():
@@ -107,6 +123,26 @@ class InMemoryVLM(lmms):
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # left padding: every prompt ends here
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [_cut(text, until) for text in texts]
+
+    def _encode_with_videos(self, conversations: list[list[dict[str, Any]]], clips: list[Clip]) -> dict[str, Any]:
+        """A batch with clips, encoded as the processor's own ``apply_chat_template`` encodes one
+        (no second BOS after a template that writes it), with the clips' drawn frames and their
+        timestamps (``do_sample_frames=False``: the frames are drawn already)."""
+        if getattr(self.processor, "video_processor", None) is None:
+            raise AtvPruneError(f"the {type(self.processor).__name__} takes no video: evaluate video tasks with a "
+                                "video model (atv-prune families lists those that take video)")
+        texts = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        images = [item["image"] for turn in conversations for item in turn[0]["content"] if item["type"] == "image"]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "padding_side": "left", "return_tensors": "pt",
+                                  "videos": [clip.frames for clip in clips],
+                                  "videos_kwargs": {"video_metadata": [clip.metadata() for clip in clips],
+                                                    "do_sample_frames": False}}
+        if images:
+            kwargs["images"] = images
+        bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
+        if bos and texts[0].startswith(bos):
+            kwargs["add_special_tokens"] = False
+        return self.processor(**kwargs)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """One greedy answer per request, in request order; raises :class:`GenerationError` on failure."""

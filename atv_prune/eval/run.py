@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AtvPruneError, one_line
+from ..model.videos import VideoSampling
 from .env import offline, progress_bars, require_lmms_eval, versions
 from .tasks import TASK_PREFIX, builtin_tasks, read_records, task_id, write_builtin_tasks
 
@@ -206,7 +207,7 @@ def _score(name: str, row: dict[str, Any], config: dict[str, Any]) -> tuple[floa
 
 def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: str | Path | None = None,
              limit: int | None = None, batch_size: int = 8, device: str = "cpu",
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, video: VideoSampling | None = None) -> EvalResult:
     """Evaluate ``model`` (on ``device`` already) with lmms-eval on ``tasks``; scores in [0, 100].
 
     ``tasks``: built-in task names (resolved against the benchmark folder ``bench_dir``; the
@@ -214,7 +215,8 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
     first N documents of every task. Runs offline, single process, greedy. ``progress``: show the
     generation bar and lmms-eval's and datasets' own bars (off: none of them). Raises
     :class:`AtvPruneError` for anything the user can fix, :class:`~atv_prune.eval.model.GenerationError`
-    when generating fails.
+    when generating fails. ``video``: how frames are drawn from video documents' clips (default
+    :class:`~atv_prune.model.videos.VideoSampling`).
     """
     started = time.perf_counter()
     require_lmms_eval()
@@ -228,7 +230,7 @@ def evaluate(model: nn.Module, processor: Any, tasks: list[str], *, bench_dir: s
     task_ids = resolve_tasks(list(tasks), bench_dir)
     ids = list(task_ids.values())
     builtin = [task.removeprefix(TASK_PREFIX) for task in ids if task.startswith(TASK_PREFIX)]
-    wrapper = InMemoryVLM(model, processor, batch_size=batch_size, device=device, progress=progress)
+    wrapper = InMemoryVLM(model, processor, batch_size=batch_size, device=device, progress=progress, video=video)
     with tempfile.TemporaryDirectory(prefix="atv-eval-tasks-") as include:
         if builtin:
             write_builtin_tasks(bench_dir, include, builtin)

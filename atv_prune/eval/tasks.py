@@ -4,9 +4,10 @@ A benchmark folder ``BENCH`` holds ``BENCH/test/<task>.jsonl``, one record a lin
 
     {"id": str, "task": str, "image": "images/x.png" | null, "question": str, "answer": str,
      "choices": [str, ...] (optional; the answer is then a letter), "chance": float,
-     "image_position": "before" | "after" (optional, default "before": where the image goes)}
+     "image_position": "before" | "after" (optional, default "before": where the image goes),
+     "video": "videos/x.png" (optional, instead of an image: a clip, see atv_prune.model.videos)}
 
-with image paths relative to ``BENCH``. :func:`write_builtin_tasks` checks every record, writes a
+with image and video paths relative to ``BENCH``. :func:`write_builtin_tasks` checks every record, writes a
 normalised copy (absolute image paths, every key present) and an lmms-eval task YAML per task
 (``atvbench_<task>``, the local ``json`` dataset builder) plus a ``utils.py`` pointing at
 :mod:`atv_prune.eval.hooks`, into a folder that is then a TaskManager ``include_path``.
@@ -75,6 +76,14 @@ def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
         if not path.is_file():
             raise AtvPruneError(f"{where}: image {image} not found under {bench}")
         image = str(path)
+    video = raw.get("video")
+    if video is not None:
+        if not isinstance(video, str) or image is not None:
+            raise AtvPruneError(f"{where}: 'video' must be a path relative to {bench}, in a record without an image")
+        path = (bench / video).resolve()
+        if not path.exists():
+            raise AtvPruneError(f"{where}: video {video} not found under {bench}")
+        video = str(path)
     choices = raw.get("choices") or []
     if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
             or len(choices) > len(LETTERS)):
@@ -88,7 +97,8 @@ def _record(raw: Any, bench: Path, where: str) -> dict[str, Any]:
     chance = raw.get("chance")
     if chance is not None and (not isinstance(chance, (int, float)) or not math.isfinite(chance)):
         raise AtvPruneError(f"{where}: 'chance' must be a number")
-    return {"id": raw["id"], "task": str(raw.get("task", "")), "image": image, "question": raw["question"],
+    return {"id": raw["id"], "task": str(raw.get("task", "")), "image": image, "video": video,
+            "question": raw["question"],
             "answer": raw["answer"], "choices": choices, "chance": None if chance is None else float(chance),
             "image_position": position}
 

@@ -1,10 +1,13 @@
 """Calibration data: conversation JSON or image-text JSONL -> model inputs.
 
-Each sample is one whole conversation (user turn with its image, then the assistant's answer),
+Each sample is one whole conversation (user turn with its image or video clip, then the
+assistant's answer),
 rendered by the model's own chat template without a generation prompt and processed by the
 model's own processor, as in the paper's protocol. Records are drawn at random with a seed;
-every problem with the file, a record or an image is a one-line :class:`CalibrationError`
-raised before any sample is returned.
+every problem with the file, a record, an image or a clip is a one-line :class:`CalibrationError`
+raised before any sample is returned. A record's ``"video"`` (a folder of frames, an animated
+image or a video file: :mod:`.videos`) is sampled by a :class:`~atv_prune.model.videos.VideoSampling`
+and goes where its ``<video>`` marker stands; image and video records mix freely in one file.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from ..errors import CalibrationError, ConfigError, ImageError, not_a_file, one_line
-from .chat import IMAGE_MARKER, user_content
+from .chat import IMAGE_MARKER, VIDEO_MARKER, user_content
 from .images import open_image
+from .videos import MIN_FRAMES, Clip, VideoSampling, read_clip, video_kind
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _CONVERSATION_HINT = (
@@ -41,6 +46,7 @@ class CalibrationSample:
     inputs: dict[str, torch.Tensor]
     source: str  # where it came from, e.g. "calib.json:17" (record number) for messages
     image: str | None = None  # the image file used, None for a text-only sample
+    video: str | None = None  # the clip used (folder or file), None for a sample without video
 
 
 @dataclass
@@ -48,7 +54,8 @@ class CalibrationSet:
     """The samples drawn from a calibration file, with bookkeeping for the report.
 
     ``max_length``: the longest sample the user allows (tokens), applied by :func:`fit_context`
-    once the model's context is known (None: the model's context)."""
+    once the model's context is known (None: the model's context). ``video``: how the samples'
+    clips were drawn (None when no sample has one)."""
 
     samples: list[CalibrationSample]
     path: str
@@ -56,6 +63,7 @@ class CalibrationSet:
     seed: int
     warnings: list[str] = field(default_factory=list)
     max_length: int | None = None
+    video: VideoSampling | None = None
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,23 @@ class ContextFit:
 
 @dataclass
 class _Record:
-    """A parsed record: chat messages (image position marked by an image item) and its image path."""
+    """A parsed record: chat messages (image/video positions marked by items), its image and clip."""
 
     number: int  # record number (JSON, 1-based) or line number (JSONL)
     where: str  # "record N of FILE" / "line N of FILE", for messages
     messages: list[dict[str, Any]]
     image: str | None
+    video: str | None = None
+    fps: float | None = None  # frame rate of a frame folder
+
+
+@dataclass
+class _Drawn:
+    """A drawn record with its image and clip resolved to paths."""
+
+    record: _Record
+    image: Path | None
+    video: Path | None
 
 
 def _fail(message: str) -> CalibrationError:
@@ -109,19 +128,25 @@ class _Turn(BaseModel):
 
 
 def _one_image(value: Any) -> Any:
-    """A record's image: one path, also given as a one-element list."""
+    """A record's image (or video): one path, also given as a one-element list."""
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
+_Path = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+
+
 class _ConversationRecord(BaseModel):
-    """A conversation record: turns, and at most one image (extra keys such as ``id`` are kept)."""
+    """A conversation record: turns, at most one image and at most one video (a clip, with the
+    frame rate of a frame folder in ``fps``); extra keys such as ``id`` are kept."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     conversations: list[_Turn] = Field(min_length=1)
-    image: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)] | None = None
+    image: _Path | None = None
+    video: _Path | None = None
+    fps: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
-    _image = field_validator("image", mode="before")(_one_image)
+    _image = field_validator("image", "video", mode="before")(_one_image)
 
 
 class _PairRecord(BaseModel):
@@ -131,9 +156,11 @@ class _PairRecord(BaseModel):
 
     text: str
     prompt: str | None = None
-    image: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)] | None = None
+    image: _Path | None = None
+    video: _Path | None = None
+    fps: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
-    _image = field_validator("image", mode="before")(_one_image)
+    _image = field_validator("image", "video", mode="before")(_one_image)
 
 
 def _record_error(error: ValidationError, where: str) -> CalibrationError:
@@ -141,6 +168,11 @@ def _record_error(error: ValidationError, where: str) -> CalibrationError:
     location = error.errors(include_url=False)[0]["loc"]
     if location[:1] == ("image",):
         return _fail(f'{where} has an invalid "image" (expected one image path as a string): use one image per record')
+    if location[:1] == ("video",):
+        return _fail(f'{where} has an invalid "video" (expected one path, of a folder of frames or a video file, '
+                     "as a string): use one video per record")
+    if location[:1] == ("fps",):
+        return _fail(f'{where} has an invalid "fps" (expected the positive frame rate of its frame folder)')
     if location[:1] == ("conversations",) and len(location) > 1:
         return _fail(f'{where}, turn {int(location[1]) + 1}: expected {{"from": "human"|"gpt", "value": "..."}} '
                      f"(roles human/user, gpt/assistant, system): {_CONVERSATION_HINT}")
@@ -161,14 +193,16 @@ def _conversation_record(raw: dict, number: int, where: str) -> _Record:
     if not users:
         raise _fail(f'{where} has no user turn ("from": "human"): {_CONVERSATION_HINT}')
     image_turn = next((i for i in users if IMAGE_MARKER in parsed[i][1]), users[0])
+    video_turn = next((i for i in users if VIDEO_MARKER in parsed[i][1]), users[0])
     messages = []
     for i, (role, text) in enumerate(parsed):
         if role == "user":
-            content = user_content(text, [None] if record.image is not None and i == image_turn else [])
+            content = user_content(text, [None] if record.image is not None and i == image_turn else [],
+                                   [None] if record.video is not None and i == video_turn else [])
         else:
-            content = [_text_item(text.replace(IMAGE_MARKER, "").strip())]
+            content = [_text_item(text.replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "").strip())]
         messages.append({"role": role, "content": content})
-    return _Record(number, where, messages, record.image)
+    return _Record(number, where, messages, record.image, record.video, record.fps)
 
 
 def _pair_record(raw: dict, number: int, where: str) -> _Record:
@@ -177,10 +211,11 @@ def _pair_record(raw: dict, number: int, where: str) -> _Record:
         record = _PairRecord.model_validate(raw)
     except ValidationError as error:
         raise _record_error(error, where) from None
-    user = user_content(record.prompt or "", [None] if record.image is not None else [])
+    user = user_content(record.prompt or "", [None] if record.image is not None else [],
+                        [None] if record.video is not None else [])
     answer = [_text_item(record.text.strip())]
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return _Record(number, where, messages, record.image)
+    return _Record(number, where, messages, record.image, record.video, record.fps)
 
 
 def _parse_json(text: str, name: str) -> list[_Record]:
@@ -267,6 +302,15 @@ def _read_records(file: Path) -> list[_Record]:
     return records
 
 
+def _resolve_video(video: str, root: Path, where: str) -> Path:
+    path = Path(video).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.exists():
+        raise _fail(f"video not found for {where}: {path} (image root {root}): pass --image-root with the folder "
+                    "the video paths are relative to")
+    return path
+
+
 def _resolve_image(image: str, root: Path, where: str) -> Path:
     path = Path(image).expanduser()
     path = path if path.is_absolute() else root / path
@@ -336,11 +380,12 @@ def _has_chat_template(processor: Any) -> bool:
     return bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
 
 
-def _plain_text(messages: list[dict[str, Any]], image_token: str) -> str:
-    """Fallback rendering 'USER: <image>\\n... ASSISTANT: ...' for processors without a chat template."""
+def _plain_text(messages: list[dict[str, Any]], tokens: dict[str, str | None]) -> str:
+    """Fallback rendering 'USER: <image>\\n... ASSISTANT: ...' for processors without a chat template
+    (``tokens``: the processor's image and video placeholder tokens)."""
     turns = []
     for message in messages:
-        parts = [image_token if item["type"] == "image" else item["text"] for item in message["content"]]
+        parts = [tokens[item["type"]] or "" if item["type"] in tokens else item["text"] for item in message["content"]]
         turns.append(f"{message['role'].upper()}: " + "\n".join(parts))
     return "\n".join(turns)
 
@@ -355,9 +400,10 @@ def _image_token(processor: Any) -> str:
 
 
 def _draw(path: str | Path, image_root: str | Path | None, samples: int, seed: int, max_pixels: int | None
-          ) -> tuple[Path, int, list[tuple[_Record, Path | None]], list[str]]:
+          ) -> tuple[Path, int, list[_Drawn], list[str]]:
     """Read and check the file, draw ``samples`` records (``random.Random(seed)``) and resolve and
-    decode each drawn record's image: every problem that does not need the processor."""
+    decode each drawn record's image, and check each drawn clip (every frame of a folder: same
+    size, readable header; a file decoded): every problem that does not need the processor."""
     if samples < 1:
         raise _fail(f"samples must be at least 1, got {samples}: pass --samples N with N >= 1")
     if max_pixels is not None and max_pixels < 1:
@@ -376,14 +422,36 @@ def _draw(path: str | Path, image_root: str | Path | None, samples: int, seed: i
         image_path = _resolve_image(record.image, root, record.where) if record.image else None
         if image_path is not None:
             _open_image(image_path, None).close()
-        drawn.append((record, image_path))
+        video_path = _resolve_video(record.video, root, record.where) if record.video else None
+        if video_path is not None:
+            _read_clip(video_path, VideoSampling(max_frames=MIN_FRAMES), record, None)
+        drawn.append(_Drawn(record, image_path, video_path))
     return file, len(records), drawn, warnings
+
+
+def _read_clip(path: Path, sampling: VideoSampling, record: _Record, max_pixels: int | None) -> Clip:
+    """The record's clip, sampled, every frame downscaled as :func:`_open_image` downscales images."""
+    if record.fps is not None and video_kind(path) != "folder":
+        raise _fail(f'{record.where} gives an "fps" for the video file {path}: only a folder of frames takes one '
+                    "(a video file carries its own frame rate)")
+    try:
+        clip = read_clip(path, sampling, record.fps)
+    except ImageError as error:
+        raise _fail(f"{record.where}: {error}") from None
+    width, height = clip.size
+    if max_pixels is not None and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+        frames = [Image.fromarray(frame).resize(size, Image.Resampling.LANCZOS) for frame in clip.frames]
+        clip = replace(clip, frames=np.stack([np.asarray(frame) for frame in frames]))
+    return clip
 
 
 def _token_aligned(name: str, value: torch.Tensor, length: int) -> bool:
     """Whether an input runs along the token sequence (ids, masks, token types): a (1, seq) tensor
-    that is not an image input."""
-    return value.ndim == 2 and tuple(value.shape) == (1, length) and not name.startswith(("pixel", "image"))
+    that is not an image or video input."""
+    return (value.ndim == 2 and tuple(value.shape) == (1, length)
+            and not name.startswith(("pixel", "image", "video", "second_per_grid")))
 
 
 def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Sequence[int]
@@ -394,7 +462,7 @@ def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Se
 
     A longer sample is truncated on the text side: its last tokens are dropped (the end of the
     assistant's answer first, then earlier text), which keeps the image and the start of the user
-    turn, the tokens every pool needs. A sample whose image tokens end beyond the limit cannot be
+    turn, the tokens every pool needs. A sample whose image (or video) tokens end beyond the limit cannot be
     cut without splitting the image (its features would no longer match its placeholders) and is
     skipped. Both are counted in the returned :class:`ContextFit` and in a warning. A
     ``max_length`` above ``context`` is a :class:`ConfigError`. Returns the set unchanged, with
@@ -418,20 +486,20 @@ def fit_context(calibration: CalibrationSet, context: int | None, visual_ids: Se
             continue
         inputs = {name: value[:, :limit] if _token_aligned(name, value, length) else value
                   for name, value in sample.inputs.items()}
-        kept.append(CalibrationSample(inputs, sample.source, sample.image))
+        kept.append(CalibrationSample(inputs, sample.source, sample.image, sample.video))
         truncated += 1
         dropped += length - limit
     where = "--max-length" if calibration.max_length is not None else "the model's context"
     if skipped and not kept:
-        raise CalibrationError(f"the image tokens of all {skipped} calibration samples end beyond {where} ({limit} "
-                               "tokens): raise --max-length (up to the model's context), or lower --max-pixels so "
-                               "that images take fewer tokens")
+        raise CalibrationError(f"the image/video tokens of all {skipped} calibration samples end beyond {where} "
+                               f"({limit} tokens): raise --max-length (up to the model's context), or lower "
+                               "--max-pixels (or --max-frames) so that images (and clips) take fewer tokens")
     warnings = list(calibration.warnings)
     if truncated:
         warnings.append(f"truncated {truncated} calibration samples longer than {where} ({limit} tokens) by "
                         f"{dropped} text tokens in all, from their end")
     if skipped:
-        warnings.append(f"skipped {skipped} calibration samples whose image tokens end beyond {where} "
+        warnings.append(f"skipped {skipped} calibration samples whose image/video tokens end beyond {where} "
                         f"({limit} tokens)")
     fitted = replace(calibration, samples=kept, warnings=warnings)
     return fitted, ContextFit(limit, truncated, dropped, skipped)
@@ -447,14 +515,30 @@ def check_max_length(max_length: int | None, context: int | None) -> None:
 
 
 def check_calibration_file(path: str | Path, *, image_root: str | Path | None = None, samples: int = 128,
-                           seed: int = 0, max_pixels: int | None = None) -> None:
+                           seed: int = 0, max_pixels: int | None = None, video_model: str | None = None) -> None:
     """Check, before any model is loaded, what :func:`load_calibration` would read: the file, the
-    drawn records and their images; and that at least one drawn record has an image (the engine
-    needs image tokens). Raises :class:`CalibrationError`."""
+    drawn records, their images and clips; that at least one drawn record has an image or a video
+    (the engine needs visual tokens); and, when ``video_model`` says why the model takes no video
+    (e.g. "model type 'llava' takes no video"), that no drawn record has one. Raises
+    :class:`CalibrationError`."""
     file, _, drawn, _ = _draw(path, image_root, samples, seed, max_pixels)
-    if not any(image_path for _, image_path in drawn):
-        raise _fail(f"none of the {len(drawn)} records drawn from {file} has an image: the calibration "
-                    "needs image tokens; give records with an \"image\"")
+    if not any(item.image or item.video for item in drawn):
+        raise _fail(f"none of the {len(drawn)} records drawn from {file} has an image or a video: the calibration "
+                    'needs visual tokens; give records with an "image" or a "video"')
+    with_video = next((item for item in drawn if item.video), None)
+    if video_model is not None and with_video is not None:
+        raise _fail(f"{with_video.record.where} has a video, but {video_model}: remove the video records, "
+                    "or calibrate a video model")
+
+
+def _video_support(processor: Any) -> str | None:
+    """Why ``processor`` cannot process clips, or None when it can."""
+    name = type(processor).__name__
+    if getattr(processor, "video_processor", None) is None:
+        return f"the {name} takes no video (it has no video processor)"
+    if not isinstance(getattr(processor, "video_token", None), str):
+        return f"the {name} has no video token"
+    return None
 
 
 def load_calibration(
@@ -466,52 +550,70 @@ def load_calibration(
     seed: int = 0,
     max_pixels: int | None = None,
     max_length: int | None = None,
+    video: VideoSampling | None = None,
 ) -> CalibrationSet:
     """Draw ``samples`` records at random (``random.Random(seed)``) and process them for the model.
 
     ``path``: a LLaVA/ShareGPT4V conversation JSON list, or JSONL with one
-    ``{"image", "text", "prompt"?}`` per line. Image paths are relative to ``image_root``
-    (default: the file's folder). ``max_pixels`` downscales images before processing, a cap on
-    visual tokens for every family. Only the drawn records' images are opened. ``max_length``
-    caps a sample's tokens (kept in the set; :func:`fit_context` applies it, with the model's
-    context, before the samples are used).
+    ``{"image", "text", "prompt"?}`` per line; a record may carry a ``"video"`` (a folder of
+    frames, with its frame rate in ``"fps"``, or a video file) instead of, or besides, its image.
+    Image and video paths are relative to ``image_root`` (default: the file's folder).
+    ``max_pixels`` downscales images and video frames before processing, a cap on visual tokens
+    for every family. ``video`` draws each clip's frames (default :class:`VideoSampling`: at most
+    8, uniformly). Only the drawn records' images and clips are opened. ``max_length`` caps a
+    sample's tokens (kept in the set; :func:`fit_context` applies it, with the model's context,
+    before the samples are used).
     """
     check_max_length(max_length, None)
+    sampling = video or VideoSampling()
     file, records_in_file, drawn, warnings = _draw(path, image_root, samples, seed, max_pixels)
-    image_token = None if _has_chat_template(processor) else _image_token(processor)
-    if image_token is not None:
+    with_video = next((item for item in drawn if item.video), None)
+    if with_video is not None and (why := _video_support(processor)) is not None:
+        raise _fail(f"{with_video.record.where} has a video, but {why}: remove the video records, or calibrate "
+                    "a video model (atv-prune families lists those that take video)")
+    tokens = None if _has_chat_template(processor) else {
+        "image": _image_token(processor), "video": getattr(processor, "video_token", None)}
+    if tokens is not None:
         warnings.append(f"the {type(processor).__name__} has no chat template: samples rendered as plain "
                         "'USER: ... ASSISTANT: ...' text")
     # Render every drawn record first, so that all errors come before any processing.
-    prepared: list[tuple[_Record, str, Path | None]] = []
-    for record, image_path in drawn:
-        if image_token is not None:
-            text = _plain_text(record.messages, image_token)
+    prepared: list[tuple[_Drawn, str]] = []
+    for item in drawn:
+        if tokens is not None:
+            text = _plain_text(item.record.messages, tokens)
         else:
             try:
                 text = processor.apply_chat_template(
-                    record.messages, tokenize=False, add_generation_prompt=False
+                    item.record.messages, tokenize=False, add_generation_prompt=False
                 )
             except Exception as exc:
-                raise _fail(f"the chat template failed on {record.where}: {one_line(exc, 200)}: check the record's "
-                            "roles and turn order against the model's chat template") from None
-        prepared.append((record, text, image_path))
+                raise _fail(f"the chat template failed on {item.record.where}: {one_line(exc, 200)}: check the "
+                            "record's roles and turn order against the model's chat template") from None
+        prepared.append((item, text))
 
     out: list[CalibrationSample] = []
+    # Frames are downscaled to max_pixels before processing; the video processor's own budget is left
+    # as it is (Qwen3-VL's bounds the whole clip, not one frame).
     with _pixel_cap(getattr(processor, "image_processor", None), max_pixels):
-        for record, text, image_path in prepared:
-            source = f"{file.name}:{record.number}"
+        for item, text in prepared:
+            source = f"{file.name}:{item.record.number}"
             kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
             bos = getattr(getattr(processor, "tokenizer", None), "bos_token", None)
             if bos and text.startswith(bos):  # the template wrote BOS already (Llama-3, Gemma): no second one
                 kwargs["add_special_tokens"] = False
-            if image_path is not None:
-                kwargs["images"] = [_open_image(image_path, max_pixels)]
+            if item.image is not None:
+                kwargs["images"] = [_open_image(item.image, max_pixels)]
+            if item.video is not None:
+                clip = _read_clip(item.video, sampling, item.record, max_pixels)
+                kwargs.update(videos=[clip.frames], videos_kwargs={
+                    "video_metadata": [clip.metadata()], "do_sample_frames": False})
             try:
                 encoded = processor(**kwargs)
             except Exception as exc:
                 raise _fail(f"the processor failed on {source}: {type(exc).__name__}: {one_line(exc, 200)}: "
                             "check the record and that the processor belongs to the model") from None
             inputs = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-            out.append(CalibrationSample(inputs, source, str(image_path) if image_path else None))
-    return CalibrationSet(out, str(file), records_in_file, seed, warnings, max_length)
+            out.append(CalibrationSample(inputs, source, str(item.image) if item.image else None,
+                                         str(item.video) if item.video else None))
+    return CalibrationSet(out, str(file), records_in_file, seed, warnings, max_length,
+                          sampling if with_video is not None else None)

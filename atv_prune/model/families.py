@@ -2,9 +2,10 @@
 
 A :class:`Family` is a record, as GPTQModel's per-architecture ``module_tree``: where the
 language-model decoder blocks live, the model without its LM head, which config fields hold the
-image/video placeholder token ids, where the vision tower and projector are, the per-token type
-input some forwards need, and the *role* of every linear in a block (``q``, ``k``, ``v``, ``o``,
-``gate``, ``up``, ``down``; a fused ``qkv_proj`` carries three roles). ``register_family`` adds one
+image/video placeholder token ids, whether it takes video (the kind of video processor its clips
+go through), where the vision tower and projector are, the per-token type input some forwards
+need, and the *role* of every linear in a block (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``,
+``down``; a fused ``qkv_proj`` carries three roles). ``register_family`` adds one
 from anywhere. Models of an unregistered family that follow the common transformers layout are
 handled by :data:`GENERIC`. :mod:`.layout` resolves a family against a loaded model.
 """
@@ -65,7 +66,15 @@ class Family:
     #: reaches q/k/v/o, ``mlp_bias`` gate/up/down): structured pruning's bias compensation sets the
     #: flag; a decoder without it (Qwen2's o_proj) cannot be compensated.
     bias_flags: tuple[tuple[str, str], ...] = (("o", "attention_bias"), ("down", "mlp_bias"))
+    #: How the family's processor turns a clip into model inputs (a key of
+    #: :data:`atv_prune.model.video_processors.VIDEO_PROCESSORS`); None: the family takes no video.
+    video_processor: str | None = None
     notes: str = ""
+
+    @property
+    def takes_video(self) -> bool:
+        """Whether the family's models take video clips (given a video token id in their config)."""
+        return self.video_processor is not None
 
     def roles_of(self, leaf: str) -> tuple[str, ...]:
         """The roles of a block linear named ``leaf`` (empty when the family does not know it)."""
@@ -93,15 +102,19 @@ for _family in (
     Family("llava_next", ("llava_next",),
            vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
            notes="anyres tiling: the image-token count depends on image_sizes"),
+    Family("llava_next_video", ("llava_next_video",),
+           vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline",
+                         "model.vision_resampler"),
+           video_processor="llava_next_video", notes="LLaVA-NeXT with pooled video frames; image and video tokens"),
     Family("llava_onevision", ("llava_onevision",),
            vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
-           notes="SigLIP + Qwen2 decoder; image and video tokens"),
+           video_processor="llava_onevision", notes="SigLIP + Qwen2 decoder; image and video tokens"),
     Family("qwen2_vl", ("qwen2_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="3-D M-RoPE; image_grid_thw"),
+           video_processor="qwen2_vl", notes="3-D M-RoPE; image_grid_thw"),
     Family("qwen2_5_vl", ("qwen2_5_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="3-D M-RoPE; windowed vision attention"),
+           video_processor="qwen2_vl", notes="3-D M-RoPE; windowed vision attention"),
     Family("qwen3_vl", ("qwen3_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
-           notes="deepstack: visual features added after the first blocks"),
+           video_processor="qwen3_vl", notes="deepstack: visual features added after the first blocks"),
     Family("gemma3", ("gemma3",), token_type_input="token_type_ids",
            notes="sliding/full attention alternate; bidirectional image attention"),
     Family("idefics3", ("idefics3", "smolvlm"), block_paths=("model.text_model.layers",),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .families import GENERIC, Family, family_for, supported_families
+from .families import FAMILIES, GENERIC, Family, family_for, supported_families
 
 
 def get_path(root: nn.Module, path: str) -> Any:
@@ -96,6 +96,20 @@ def context_length(config: Any) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
+
+
+def no_video_reason(config: Any) -> str | None:
+    """Why a model with this ``config`` cannot take video calibration (its family takes no video,
+    or its config declares no video token id), or None when it can."""
+    model_type = getattr(config, "model_type", None)
+    family = family_for(str(model_type))
+    if family is None or not family.takes_video:
+        video_families = ", ".join(f.name for f in FAMILIES.values() if f.takes_video)
+        return f"model type '{model_type}' takes no video (video families: {video_families})"
+    if not _config_ids(config, family.video_token_fields):
+        return (f"the config of this {model_type} model declares no video token id "
+                f"({' or '.join(family.video_token_fields)})")
+    return None
 
 
 def resolve(model: nn.Module) -> ModelLayout:

@@ -2,14 +2,18 @@
 
 In transformers 5.x every processor whose constructor takes a ``video_processor`` (LLaVA-OneVision,
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM) cannot be built or loaded without torchvision, because
-the video processors need it. Pruning only needs images and text, so such a processor is loaded
-through a subclass of its own class that does not declare the video sub-processor: tokenizer,
-image processor, chat template and token bookkeeping stay the model's own. Image processors
-fall back to their PIL backend when the default one cannot run.
+the video processors need it. Such a processor is loaded through a subclass of its own class that
+does not declare the video sub-processor: tokenizer, image processor, chat template and token
+bookkeeping stay the model's own. For a family that takes video (its record names a video
+processor kind) the torch-only twin of its video processor (:mod:`.video_processors`), built from
+the checkpoint's own video settings, is then attached as ``video_processor``, so clips still work;
+the saved processor keeps those settings under the original class name. Image processors fall
+back to their PIL backend when the default one cannot run.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
 
 from ..errors import CalibrationError, one_line
+from .families import family_for
+from .video_processors import VIDEO_PROCESSORS, TorchVideoProcessor
 
 #: Files in which transformers records the processor class, in AutoProcessor's lookup order.
 _CLASS_FILES = (
@@ -68,7 +74,36 @@ class _VideoFreeInit(ProcessorMixin):
         ProcessorMixin.__init__(self, **{k: v for k, v in named.items() if _VIDEO not in k})
 
 
+def _to_dict_keeping_video(self: ProcessorMixin) -> dict[str, Any]:
+    """The processor's settings, with those of an attached torch-only video processor under the
+    class name it stands for (so that a loader with torchvision rebuilds the original)."""
+    data = ProcessorMixin.to_dict(self)
+    video = self.__dict__.get("video_processor")
+    if isinstance(video, TorchVideoProcessor):
+        data["video_processor"] = video.to_dict()
+    return data
+
+
 _VIDEO_FREE: dict[type, type] = {}
+
+
+def _arguments_in_init_order(cls: type[ProcessorMixin], kept: list[str]) -> Any:
+    """A ``_get_arguments_from_pretrained`` returning the video-free sub-processors where
+    ``cls.__init__`` takes them positionally, None in its video parameters: ``from_pretrained``
+    passes them positionally, and a constructor whose first parameter is ``video_processor``
+    (LLaVA-NeXT-Video) would otherwise receive the image processor there."""
+    every = set(_attributes(cls))
+    order = [name for name in inspect.signature(cls.__init__).parameters if name in every]
+
+    def arguments(sub: type, *args: Any, **kwargs: Any) -> list[Any]:
+        found = super(sub, sub)._get_arguments_from_pretrained(*args, **kwargs)
+        loaded = dict(zip(kept, found))
+        if not loaded or not set(loaded) <= set(order):  # a constructor taking them otherwise: as they come
+            return found
+        last = max(order.index(name) for name in loaded)
+        return [loaded.get(name) for name in order[:last + 1]]
+
+    return classmethod(arguments)
 
 
 def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
@@ -89,6 +124,8 @@ def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
         "__doc__": f"{cls.__name__} without video sub-processors (loaded without torchvision).",
         "_all_attributes": tuple(every),
         "get_attributes": classmethod(lambda _cls: list(kept)),
+        "to_dict": _to_dict_keeping_video,
+        "_get_arguments_from_pretrained": _arguments_in_init_order(cls, kept),
     }
     if isinstance(getattr(cls, "attributes", None), list):  # older ProcessorMixin: class-level list
         namespace["attributes"] = list(kept)
@@ -128,6 +165,40 @@ def _resolve_class(folder: Path, trust_remote_code: bool) -> type[ProcessorMixin
         return get_class_from_dynamic_module(remote, str(folder), local_files_only=True)
     found = getattr(transformers, name, None) if name else None
     return found if isinstance(found, type) and issubclass(found, ProcessorMixin) else None
+
+
+def _video_settings(folder: Path) -> dict[str, Any]:
+    """The checkpoint's video processor settings: ``processor_config.json``'s ``video_processor``,
+    else ``video_preprocessor_config.json``, else (as AutoVideoProcessor falls back) the image
+    processor's settings."""
+    nested = _read_json(folder / "processor_config.json")
+    for settings in (nested.get("video_processor"), _read_json(folder / "video_preprocessor_config.json"),
+                     nested.get("image_processor"), _read_json(folder / "preprocessor_config.json")):
+        if isinstance(settings, dict) and settings:
+            return settings
+    return {}
+
+
+def torch_video_processor(folder: Path) -> TorchVideoProcessor | None:
+    """The torch-only video processor of the checkpoint in ``folder`` (its family's kind, its
+    settings), or None when its family takes no video."""
+    family = family_for(str(_read_json(folder / "config.json").get("model_type")))
+    if family is None or family.video_processor is None:
+        return None
+    if family.video_processor not in VIDEO_PROCESSORS:
+        raise CalibrationError(f"family '{family.name}' names the video processor kind '{family.video_processor}', "
+                               f"which is not one of {', '.join(VIDEO_PROCESSORS)}: add its class to "
+                               "atv_prune.model.video_processors.VIDEO_PROCESSORS, or install torchvision")
+    return VIDEO_PROCESSORS[family.video_processor](_video_settings(folder))
+
+
+def _with_video(processor: ProcessorMixin, folder: Path) -> ProcessorMixin:
+    """Attach the torch-only video processor to a processor loaded without its own."""
+    if getattr(processor, "video_processor", None) is None and hasattr(processor, "video_token"):
+        video = torch_video_processor(folder)
+        if video is not None:
+            processor.video_processor = video
+    return processor
 
 
 def _image_processor_runs(image_processor: Any) -> bool:
@@ -219,4 +290,4 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
         raise CalibrationError(
             f"cannot load the {cls.__name__} processor in {folder}: {one_line(exc)}"
         ) from exc
-    return _with_working_image_processor(processor, folder)
+    return _with_video(_with_working_image_processor(processor, folder), folder)

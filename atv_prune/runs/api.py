@@ -23,6 +23,7 @@ from ..model.loading import resolve_device
 from ..model.memory import available_memory, parse_size
 from ..model.shrink import shrink_surgery
 from ..model.structured import StructuredPruner, SurgeryFactory
+from ..model.videos import VideoSampling
 from ..model.walk import BlockHome
 from ..validation import Record
 from ..versions import package_versions
@@ -88,7 +89,7 @@ def _empty_budget_warning(pool: str, blocks: list[dict[str, Any]], samples: int)
 
 def _calibration_set(
     calibration: CalibrationSet | str | Path | None, processor: Any, config: PruneConfig,
-    image_root: str | Path | None, max_pixels: int | None, max_length: int | None,
+    image_root: str | Path | None, max_pixels: int | None, max_length: int | None, video: VideoSampling | None,
 ) -> CalibrationSet:
     if calibration is None:
         raise CalibrationError(f"method '{config.method}' needs calibration data: pass a calibration file")
@@ -97,7 +98,7 @@ def _calibration_set(
     if processor is None:
         raise CalibrationError("a processor is needed to read a calibration file: pass the model's processor")
     return load_calibration(calibration, processor, image_root=image_root, samples=config.samples,
-                            seed=config.seed, max_pixels=max_pixels, max_length=max_length)
+                            seed=config.seed, max_pixels=max_pixels, max_length=max_length, video=video)
 
 
 def activation_store(settings: RunSettings, device: torch.device) -> ActivationStore:
@@ -137,6 +138,7 @@ def prune(
     find_targets: TargetFinder = linear_targets,
     surgery: SurgeryFactory = shrink_surgery,
     home: BlockHome | None = None,
+    video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the language-model decoder of ``model`` in place and report what was done.
 
@@ -151,6 +153,8 @@ def prune(
     ``from_pretrained`` rebuild it). ``home``: where the decoder blocks' weights live between
     their turns (default: in the model, in memory; :func:`~atv_prune.runs.checkpoint.prune_checkpoint`
     streams them from the checkpoint; unstructured configs only).
+    ``video``: how frames are drawn from the calibration file's clips (default
+    :class:`~atv_prune.model.videos.VideoSampling`: 8 frames evenly over each clip).
     """
     started = time.perf_counter()
     config = config if config is not None else PruneConfig()
@@ -182,7 +186,7 @@ def prune(
     try:
         if config.needs_calibration:
             start = time.perf_counter()
-            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length)
+            calib = _calibration_set(calibration, processor, config, image_root, max_pixels, max_length, video)
             drawn = len(calib.samples)
             calib, fit = fit_context(calib, context_length(model.config), layout.visual_token_ids)
             warnings.extend(calib.warnings)
@@ -200,8 +204,8 @@ def prune(
             seconds["capture"] += time.perf_counter() - start
             if not captured:
                 raise CalibrationError(
-                    f"none of the {len(calib.samples)} calibration samples contains image tokens "
-                    f"(ids {list(layout.visual_token_ids)}): give records with an image"
+                    f"none of the {len(calib.samples)} calibration samples contains image or video tokens "
+                    f"(ids {list(layout.visual_token_ids)}): give records with an image or a video"
                 )
             if skipped:
                 warnings.append(f"skipped {skipped} calibration samples without image tokens")
@@ -211,6 +215,8 @@ def prune(
                 "samples_drawn": drawn,
                 "samples_used": len(captured),
                 "skipped_without_image_tokens": skipped,
+                "samples_with_video": sum(1 for s in calib.samples if s.video),
+                **({"max_frames": calib.video.max_frames, "fps": calib.video.fps} if calib.video else {}),
                 "seed": calib.seed,
                 "visual_tokens_per_sample": sum(int(s.visual.sum()) for s in captured) / len(captured),
                 "tokens_per_sample": sum(s.visual.numel() for s in captured) / len(captured),

@@ -30,6 +30,7 @@ from ..errors import AtvPruneError
 from ..model.calibration import CalibrationSet, load_calibration
 from ..model.layout import resolve
 from ..model.loading import Placement, dispatch, load_model_and_processor, main_device, resolve_device
+from ..model.videos import VideoSampling
 from .api import PruneReport, prune
 from .config import PruneConfig, RunSettings
 
@@ -70,6 +71,8 @@ class StudySettings:
     image_root: Path | None = None
     max_pixels: int | None = None
     max_length: int | None = None
+    max_frames: int = 8
+    fps: float | None = None
     trust_remote_code: bool = False
     device: str | None = None
     placement: Placement | None = None
@@ -84,7 +87,14 @@ class StudySettings:
                 "dtype": self.dtype, "image_root": str(self.image_root) if self.image_root else None,
                 "max_pixels": self.max_pixels,
                 # only when set, so that studies from before the option resume
-                **({"max_length": self.max_length} if self.max_length is not None else {})}
+                **({"max_length": self.max_length} if self.max_length is not None else {}),
+                **({"max_frames": self.max_frames} if self.max_frames != VideoSampling().max_frames else {}),
+                **({"fps": self.fps} if self.fps is not None else {})}
+
+    @property
+    def video(self) -> VideoSampling:
+        """How frames are drawn from the calibration file's clips."""
+        return VideoSampling(max_frames=self.max_frames, fps=self.fps)
 
 
 def _file_sha1(path: Path) -> str:
@@ -232,7 +242,8 @@ class CellRunner:
         if key not in self._calibrations:
             self._calibrations[key] = load_calibration(
                 self.settings.calib, processor, image_root=self.settings.image_root, samples=config.samples,
-                seed=config.seed, max_pixels=self.settings.max_pixels, max_length=self.settings.max_length)
+                seed=config.seed, max_pixels=self.settings.max_pixels, max_length=self.settings.max_length,
+                video=self.settings.video)
         return self._calibrations[key]
 
     def _evaluate(self, model: nn.Module, processor: Any) -> dict[str, Any]:
@@ -249,7 +260,7 @@ class CellRunner:
             model.to(device)
         result = evaluate(model, processor, self.settings.tasks, bench_dir=self.settings.bench_dir,
                           limit=self.settings.limit, batch_size=self.settings.batch_size, device=str(device),
-                          progress=self.settings.progress)
+                          progress=self.settings.progress, video=self.settings.video)
         return result.to_dict()
 
     def dense(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..model.loading import DTYPES, compute_dtype, load_model, model_skeleton, r
 from ..model.memory import available_memory, parse_size, resident_peak
 from ..model.processors import load_processor
 from ..model.streaming import WORKDIR, block_bytes, load_streamed, model_bytes
+from ..model.videos import VideoSampling
 from .api import PruneReport, prune
 from .config import PruneConfig, RunSettings
 from .export import write_dir_atomic, write_json_atomic
@@ -80,6 +81,7 @@ def prune_checkpoint(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the checkpoint in ``model_path`` and save the pruned model, its processor and
     ``pruning_report.json`` into ``out`` (atomically).
@@ -89,8 +91,9 @@ def prune_checkpoint(
     ``stream`` its non-block weights only, reading each decoder block from the checkpoint when its
     turn comes; ``auto`` streams when the model would not fit in memory. A structured config
     changes the blocks' shapes, so it always loads the model whole. ``dtype`` as for
-    :func:`~atv_prune.model.loading.load_model_and_processor`; ``max_length`` as for
-    :func:`~atv_prune.runs.api.prune`. ``extra`` goes into the report.
+    :func:`~atv_prune.model.loading.load_model_and_processor`; ``max_length`` and ``video`` (how
+    frames are drawn from the file's clips) as for :func:`~atv_prune.runs.api.prune`. ``extra``
+    goes into the report.
     """
     model_path = Path(model_path)
     config = config if config is not None else PruneConfig()
@@ -121,7 +124,8 @@ def prune_checkpoint(
             model, saved_dtype = streamed.model, streamed.saved_dtype
         load_seconds = time.perf_counter() - started
         report = prune(model, processor, data, config, settings=run_settings, image_root=image_root,
-                       max_pixels=max_pixels, max_length=max_length, home=streamed.home if streamed else None)
+                       max_pixels=max_pixels, max_length=max_length, home=streamed.home if streamed else None,
+                       video=video)
         save_start = time.perf_counter()
         model = model.to(saved_dtype)
         if streamed is None:

@@ -15,7 +15,7 @@ from ..errors import CalibrationError
 from ..model.calibration import check_calibration_file, check_max_length
 from ..model.checkpoint import check_checkpoint
 from ..model.engine import check_targets
-from ..model.layout import context_length, resolve
+from ..model.layout import context_length, no_video_reason, resolve
 from ..model.loading import model_skeleton, read_config, resolve_device
 from ..model.shrink import DecoderGeometry, removal_for, shrink_surgery
 from ..model.structured import SurgeryFactory
@@ -59,12 +59,14 @@ def check_run_inputs(model_path: Path, configs: Iterable[PruneConfig], *, calib_
                      offload_device: str = "cpu", trust_remote_code: bool = False,
                      max_length: int | None = None, surgery: SurgeryFactory | None = shrink_surgery) -> None:
     """:func:`check_model`, then the calibration file for every draw (samples, seed) that a
-    calibrated config makes."""
+    calibrated config makes, its video records included (refused for a model that takes no video)."""
     configs = list(configs)
     check_model(model_path, configs, device=device, offload_device=offload_device,
                 trust_remote_code=trust_remote_code, max_length=max_length, surgery=surgery)
     draws = sorted({(c.samples, c.seed) for c in configs if c.needs_calibration})
     if draws and calib_path is None:
         raise CalibrationError("these methods need calibration data: pass --calib FILE")
+    video_model = no_video_reason(read_config(model_path, trust_remote_code)) if draws else None
     for samples, seed in draws:
-        check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
+        check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels,
+                               video_model=video_model)
