@@ -111,6 +111,8 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
          device: str | None, dtype: str, block_list: tuple[int, ...], tokens: int, perplexity: float) -> None:
     """t-SNE of text and visual token activations (block inputs) at chosen blocks."""
     from atv_prune.model.calibration import check_calibration_file
+    from atv_prune.model.layout import no_video_reason
+    from atv_prune.model.loading import read_config
     from atv_prune.runs.export import check_output_dir, write_dir_atomic
     from atv_prune.runs.preflight import check_model
     from atv_prune.runs.tables import write_table
@@ -123,7 +125,8 @@ def tsne(model_path: Path, calib_path: Path, samples: int, seed: int, image_root
     n_blocks = check_model(model_path, device=device, trust_remote_code=trust_remote_code, max_length=max_length)
     if n_blocks is not None:
         check_block_range(sorted(set(block_list)), n_blocks)
-    check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels)
+    check_calibration_file(calib_path, image_root=image_root, samples=samples, seed=seed, max_pixels=max_pixels,
+                           video_model=no_video_reason(read_config(model_path, trust_remote_code)))
     loaded = _load(model_path, dtype, device, trust_remote_code)
     calibration = _calibration(calib_path, loaded.processor, samples, seed, image_root, max_pixels, max_length,
                                    max_frames, fps)

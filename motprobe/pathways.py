@@ -135,17 +135,19 @@ def prune_pathway(
     settings: RunSettings | None = None,
     image_root: str | Path | None = None,
     max_pixels: int | None = None,
+    max_length: int | None = None,
     video: VideoSampling | None = None,
 ) -> PruneReport:
     """Prune the ``pathway`` copies of a probe in place with ``config`` (any method, pool,
     sparsity, N:M pattern, or structure and ratio); the other pathway and every unrouted linear
-    stay as they are."""
+    stay as they are. A calibration file is read as :func:`~atv_prune.runs.api.prune` reads it
+    (``image_root``, ``max_pixels``, ``max_length``, ``video``)."""
     routed = probe_linears(model)
     if not routed:
         raise ProbeError("the model is not a MoT probe: call motprobe.make_probe(model) first")
     report = prune(model, processor, calibration, config, settings=settings, image_root=image_root,
-                   max_pixels=max_pixels, find_targets=pathway_targets(pathway), surgery=pathway_structures(pathway),
-                   video=video)
+                   max_pixels=max_pixels, max_length=max_length, find_targets=pathway_targets(pathway),
+                   surgery=pathway_structures(pathway), video=video)
     report.extra["probe"] = {
         "pathway": pathway,
         "routed_linears": sorted({name.rpartition(".")[2] for name in routed}),

@@ -76,6 +76,17 @@ def test_a_long_sample_is_truncated_from_the_end_of_its_text(space, family: str)
     assert report.calibration["tokens_per_sample"] <= 60 and report.calibration["samples_used"] == 3
 
 
+def test_a_pathway_of_the_probe_is_calibrated_under_the_same_max_length(space) -> None:
+    from motprobe import make_probe, prune_pathway
+
+    loaded = load_model_and_processor(space["llava"])
+    make_probe(loaded.model)
+    uncapped = load_calibration(space["long"], loaded.processor, samples=3, seed=0)
+    config = PruneConfig(method="wanda", sparsity=0.5, samples=3)
+    report = prune_pathway(loaded.model, loaded.processor, uncapped, config, "text", max_length=60)
+    assert report.calibration["truncated_too_long"] == 2 and report.calibration["max_length"] == 60
+
+
 def test_the_models_context_is_the_default_limit(space, tmp_path: Path) -> None:
     model = _short_context(space["llava"], tmp_path / "short", 48)
     out = tmp_path / "out"

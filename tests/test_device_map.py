@@ -89,3 +89,10 @@ def test_max_memory_and_main_device_parsing() -> None:
     assert str(main_device({"a": "disk", "b": "cpu"})) == "cpu"
     with pytest.raises(ConfigError, match="unknown device map 'everywhere'"):
         Placement(device_map="everywhere")
+
+
+def test_a_placement_on_one_device_keeps_the_model_off_the_others() -> None:
+    """--load stream with --device cpu: the evaluated model may use host memory and disk only."""
+    on_cpu = Placement.on(torch.device("cpu"), offload_folder=Path("/x"))
+    assert set(on_cpu.max_memory) == {"cpu"} and on_cpu.max_memory["cpu"] > 0
+    assert on_cpu.offload_folder == Path("/x") and on_cpu.device_map == "auto"

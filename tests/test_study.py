@@ -157,7 +157,47 @@ def test_a_streamed_study_gives_the_cells_of_one_in_memory(workspace, monkeypatc
     for memory, stream in zip(results["memory"]["cells"], results["stream"]["cells"]):
         assert memory["label"] == stream["label"] and memory["scores"] == stream["scores"]
         assert memory["sparsity"] == stream["sparsity"]
+        assert (memory["load"], stream["load"]) == ("memory", "stream")  # the path each cell took is recorded
     assert results["memory"]["dense"] == results["stream"]["dense"]
+
+
+def test_a_streamed_cell_prunes_into_the_offload_folder_and_leaves_it_empty(
+        workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pruned checkpoint of a streamed cell (as large as the model) goes where the user put
+    the offloaded weights, not into the system's temporary folder, and is removed after the cell."""
+    import tempfile
+
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(kw) or real_mkdtemp(**kw))
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
+    offload = tmp_path / "offload"
+    code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
+                           "--methods", "wanda", "--sparsity", "0.5", "--samples", "4", "--load", "stream",
+                           "--device-map", "auto", "--offload-folder", offload, "--out", tmp_path / "s")
+    assert code == 0, output
+    cells = [kw for kw in made if kw.get("prefix") == "atv-cell-"]
+    assert len(cells) == 1 and cells[0]["dir"] == offload
+    assert list(offload.iterdir()) == []
+
+
+def test_a_streamed_study_with_structured_cells_is_refused_before_anything_runs(
+        workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
+    code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks", *TASKS,
+                           "--methods", "wanda", "wanda-sp", "--sparsity", "0.5", "--structure", "channels",
+                           "--ratio", "0.25", "--samples", "4", "--load", "stream", "--out", tmp_path / "s")
+    assert code == 2, output
+    assert "cells wanda-sp" in output and "cannot be streamed" in output and "--load memory" in output
+    assert not (tmp_path / "s").exists()  # refused before the dense evaluation
+
+
+def test_study_settings_refuse_an_unknown_load(workspace) -> None:
+    from atv_prune.errors import ConfigError
+    from atv_prune.runs.cells import StudySettings
+
+    with pytest.raises(ConfigError, match="unknown load 'disk': choose auto, memory, stream"):
+        StudySettings(model=workspace["model"], calib=workspace["calib"], tasks=list(TASKS), load="disk")
 
 
 def test_a_study_that_changes_the_model_in_memory_refuses_to_stream(workspace, tmp_path: Path,

@@ -320,6 +320,20 @@ def test_a_video_record_for_a_model_without_video_is_refused_before_loading(chec
               files["videos_jsonl"], load_processor(checkpoints["llava"]), samples=1)
 
 
+def test_motprobe_tsne_refuses_a_video_record_for_a_model_without_video(checkpoints, files, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import motprobe.cli
+
+    monkeypatch.setattr(motprobe.cli, "_load", lambda *a: pytest.fail("refused only after loading the model"))
+    result = CliRunner().invoke(motprobe.cli.main, ["tsne", "--model", str(checkpoints["llava"]), "--calib",
+                                                str(files["mixed"]), "--samples", "100", "--blocks", "0",
+                                                "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "takes no video" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+
+
 def test_bad_video_records_are_one_line_errors(files, tmp_path) -> None:
     root = tmp_path / "bad"
     shutil.copytree(files["root"], root)

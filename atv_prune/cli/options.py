@@ -133,8 +133,8 @@ OPTIONS: dict[str, Callable[[], Callable[[Any], Any]]] = {
                                        help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
                                             "[default: what each has free]."),
     "offload-folder": lambda: click.option("--offload-folder", type=_PATH, default=None,
-                                           help="With --device-map: where weights that fit nowhere go [default: a "
-                                                "temporary folder]."),
+                                           help="With --device-map: where weights that fit nowhere go, and a "
+                                                "streamed study's pruned checkpoints [default: a temporary folder]."),
     # Studies on a Ray cluster.
     "ray": lambda: click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
                                 metavar="[ADDRESS]",

@@ -139,12 +139,22 @@ class Placement:
     system's temporary folder) removed with the model."""
 
     device_map: str = "auto"
-    max_memory: dict[int | str, str] | None = None
+    max_memory: dict[int | str, str | int] | None = None
     offload_folder: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device_map not in DEVICE_MAPS:
             raise ConfigError(f"unknown device map '{self.device_map}': choose {', '.join(DEVICE_MAPS)}")
+
+    @classmethod
+    def on(cls, device: torch.device, offload_folder: Path | None = None) -> Placement:
+        """Big-model placement kept to one compute device: ``device`` (one GPU, or none for the
+        CPU) as far as it has room, then host memory, then disk, as accelerate sizes them."""
+        from accelerate.utils import get_max_memory
+
+        keep = {device.index or 0} if device.type == "cuda" else set()
+        limits = {name: size for name, size in get_max_memory().items() if name in keep or name == "cpu"}
+        return cls(max_memory=limits, offload_folder=offload_folder)
 
     def scratch_folder(self) -> str:
         """A new folder for offloaded weights (remove it with the model: :func:`_remove_with`)."""
@@ -250,10 +260,15 @@ def load_model(
     return model.eval(), saved_dtype_of(config, model)
 
 
+def config_dtype(config: Any, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights were saved in, else ``fallback``."""
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), fallback)
+
+
 def saved_dtype_of(config: Any, model: nn.Module) -> torch.dtype:
     """The dtype the checkpoint's weights were saved in (its config's), else the model's."""
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), next(model.parameters()).dtype)
+    return config_dtype(config, next(model.parameters()).dtype)
 
 
 @dataclass

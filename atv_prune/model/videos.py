@@ -214,9 +214,3 @@ def read_clip(path: Path, sampling: VideoSampling, fps: float | None = None) -> 
         raise ImageError(f"video {path} is neither a folder of frames nor a video file ({', '.join(VIDEO_SUFFIXES)}) "
                          "nor an animated GIF/PNG/WebP: convert it, or give a folder of its frames")
     return _read_animated(path, sampling)
-
-
-def check_clip(path: Path, fps: float | None = None) -> tuple[int, int]:
-    """Check that the clip at ``path`` can be read (every frame's header for a folder, the whole
-    file otherwise) without keeping its frames; returns its (width, height)."""
-    return read_clip(path, VideoSampling(max_frames=MIN_FRAMES), fps).size

@@ -27,7 +27,7 @@ from ..model.videos import VideoSampling
 from ..model.walk import BlockHome
 from ..validation import Record
 from ..versions import package_versions
-from .config import PruneConfig, RunSettings
+from .config import STRUCTURED_CANNOT_STREAM, PruneConfig, RunSettings
 
 
 class PruneReport(Record):
@@ -165,8 +165,7 @@ def prune(
     structured = None
     if config.structured:
         if home is not None:
-            raise ConfigError("structured pruning changes the blocks' shapes, so their weights cannot be streamed "
-                              "from the checkpoint: load the model whole (--load memory)")
+            raise ConfigError(STRUCTURED_CANNOT_STREAM)
         structured = surgery(model, layout, config.structure, config.ratio, config.resolved_bias_compensation)
         pruner = StructuredPruner(plan_of(config), device, structured, compensate=config.resolved_bias_compensation,
                                   offload_device=settings.offload_device, progress=settings.progress)

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AtvPruneError
+from ..errors import AtvPruneError, ConfigError
 from ..model.calibration import CalibrationSet, load_calibration
 from ..model.layout import resolve
 from ..model.loading import Placement, dispatch, load_model_and_processor, main_device, resolve_device
 from ..model.videos import VideoSampling
 from .api import PruneReport, prune
-from .config import PruneConfig, RunSettings
+from .config import LOADS, STRUCTURED_CANNOT_STREAM, Load, PruneConfig, RunSettings
 
 PruneFunction = Callable[[nn.Module, Any, CalibrationSet, PruneConfig, RunSettings, dict[str, Any]], PruneReport]
 
@@ -57,9 +57,11 @@ class StudySettings:
     it runs (``device``, ``placement``, ``progress``, ``load``: not part of the identity).
     ``placement`` spreads each evaluated model over the GPUs, the CPU and disk (``--device-map``).
     ``load``: ``memory`` prunes and evaluates the model in memory; ``stream`` prunes it block by
-    block from the checkpoint into a temporary folder and evaluates it from there, loaded across the
-    GPU, host memory and disk (``placement``, default ``device_map="auto"``); ``auto`` streams when
-    the model would not fit in memory."""
+    block from the checkpoint into a scratch folder (under the placement's ``offload_folder``, else
+    the system's temporary folder) and evaluates it from there, loaded across the GPU, host memory
+    and disk (``placement``; default: accelerate's ``auto`` map, kept to ``device`` when one is
+    given); ``auto`` streams when the model would not fit in memory, decided once by the study's
+    driver for all its cells (each cell's record says which path it took)."""
 
     model: Path
     calib: Path
@@ -71,13 +73,17 @@ class StudySettings:
     image_root: Path | None = None
     max_pixels: int | None = None
     max_length: int | None = None
-    max_frames: int = 8
+    max_frames: int = VideoSampling.max_frames
     fps: float | None = None
     trust_remote_code: bool = False
     device: str | None = None
     placement: Placement | None = None
     progress: bool = True
-    load: str = "auto"
+    load: Load = "auto"
+
+    def __post_init__(self) -> None:
+        if self.load not in LOADS:
+            raise ConfigError(f"unknown load '{self.load}': choose {', '.join(LOADS)}")
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs' cells comparable: the inputs (by content), tasks and evaluation."""
@@ -222,11 +228,18 @@ class CellRunner:
     def _load(self, path: Path | None = None) -> tuple[nn.Module, Any]:
         """The model (the study's, or the pruned one in ``path``) and its processor: in memory, or,
         when the study streams, loaded straight into its placement (GPU, host memory, disk)."""
-        placement = (self.settings.placement or Placement()) if self.mode == "stream" else None
+        placement = self._stream_placement() if self.mode == "stream" else None
         loaded = load_model_and_processor(path or self.settings.model, dtype=self.settings.dtype,
                                           device=self.settings.device,
                                           trust_remote_code=self.settings.trust_remote_code, placement=placement)
         return loaded.model, loaded.processor
+
+    def _stream_placement(self) -> Placement:
+        """Where a streamed study's models go: the study's placement, else accelerate's ``auto``
+        map (kept to ``device`` when the study names one)."""
+        if self.settings.placement is not None:
+            return self.settings.placement
+        return Placement() if self.settings.device is None else Placement.on(resolve_device(self.settings.device))
 
     def _study_processor(self) -> Any:
         """The study model's processor alone (a streamed cell loads no model to prune)."""
@@ -268,12 +281,19 @@ class CellRunner:
         model, processor = self._load()
         return {"label": "dense", "evaluation": self._evaluate(model, processor)}
 
-    def check_streamable(self, prune_function: PruneFunction) -> None:
-        """A study whose pruning changes the model in memory first (the MoT probe) cannot stream."""
-        if prune_function is not default_prune and self.mode == "stream":
-            raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
-                                f"{self.settings.model} block by block: run it with --load memory on a machine "
-                                "whose memory holds the model")
+    def check_streamable(self, prune_function: PruneFunction, cells: list[Cell]) -> str:
+        """This study's load mode (``memory`` or ``stream``), checked against its cells before
+        any runs: a study whose pruning changes the model in memory first (the MoT probe), or
+        with structured cells (they change the blocks' shapes), cannot stream."""
+        if self.mode == "stream":
+            if prune_function is not default_prune:
+                raise AtvPruneError(f"this study changes the model in memory before pruning it, so it cannot stream "
+                                    f"{self.settings.model} block by block: run it with --load memory on a machine "
+                                    "whose memory holds the model")
+            structured = [cell.label for cell in cells if cell.config.structured]
+            if structured:
+                raise ConfigError(f"cells {', '.join(structured)}: {STRUCTURED_CANNOT_STREAM}")
+        return self.mode
 
     def cell(self, cell: Cell, prune_function: PruneFunction = default_prune) -> dict[str, Any]:
         """Prune and evaluate one cell; its record (retention is the driver's: it needs the dense
@@ -289,7 +309,7 @@ class CellRunner:
             report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
         seconds = time.perf_counter() - start
         return self._record(cell, report, seconds, memory, weights_fingerprint(model),
-                            self._evaluate(model, processor))
+                            self._evaluate(model, processor), load="memory")
 
     def _streamed_cell(self, cell: Cell, prune_function: PruneFunction, settings: RunSettings,
                        memory: PeakMemory) -> dict[str, Any]:
@@ -297,10 +317,13 @@ class CellRunner:
         from there, then the folder removed."""
         from .checkpoint import prune_checkpoint
 
-        self.check_streamable(prune_function)
+        self.check_streamable(prune_function, [cell])
         processor = self._study_processor()
         calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
-        scratch = Path(tempfile.mkdtemp(prefix="atv-cell-"))
+        offload = self.settings.placement.offload_folder if self.settings.placement is not None else None
+        if offload is not None:
+            offload.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="atv-cell-", dir=offload))
         folder = scratch / "pruned"
         try:
             start = time.perf_counter()
@@ -311,7 +334,7 @@ class CellRunner:
             seconds = time.perf_counter() - start
             model, processor = self._load(folder)
             record = self._record(cell, report, seconds, memory, weights_fingerprint(model),
-                                  self._evaluate(model, processor))
+                                  self._evaluate(model, processor), load="stream")
             del model
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -319,9 +342,9 @@ class CellRunner:
 
     @staticmethod
     def _record(cell: Cell, report: PruneReport, seconds: float, memory: PeakMemory, fingerprint: str,
-                evaluation: dict[str, Any]) -> dict[str, Any]:
+                evaluation: dict[str, Any], load: str) -> dict[str, Any]:
         return {
-            "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra,
+            "label": cell.label, "key": cell.key(), "config": cell.config.to_dict(), "extra": cell.extra, "load": load,
             "prune_seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes,
             "sparsity": report.sparsity["overall"], "weights_sha256": fingerprint, "blocks": report.blocks,
             "visual_tokens_per_sample": _mean_visual_tokens(report.blocks),

@@ -19,13 +19,13 @@ import torch
 
 from ..errors import CalibrationError, ConfigError
 from ..model.calibration import CalibrationSet
-from ..model.loading import DTYPES, compute_dtype, load_model, model_skeleton, read_config, resolve_device
+from ..model.loading import compute_dtype, config_dtype, load_model, model_skeleton, read_config, resolve_device
 from ..model.memory import available_memory, parse_size, resident_peak
 from ..model.processors import load_processor
 from ..model.streaming import WORKDIR, block_bytes, load_streamed, model_bytes
 from ..model.videos import VideoSampling
 from .api import PruneReport, prune
-from .config import PruneConfig, RunSettings
+from .config import STRUCTURED_CANNOT_STREAM, PruneConfig, RunSettings
 from .export import write_dir_atomic, write_json_atomic
 
 #: The in-memory path is taken when the model needs at most this share of the available memory.
@@ -33,12 +33,10 @@ MEMORY_SHARE = 0.8
 
 
 def _compute_dtype(model_path: Path, dtype: str, device: torch.device, trust_remote_code: bool) -> torch.dtype:
+    """The dtype the model would be loaded in on ``device`` (``auto`` on a GPU: the checkpoint's)."""
     chosen = compute_dtype(dtype, device)
-    if isinstance(chosen, torch.dtype):
-        return chosen
-    config = read_config(model_path, trust_remote_code)
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return saved if isinstance(saved, torch.dtype) else DTYPES.get(str(saved), torch.float32)
+    return chosen if isinstance(chosen, torch.dtype) else config_dtype(read_config(model_path, trust_remote_code),
+                                                                        torch.float32)
 
 
 def choose_load(model_path: Path, load: str = "auto", *, dtype: str = "auto", device: str | None = None,
@@ -101,8 +99,7 @@ def prune_checkpoint(
     device = resolve_device(settings.device)
     if config.structured:
         if settings.load == "stream":
-            raise ConfigError("structured pruning changes the blocks' shapes, so their weights cannot be streamed "
-                              "from the checkpoint: use --load memory (or auto)")
+            raise ConfigError(STRUCTURED_CANNOT_STREAM)
         mode, why = "memory", {"chosen_by": "structured pruning loads the whole model"}
     else:
         mode, why = choose_load(model_path, settings.load, dtype=dtype, device=settings.device,

@@ -20,6 +20,14 @@ from ..errors import ConfigError
 from ..model.memory import parse_size
 from ..validation import Record
 
+#: How a run holds the model: whole in memory, its blocks streamed from the checkpoint, or chosen by size.
+Load = Literal["auto", "memory", "stream"]
+LOADS: tuple[str, ...] = Load.__args__
+
+#: Why a structured config refuses ``load="stream"`` (the one message every entry point gives).
+STRUCTURED_CANNOT_STREAM = ("structured pruning changes the blocks' shapes, so their weights cannot be streamed from "
+                            "the checkpoint: load the model whole (--load memory, or auto)")
+
 #: PruneConfig keywords that moved to RunSettings (accepted with a DeprecationWarning).
 RUN_SETTING_FIELDS = ("device", "offload_device", "progress")
 
@@ -78,7 +86,7 @@ class RunSettings(Record):
     device: str | None = None
     offload_device: str = "cpu"
     progress: bool = True
-    load: Literal["auto", "memory", "stream"] = "auto"
+    load: Load = "auto"
     max_shard_size: str | None = None
     activation_memory: str | None = None
     spill_dir: str | None = None

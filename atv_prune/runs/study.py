@@ -190,8 +190,11 @@ class Study:
         executor = executor if executor is not None else SerialExecutor()
         jobs = self._jobs(cells, prune_function, executor)
         if jobs:
-            self.check_inputs([job.cell for job in jobs if job.cell is not None], local=executor.local)
-            CellRunner(self.settings).check_streamable(prune_function)
+            pending = [job.cell for job in jobs if job.cell is not None]
+            self.check_inputs(pending, local=executor.local)
+            # decided here, once: every cell (wherever it runs) then takes the same path
+            load = CellRunner(self.settings).check_streamable(prune_function, pending)
+            jobs = [dataclasses.replace(job, settings=dataclasses.replace(job.settings, load=load)) for job in jobs]
         created = not self.folder.exists()
         failures: dict[str, CellOutcome] = {}
         try:
@@ -285,8 +288,8 @@ def cell_summary(record: dict[str, Any]) -> dict[str, Any]:
     """The parts of a cell record worth keeping in a study's summary file."""
     if "failed" in record:
         return {k: record.get(k) for k in ("label", "config", "extra", "failed")}
-    return {k: record.get(k) for k in ("label", "config", "extra", "prune_seconds", "peak_memory_bytes", "sparsity",
-                                       "weights_sha256", "visual_tokens_per_sample", "retention")} | {
+    return {k: record.get(k) for k in ("label", "config", "extra", "load", "prune_seconds", "peak_memory_bytes",
+                                       "sparsity", "weights_sha256", "visual_tokens_per_sample", "retention")} | {
         "scores": record["evaluation"]["scores"]} | (
         {"structure": record["structure"]} if record.get("structure") else {})
 
