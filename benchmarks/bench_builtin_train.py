@@ -5,7 +5,8 @@ generation 1, 144 per 144 px image in generation 2). This runs the real trainer
 (``python -m atv_prune.builtin.train``) for a few steps in each configuration, alternating between
 them (A/B/C/A/B/C), and reads the conversations per second of its training loop (``training.json``'s
 ``samples_per_s``: the timed steps only, no pretraining, no evaluation). From the median it prints the
-steps that fit in a training budget, so a pilot can be sized before it is started.
+steps that fit in a training budget, so a pilot can be sized before it is started. The last
+configuration trains on two threads, this machine's two cores.
 
     python benchmarks/bench_builtin_train.py                  # 40 steps x 2 repeats per configuration
     python benchmarks/bench_builtin_train.py --steps 100 --repeats 3 --budget-minutes 150
@@ -31,7 +32,7 @@ COMMON = ["--text-hidden", "96", "--text-intermediate", "288", "--text-heads", "
           "exist=2,attribute=1.5,count=1.5,spatial=3.5,reading=1,mcq=2.5,rule=1.5,textonly=0.3,"
           "caption=0.3,locate=1.5,describe=1.5,option=1"]
 
-#: name -> (generation, visual tokens per image, the flags that differ).
+#: name -> (generation, visual tokens per image, the flags that differ; they follow COMMON, so they override it).
 CONFIGS = {
     "generation 1, shipped tower 4x256, patch 32": (
         1, 9, ["--patch-size", "32", "--vision-hidden", "256", "--vision-layers", "4"]),
@@ -41,6 +42,9 @@ CONFIGS = {
     "generation 2, tower 2x64, patch 12, --align-tokens": (
         2, 144, ["--generation", "2", "--patch-size", "12", "--vision-hidden", "64", "--vision-layers", "2",
                  "--vision-heads", "4", "--align-tokens"]),
+    "generation 2, tower 2x64, patch 12, --align-tokens, 2 threads": (
+        2, 144, ["--generation", "2", "--patch-size", "12", "--vision-hidden", "64", "--vision-layers", "2",
+                 "--vision-heads", "4", "--align-tokens", "--threads", "2"]),
 }
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
 
@@ -72,8 +76,9 @@ def main() -> None:
                 out, data = Path(tmp) / f"run{run}-config{index}", Path(tmp) / f"data{generation}"
                 rates[name].append(train_once(out, data, generation, flags, args.steps, args.n_train))
     base = statistics.median(rates[next(iter(CONFIGS))])
-    print(f"built-in trainer, batch 16, 1 thread, pinned AVX2 kernels, {args.steps} steps x {args.repeats} "
-          f"repeats (alternating); steps in {args.budget_minutes:g} min of training loop at the median rate:")
+    print(f"built-in trainer, batch 16, 1 thread unless named, pinned AVX2 kernels, {args.steps} steps x "
+          f"{args.repeats} repeats (alternating); steps in {args.budget_minutes:g} min of training loop "
+          "at the median rate:")
     for name, (_, tokens, _) in CONFIGS.items():
         median = statistics.median(rates[name])
         fit = int(args.budget_minutes * 60 * median / 16)

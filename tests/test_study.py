@@ -141,22 +141,41 @@ def test_tamp_cells_use_das_unstructured_and_uniform_nm(workspace, monkeypatch: 
     assert cells["wanda:amia 50%"]["allocation"] == "uniform" and cells["wanda:amia 50%"]["pool"] == "amia"
 
 
-def test_a_streamed_study_gives_the_cells_of_one_in_memory(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def _saved_in_bfloat16(model: Path, dest: Path) -> Path:
+    """A copy of the checkpoint ``model`` with its weights saved in bf16 (as most real checkpoints are)."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("*.safetensors*"))
+    AutoModelForImageTextToText.from_pretrained(model).to(torch.bfloat16).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("saved", ["float32", "bfloat16"])
+def test_a_streamed_study_gives_the_cells_of_one_in_memory(workspace, saved: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """--load stream: each cell pruned block by block into a temporary folder, evaluated from there
-    (loaded into its placement), the folder removed; the cells equal those of --load memory."""
+    (loaded into its placement), the folder removed; the cells equal those of --load memory, weights
+    included, also for a bf16 checkpoint pruned in fp32 (an in-memory cell evaluates its weights
+    rounded to bf16, as `prune` would save them and as the streamed cell reads them back: SparseGPT
+    changes the weights it keeps)."""
     monkeypatch.setattr(CellRunner, "_evaluate", _scripted_evaluate)
+    model = workspace["model"]
+    if saved == "bfloat16":
+        model = _saved_in_bfloat16(model, workspace["root"] / "llava-bf16")
     results = {}
     for load in ("memory", "stream"):
-        out = workspace["root"] / f"compare-{load}"
-        code, output = _invoke("compare", "--model", workspace["model"], "--calib", workspace["calib"], "--tasks",
-                               *TASKS, "--methods", "wanda", "atv", "--sparsity", "0.5", "--samples", "4",
-                               "--load", load, "--out", out)
+        out = workspace["root"] / f"compare-{saved}-{load}"
+        code, output = _invoke("compare", "--model", model, "--calib", workspace["calib"], "--tasks",
+                               *TASKS, "--methods", "wanda", "atv", "sparsegpt", "--sparsity", "0.5",
+                               "--samples", "4", "--load", load, "--out", out)
         assert code == 0, output
         results[load] = json.loads((out / "results.json").read_text())
         assert [p.name for p in (out / "cells").iterdir() if p.name.startswith(".")] == []
     for memory, stream in zip(results["memory"]["cells"], results["stream"]["cells"]):
         assert memory["label"] == stream["label"] and memory["scores"] == stream["scores"]
-        assert memory["sparsity"] == stream["sparsity"]
+        assert memory["sparsity"] == stream["sparsity"] and memory["weights_sha256"] == stream["weights_sha256"]
         assert (memory["load"], stream["load"]) == ("memory", "stream")  # the path each cell took is recorded
     assert results["memory"]["dense"] == results["stream"]["dense"]
 

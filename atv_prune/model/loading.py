@@ -271,6 +271,16 @@ def saved_dtype_of(config: Any, model: nn.Module) -> torch.dtype:
     return config_dtype(config, next(model.parameters()).dtype)
 
 
+def round_through(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round the model's floating weights and buffers through ``dtype`` in place, each keeping its
+    own dtype: a model pruned in a wider compute dtype then holds exactly what its checkpoint, saved
+    in ``dtype``, would hold (so what is evaluated in memory is what ``prune`` writes)."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and tensor.dtype != dtype and tensor.device.type != "meta":
+                tensor.copy_(tensor.to(dtype))
+
+
 @dataclass
 class LoadedModel:
     """A checkpoint loaded for a run: the model (on the CPU, or spread by a placement; in eval

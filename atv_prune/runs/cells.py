@@ -29,7 +29,15 @@ from torch import nn
 from ..errors import AtvPruneError, ConfigError
 from ..model.calibration import CalibrationSet, load_calibration
 from ..model.layout import resolve
-from ..model.loading import Placement, dispatch, load_model_and_processor, main_device, resolve_device
+from ..model.loading import (
+    LoadedModel,
+    Placement,
+    dispatch,
+    load_model_and_processor,
+    main_device,
+    resolve_device,
+    round_through,
+)
 from ..model.videos import VideoSampling
 from .api import PruneReport, prune
 from .config import LOADS, STRUCTURED_CANNOT_STREAM, Load, PruneConfig, RunSettings
@@ -225,14 +233,13 @@ class CellRunner:
                                         trust_remote_code=self.settings.trust_remote_code)
         return self._mode
 
-    def _load(self, path: Path | None = None) -> tuple[nn.Module, Any]:
+    def _load(self, path: Path | None = None) -> LoadedModel:
         """The model (the study's, or the pruned one in ``path``) and its processor: in memory, or,
         when the study streams, loaded straight into its placement (GPU, host memory, disk)."""
         placement = self._stream_placement() if self.mode == "stream" else None
-        loaded = load_model_and_processor(path or self.settings.model, dtype=self.settings.dtype,
-                                          device=self.settings.device,
-                                          trust_remote_code=self.settings.trust_remote_code, placement=placement)
-        return loaded.model, loaded.processor
+        return load_model_and_processor(path or self.settings.model, dtype=self.settings.dtype,
+                                        device=self.settings.device,
+                                        trust_remote_code=self.settings.trust_remote_code, placement=placement)
 
     def _stream_placement(self) -> Placement:
         """Where a streamed study's models go: the study's placement, else accelerate's ``auto``
@@ -278,8 +285,8 @@ class CellRunner:
 
     def dense(self) -> dict[str, Any]:
         """The dense model's record: its evaluation."""
-        model, processor = self._load()
-        return {"label": "dense", "evaluation": self._evaluate(model, processor)}
+        loaded = self._load()
+        return {"label": "dense", "evaluation": self._evaluate(loaded.model, loaded.processor)}
 
     def check_streamable(self, prune_function: PruneFunction, cells: list[Cell]) -> str:
         """This study's load mode (``memory`` or ``stream``), checked against its cells before
@@ -302,12 +309,14 @@ class CellRunner:
         memory = PeakMemory(resolve_device(settings.device))
         if self.mode == "stream":
             return self._streamed_cell(cell, prune_function, settings, memory)
-        model, processor = self._load()
+        loaded = self._load()
+        model, processor = loaded.model, loaded.processor
         calibration = self._calibration_for(processor, cell.config) if cell.config.needs_calibration else None
         start = time.perf_counter()
         with memory.measure():
             report = prune_function(model, processor, calibration, cell.config, settings, cell.extra)
         seconds = time.perf_counter() - start
+        round_through(model, loaded.saved_dtype)  # as `prune` would save it, and as a streamed cell reads it back
         return self._record(cell, report, seconds, memory, weights_fingerprint(model),
                             self._evaluate(model, processor), load="memory")
 
@@ -332,10 +341,10 @@ class CellRunner:
                                           settings=settings.model_copy(update={"load": "stream"}),
                                           dtype=self.settings.dtype, trust_remote_code=self.settings.trust_remote_code)
             seconds = time.perf_counter() - start
-            model, processor = self._load(folder)
-            record = self._record(cell, report, seconds, memory, weights_fingerprint(model),
-                                  self._evaluate(model, processor), load="stream")
-            del model
+            pruned = self._load(folder)
+            record = self._record(cell, report, seconds, memory, weights_fingerprint(pruned.model),
+                                  self._evaluate(pruned.model, pruned.processor), load="stream")
+            del pruned
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return record
