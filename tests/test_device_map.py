@@ -60,9 +60,9 @@ def test_a_study_cell_dispatched_after_loading_scores_the_same(single_device: di
                              bench_dir=str(BENCHMARK_DIR), limit=3, batch_size=8, progress=False,
                              placement=Placement(max_memory=SPLIT))
     runner = CellRunner(settings)
-    model, processor = runner._load()
-    evaluation = runner._evaluate(model, processor)
-    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    loaded = runner._load()
+    evaluation = runner._evaluate(loaded.model, loaded.processor)
+    assert set(loaded.model.hf_device_map.values()) == {"cpu", "disk"}
     assert evaluation["scores"] == single_device["scores"]
 
 
