@@ -45,6 +45,10 @@ CONFIGS = {
     "generation 2, tower 2x64, patch 12, --align-tokens, 2 threads": (
         2, 144, ["--generation", "2", "--patch-size", "12", "--vision-hidden", "64", "--vision-layers", "2",
                  "--vision-heads", "4", "--align-tokens", "--threads", "2"]),
+    "generation 2, tower 2x64, patch 12, --align-tokens, 2 threads, decoder 6x128": (
+        2, 144, ["--generation", "2", "--patch-size", "12", "--vision-hidden", "64", "--vision-layers", "2",
+                 "--vision-heads", "4", "--align-tokens", "--threads", "2", "--text-hidden", "128",
+                 "--text-intermediate", "384"]),
 }
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
 

@@ -336,19 +336,21 @@ def test_processor_matches_model_and_trainer_encoder(tmp_path: Path, kind: str, 
     assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
-@pytest.mark.parametrize("tokens", [False, True], ids=["cell-mean", "every-token"])
+@pytest.mark.parametrize("tokens, foreground", [(False, False), (True, False), (True, True)],
+                         ids=["cell-mean", "every-token", "foreground"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_processor, positions: bool,
-                                                         tokens: bool) -> None:
+                                                         tokens: bool, foreground: bool) -> None:
     """The alignment loss equals an explicit per-cell computation (the mean of the cell's patch
     tokens -- 2 x 2 of them on generation 1's images, 3 x 3 on generation 2's --, or with ``tokens``
     each of them, dot products with the candidate words' embeddings, cross-entropy) and trains the
-    projector; with ``positions`` each cell also names its row and column word."""
+    projector; with ``positions`` each cell also names its row and column word; with
+    ``foreground`` a token whose patch shows no pixel of the foreground mask names "nothing"."""
     processor = bench_processor
     torch.manual_seed(0)
     model = build_model(SMALL_SHAPE, processor)
     encoder = Encoder(processor, SMALL_SHAPE.patch_size, scenes.DEFAULT_IMAGE_POSITION)
-    alignment = VisualWordAlignment(model, encoder, positions=positions, tokens=tokens)
+    alignment = VisualWordAlignment(model, encoder, positions=positions, tokens=tokens, foreground=foreground)
     scene_list = [r["scene"] for r in scenes.read_jsonl(bench / "train.jsonl") if r["scene"]][:3]
     model.model.get_image_features(pixel_values=torch.stack([Encoder.pixels(sc) for sc in scene_list]))
     loss = alignment.loss(scene_list)
@@ -359,17 +361,28 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_proc
     features = alignment.features.reshape(len(scene_list), side, side, -1)
     embed = model.get_input_embeddings().weight
     groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
-    terms = []
+    terms, background_units = [], 0
     for b, scene in enumerate(scene_list):
         labels = cell_labels(scene)
+        pixels, patch = scenes.foreground_mask(scene).load(), SMALL_SHAPE.patch_size
+        shown = [[any(pixels[x, y] for y in range(i * patch, (i + 1) * patch) for x in range(j * patch, (j + 1) * patch))
+                  for j in range(side)] for i in range(side)]
+
         for r in range(scenes.GRID):
             for c in range(scenes.GRID):
                 block = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per]
-                for unit in (block.reshape(per * per, -1) if tokens else [block.mean((0, 1))]):
+                if tokens:
+                    units = [(block[i, j], shown[r * per + i][c * per + j] or not foreground)
+                             for i in range(per) for j in range(per)]
+                else:
+                    units = [(block.mean((0, 1)), True)]
+                for unit, named in units:
+                    background_units += int(not named and bool(labels[r * scenes.GRID + c].any()))
                     for g, words in enumerate(groups):
                         ids = [encoder.words(w)[0] for w in ["nothing", *words]]
                         logits = torch.stack([unit @ embed[i] for i in ids])
-                        terms.append((g, -torch.log_softmax(logits, 0)[labels[r * scenes.GRID + c, g]]))
+                        truth = labels[r * scenes.GRID + c, g] if named else 0
+                        terms.append((g, -torch.log_softmax(logits, 0)[truth]))
                     if positions:
                         for g, (names, truth) in enumerate(((scenes.ROW_NAMES, r), (scenes.COL_NAMES, c)), start=4):
                             logits = torch.stack([unit @ embed[encoder.words(w)[0]] for w in names])
@@ -377,6 +390,9 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_proc
     n_groups = 6 if positions else 4
     reference = sum(torch.stack([t for g2, t in terms if g2 == g]).mean() for g in range(n_groups)) / n_groups
     assert torch.allclose(loss, reference, atol=1e-5)
+    # foreground alignment relabels tokens of occupied cells where objects are small against the patch
+    # grid (generation 2); generation 1's centred objects touch every patch of their cell
+    assert (background_units > 0) == (foreground and _generation(bench) == 2)
     loss.backward()
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
 
@@ -705,6 +721,8 @@ def test_write_files_into_replaces_a_checkpoint_marker_last(tmp_path: Path) -> N
     (["--align-weight", "-0.5"], "--align-weight must be >= 0"),
     (["--align-positions"], "--align-positions extends the alignment loss"),
     (["--align-tokens"], "--align-tokens extends the alignment loss"),
+    (["--align-foreground"], "--align-foreground extends the alignment loss"),
+    (["--align-weight", "1", "--align-foreground"], "--align-foreground labels single tokens: give it with --align-tokens"),
     (["--text-steps", "-1"], "--text-steps must be >= 0"),
     (["--text-per-batch", "-2"], "--text-per-batch must be >= 0"),
     (["--text-steps", "1", "--text-tasks", "exist=1"],

@@ -73,9 +73,7 @@ def question_counts(bench: Path, processor: LlavaProcessor,
 def patch_coverage(scene: scenes.Scene, patch_size: int) -> tuple[float, float]:
     """(share of the image's patches that show any pixel of an object or the word plate, share of its pixels)."""
     mask = np.asarray(scenes.foreground_mask(scene)) > 0
-    side = mask.shape[0] // patch_size
-    patches = mask[: side * patch_size, : side * patch_size].reshape(side, patch_size, side, patch_size).any((1, 3))
-    return float(patches.mean()), float(mask.mean())
+    return float(scenes.foreground_patches(scene, patch_size).mean()), float(mask.mean())
 
 
 def measure(bench: Path, processor: LlavaProcessor, samples: int = 128, per_task: int | None = None) -> dict[str, Any]:

@@ -214,6 +214,14 @@ def foreground_mask(scene: Scene) -> Image.Image:
     return image
 
 
+def foreground_patches(scene: Scene, patch_size: int) -> np.ndarray:
+    """Whether each patch of a ``patch_size`` grid over the image (side x side, row-major) shows any
+    pixel of an object or the word plate."""
+    mask = np.asarray(foreground_mask(scene)) > 0
+    side = mask.shape[0] // patch_size
+    return mask[: side * patch_size, : side * patch_size].reshape(side, patch_size, side, patch_size).any((1, 3))
+
+
 def _draw_foreground(draw: ImageDraw.ImageDraw, scene: Scene, canvas: Canvas, mask: bool) -> None:
     """Draw the objects and the word plate (in white when ``mask``), each placed in its cell."""
     cell = canvas.cell

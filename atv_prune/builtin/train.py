@@ -304,10 +304,16 @@ class VisualWordAlignment:
     With ``tokens``, every visual token of a cell names the cell's contents instead of their mean: where
     a cell holds many tokens (4 x 4 on generation 2's images with patch 12), each token the decoder
     can attend to is aligned, not only their average. With one token per cell both are the same.
+    With ``foreground`` (with ``tokens``), a token names its cell's colour, shape, size and word only
+    where its patch shows a pixel of the object or the word plate, and "nothing" where it shows
+    background: the background patches of a cell are not pulled towards the words of its object.
+    Positions are named by every token.
     """
 
     def __init__(self, model: LlavaForConditionalGeneration, encoder: Encoder, positions: bool = False,
-                 tokens: bool = False) -> None:
+                 tokens: bool = False, foreground: bool = False) -> None:
+        if foreground and not tokens:
+            raise ValueError("foreground alignment scores single tokens: give it with tokens=True")
         groups = (list(scenes.COLORS), list(scenes.SHAPES), list(scenes.SIZES), list(scenes.WORDS))
         self.candidates = [torch.tensor([encoder.words(w)[0] for w in ["nothing", *g]]) for g in groups]
         # With ``positions``, every cell also names its row and its column ("top", "left", ...):
@@ -316,7 +322,7 @@ class VisualWordAlignment:
         self.position_groups = [(torch.tensor([encoder.words(w)[0] for w in names]), labels)
                                 for names, labels in ((scenes.ROW_NAMES, cells // scenes.GRID),
                                                       (scenes.COL_NAMES, cells % scenes.GRID))] if positions else []
-        self.tokens = tokens
+        self.tokens, self.foreground = tokens, foreground
         self.embeddings = model.get_input_embeddings()
         self.features: torch.Tensor | None = None
         model.model.multi_modal_projector.register_forward_hook(self._capture)
@@ -331,6 +337,9 @@ class VisualWordAlignment:
         else:
             units, where = pool_cells(self.features), torch.arange(scenes.GRID * scenes.GRID)
         labels = torch.stack([cell_labels(sc) for sc in scene_list])[:, where]  # (B, units, 4)
+        if self.foreground:
+            shown = torch.stack([self._shows_foreground(sc, units.shape[1]) for sc in scene_list])  # (B, units)
+            labels = labels * shown[..., None]
         groups = [(ids, labels[..., i]) for i, ids in enumerate(self.candidates)]
         groups += [(ids, fixed[where].expand(len(scene_list), -1)) for ids, fixed in self.position_groups]
         total = units.new_zeros(())
@@ -338,6 +347,12 @@ class VisualWordAlignment:
             logits = units @ self.embeddings.weight[ids].T
             total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         return total / len(groups)
+
+    @staticmethod
+    def _shows_foreground(scene: scenes.Scene, n_tokens: int) -> torch.Tensor:
+        """Whether each of the ``n_tokens`` patch tokens of ``scene``'s image shows its foreground."""
+        patch_size = scenes.image_size(scenes.scene_generation(scene)) // math.isqrt(n_tokens)
+        return torch.from_numpy(scenes.foreground_patches(scene, patch_size)).flatten().long()
 
 
 @torch.no_grad()
@@ -464,7 +479,8 @@ pruning methods can be compared without downloading anything.
   classify each grid cell's colour, shape, size and word ({results['vision_minutes']:.1f} minutes); afterwards
   its learning rate is {args.vision_lr_scale} x the rest.
 {_text_lines(args, results)}- Visual-word alignment loss weight {args.align_weight} (`VisualWordAlignment`: each cell's visual
-  tokens{' (each of them)' if args.align_tokens else ' (their mean)'} scored against the decoder's word embeddings of its colour, shape, size and word{
+  tokens{(' (each of them, background patches naming nothing)' if args.align_foreground else ' (each of them)')
+         if args.align_tokens else ' (their mean)'} scored against the decoder's word embeddings of its colour, shape, size and word{
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
@@ -573,6 +589,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of the visual-word alignment loss (see VisualWordAlignment)")
     p.add_argument("--align-tokens", action="store_true",
                    help="the alignment loss scores every visual token of a cell, not the cell's mean")
+    p.add_argument("--align-foreground", action="store_true",
+                   help="with --align-tokens: tokens of background patches name 'nothing', not their cell's object")
     p.add_argument("--align-positions", action="store_true",
                    help="the alignment loss also makes each cell name its row and column words")
     p.add_argument("--text-steps", type=int, default=0,
@@ -599,9 +617,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(error))
     if args.align_weight < 0:
         p.error(f"--align-weight must be >= 0, got {args.align_weight}")
-    for flag in ("align_positions", "align_tokens"):
+    for flag in ("align_positions", "align_tokens", "align_foreground"):
         if getattr(args, flag) and not args.align_weight:
             p.error(f"--{flag.replace('_', '-')} extends the alignment loss: give it with --align-weight > 0")
+    if args.align_foreground and not args.align_tokens:
+        p.error("--align-foreground labels single tokens: give it with --align-tokens")
     data = args.data or args.out / "data"
     if (data / "manifest.json").exists():
         manifest = json.loads((data / "manifest.json").read_text())
@@ -712,7 +732,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_curve = pretrain_text(model, encoder, args.text_weights, args.text_steps, args.batch_size, args.lr,
                                args.warmup, args.weight_decay, args.seed, args.log_every)
     text_minutes = (time.time() - text_start) / 60
-    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions, tokens=args.align_tokens)
+    alignment = (VisualWordAlignment(model, encoder, positions=args.align_positions, tokens=args.align_tokens,
+                                     foreground=args.align_foreground)
                  if args.align_weight > 0 else None)
     order: list[int] = []
     curve: list[dict[str, Any]] = []
