@@ -367,7 +367,6 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_proc
         pixels, patch = scenes.foreground_mask(scene).load(), SMALL_SHAPE.patch_size
         shown = [[any(pixels[x, y] for y in range(i * patch, (i + 1) * patch) for x in range(j * patch, (j + 1) * patch))
                   for j in range(side)] for i in range(side)]
-
         for r in range(scenes.GRID):
             for c in range(scenes.GRID):
                 block = features[b, r * per:(r + 1) * per, c * per:(c + 1) * per]
@@ -393,6 +392,9 @@ def test_visual_word_alignment_matches_a_plain_reference(bench: Path, bench_proc
     # foreground alignment relabels tokens of occupied cells where objects are small against the patch
     # grid (generation 2); generation 1's centred objects touch every patch of their cell
     assert (background_units > 0) == (foreground and _generation(bench) == 2)
+    if foreground:
+        with pytest.raises(ValueError, match="give it with tokens=True"):
+            VisualWordAlignment(model, encoder, foreground=True)  # a cell's mean has no patch to test
     loss.backward()
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
 
