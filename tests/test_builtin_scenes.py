@@ -620,6 +620,7 @@ def test_trainer_end_to_end_is_deterministic(tmp_path: Path, capsys, monkeypatch
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([*CHECKPOINT_FILES, "data"])
     card = (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert "alignment loss weight 1.0" in card
+    assert not first["stopped_by_minutes"] and "stopped by" not in card
     assert f"image_layout={scenes.DEFAULT_IMAGE_POSITION!r})" in card
     assert "pretrained 2 steps on text-only questions (option=1, relate=1;" in card
     assert "Every batch of the image mix also holds 2 text-only questions (option=1, relate=1)." in card
@@ -652,6 +653,23 @@ def test_trainer_adds_the_text_questions_to_every_mix_batch(tmp_path: Path, monk
     for records in batches:
         assert len(records) == 6 and all("id" in r for r in records[:4])
         assert all(r["scene"] is None and r["task"] in ("option", "relate") for r in records[4:])
+
+
+def test_trainer_stopped_by_minutes_says_so(tmp_path: Path, capsys) -> None:
+    """``--minutes`` stops the loop once pretraining and steps exceed it; training.json and the card say
+    where, since the cosine schedule was cut short."""
+    from atv_prune.builtin import train
+
+    threads = torch.get_num_threads()
+    try:
+        results = train.main(["--out", str(tmp_path / "run"), *TINY_TRAINING, "--minutes", "0.000001"])
+    finally:
+        torch.set_num_threads(threads)
+    assert results["steps"] == 0 and results["stopped_by_minutes"]
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["stopped_by_minutes"] is True
+    assert "stopping at step 0: --minutes 1e-06 reached" in capsys.readouterr().out
+    assert "stopped by `--minutes 1e-06` at step 0 of 3, before the schedule's end" in \
+        (tmp_path / "run" / "MODEL_CARD.md").read_text()
 
 
 def test_trainer_failing_at_save_leaves_no_checkpoint(tmp_path: Path, monkeypatch) -> None:

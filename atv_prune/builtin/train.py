@@ -3,9 +3,10 @@
 ``python -m atv_prune.builtin.train --out DIR --seed 0 --steps N`` generates the benchmark (or
 reads ``--data``), trains with the loss on the assistant answers only, evaluates every task on
 val (greedy, at most 4 new tokens), and saves model + processor (safetensors) with a model card.
-Runs are deterministic given the seed, the step count and the thread count on one CPU; pinning the
-kernels (``PINNED_KERNELS``, set before the command) gives other x86 CPUs with AVX2 the same code paths;
-``--minutes`` is a safety cap that stops early (and is then recorded in the card).
+Runs are deterministic given the seed and the step count on one CPU and one thread (two threads: not
+yet checked); pinning the kernels (``PINNED_KERNELS``, set before the command) gives other x86 CPUs
+with AVX2 the same code paths; ``--minutes`` is a safety cap that stops early (``training.json``'s
+``stopped_by_minutes``, and a line of the card).
 """
 
 from __future__ import annotations
@@ -484,7 +485,7 @@ pruning methods can be compared without downloading anything.
   ' and of its row and column' if args.align_positions else ''}).
 - Seed {args.seed}; {results['steps']} steps of batch {args.batch_size + args.text_per_batch} ({results['samples']:,} conversations,
   up to {args.max_turns} questions each), AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay
-  {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s.
+  {args.weight_decay}; {results['minutes']:.1f} minutes at {results['samples_per_s']:.1f} conversations/s{_early_stop(args, results)}.
 {_outlier_line(results['outliers'])}- Data: `generate_benchmark({data_call})`, training mix {data['weights']}
   ({', '.join(f'`{t}`' for t in scenes.GROUNDING_TASKS)} are training-only questions); splits disjoint by scene.
 
@@ -495,6 +496,13 @@ pruning methods can be compared without downloading anything.
 {rows}
 """
     (out / "MODEL_CARD.md").write_text(card)
+
+
+def _early_stop(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """The card's note that ``--minutes`` cut the run (and so its cosine schedule) short, if it did."""
+    if not results["stopped_by_minutes"]:
+        return ""
+    return f"; stopped by `--minutes {args.minutes:g}` at step {results['steps']} of {args.steps}, before the schedule's end"
 
 
 def _outlier_line(record: dict[str, Any] | None) -> str:
@@ -785,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_items, test_items = load_split(data, "val"), load_split(data, "test")
     results: dict[str, Any] = {
         "command": command_line(argv or sys.argv[1:], kernels), "kernels": kernels,
-        "steps": step, "samples": step * per_step, "minutes": train_time / 60,
+        "steps": step, "stopped_by_minutes": step < args.steps, "samples": step * per_step, "minutes": train_time / 60,
         "samples_per_s": step * per_step / max(train_time, 1e-9), "n_params": n_params,
         "vocab_size": len(processor.tokenizer), "chance": chance_levels(test_items),
         "val": evaluate(model, encoder, val_items), "test": evaluate(model, encoder, test_items),
