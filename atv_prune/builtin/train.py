@@ -3,8 +3,8 @@
 ``python -m atv_prune.builtin.train --out DIR --seed 0 --steps N`` generates the benchmark (or
 reads ``--data``), trains with the loss on the assistant answers only, evaluates every task on
 val (greedy, at most 4 new tokens), and saves model + processor (safetensors) with a model card.
-Runs are deterministic given the seed and the step count on one CPU and one thread (two threads: not
-yet checked); pinning the kernels (``PINNED_KERNELS``, set before the command) gives other x86 CPUs
+Runs are deterministic given the seed and the step count on one CPU and one thread (two threads: the
+same in a 300-step check); pinning the kernels (``PINNED_KERNELS``, set before the command) gives other x86 CPUs
 with AVX2 the same code paths; ``--minutes`` is a safety cap that stops early (``training.json``'s
 ``stopped_by_minutes``, and a line of the card).
 """
