@@ -11,9 +11,9 @@ from torch import nn
 from atv_prune import Pool, PruneConfig, RunSettings, prune, register_pool
 from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
-from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
+from atv_prune.model.capture import capture_sample, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
-from tiny_models import FAMILY_NAMES, build_tiny_model, make_inputs
+from tiny_models import FAMILY_NAMES, assert_replay_matches_forward, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
 QUIET = RunSettings(progress=False)
@@ -46,26 +46,9 @@ def _pruned(model: nn.Module, calibration: CalibrationSet | None, **config) -> t
 def test_replay_equals_the_models_own_hidden_states(family_model: tuple[str, nn.Module]) -> None:
     name, model = family_model
     layout = resolve(model)
-    blocks = layout.blocks(model)
     for with_image in (True, False):
         inputs = layout.prepare_inputs(make_inputs(model, name, seed=3, with_image=with_image))
-        recorded: list[torch.Tensor] = []
-        hooks = [b.register_forward_hook(lambda m, a, k, out, sink=recorded: sink.append(out),
-                                         with_kwargs=True)
-                 for b in blocks]
-        try:
-            model(**inputs, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        with non_block_modules_on(model, blocks, "cpu"):
-            sample = capture_sample(model, layout, inputs, "s", "cpu", "cpu")
-        hidden = sample.hidden
-        for index, block in enumerate(blocks):
-            output = run_block(block, sample, index, hidden)
-            expected = recorded[index][0] if isinstance(recorded[index], tuple) else recorded[index]
-            assert (output - expected).abs().max().item() <= 1e-5, f"{name} block {index} image={with_image}"
-            hidden = next_input(sample, index, output)
+        sample = assert_replay_matches_forward(model, inputs, f"{name} image={with_image}")
         assert bool(sample.visual.any()) == with_image
 
 

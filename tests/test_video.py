@@ -15,7 +15,6 @@ from torch.nn import functional
 from atv_prune import PruneConfig, RunSettings, prune
 from atv_prune.errors import CalibrationError, ConfigError, ImageError
 from atv_prune.model.calibration import check_calibration_file, load_calibration
-from atv_prune.model.capture import capture_sample, next_input, non_block_modules_on, run_block
 from atv_prune.model.chat import user_content
 from atv_prune.model.families import FAMILIES
 from atv_prune.model.layout import resolve
@@ -31,6 +30,7 @@ from atv_prune.model.videos import VideoSampling, frame_files, read_clip
 from atv_prune.runs.checkpoint import prune_checkpoint
 from atv_prune.runs.preflight import check_run_inputs
 from tiny_checkpoints import VIDEO_FAMILIES, make_checkpoint, make_video_calibration_files, write_clip, write_mjpeg_avi
+from tiny_models import assert_replay_matches_forward
 
 QUIET = RunSettings(progress=False)
 
@@ -251,23 +251,7 @@ def test_video_replay_equals_the_models_own_hidden_states(family, checkpoints, f
     model, layout = loaded.model, resolve(loaded.model)
     calib = load_calibration(files["videos_jsonl"], loaded.processor, samples=1, seed=0)
     inputs = layout.prepare_inputs(calib.samples[0].inputs)
-    blocks = layout.blocks(model)
-    recorded: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, a, k, out, sink=recorded: sink.append(out), with_kwargs=True)
-             for b in blocks]
-    try:
-        model(**inputs, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    with non_block_modules_on(model, blocks, "cpu"):
-        sample = capture_sample(model, layout, inputs, "s", "cpu", "cpu")
-    hidden = sample.hidden
-    for index, block in enumerate(blocks):
-        output = run_block(block, sample, index, hidden)
-        expected = recorded[index][0] if isinstance(recorded[index], tuple) else recorded[index]
-        assert (output - expected).abs().max().item() <= 1e-5, f"{family} block {index}"
-        hidden = next_input(sample, index, output)
+    sample = assert_replay_matches_forward(model, inputs, family)
     assert int(sample.visual.sum()) == _video_token_count(calib.samples[0], layout) > 0
 
 

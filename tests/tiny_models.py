@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 
+from atv_prune.model.capture import CapturedSample, capture_sample, next_input, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
 
 FAMILY_NAMES: tuple[str, ...] = (
@@ -300,7 +301,6 @@ _IMAGE_INPUTS: dict[str, Callable[[Any, torch.Generator], _ImageInputs]] = {
     "smolvlm": _idefics3_image,
 }
 
-#: Per-token modality input each family's forward needs (0 text, 1 image, 2 video).
 def token_type_input(model: transformers.PreTrainedModel) -> str | None:
     """The per-token type input the model's family record says its forward reads (None: none)."""
     return resolve(model).family.token_type_input
@@ -327,3 +327,29 @@ def make_inputs(
     if layout.family.token_type_input:  # 1 on image placeholders, 0 elsewhere (no video is ever built)
         inputs[layout.family.token_type_input] = layout.token_types(input_ids)
     return {**inputs, **extras}
+
+
+@torch.no_grad()
+def assert_replay_matches_forward(
+    model: transformers.PreTrainedModel, inputs: dict[str, torch.Tensor], label: str, tolerance: float = 1e-5
+) -> CapturedSample:
+    """Capture ``inputs`` once, replay every block from it, and check each block's output against the
+    model's own forward (hooked on every block) to within ``tolerance``; returns the captured sample."""
+    blocks = resolve(model).blocks(model)
+    recorded: list[Any] = []
+    hooks = [block.register_forward_hook(lambda m, a, k, out, sink=recorded: sink.append(out), with_kwargs=True)
+             for block in blocks]
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with non_block_modules_on(model, blocks, "cpu"):
+        sample = capture_sample(model, resolve(model), inputs, "s", "cpu", "cpu")
+    hidden = sample.hidden
+    for index, block in enumerate(blocks):
+        output = run_block(block, sample, index, hidden)
+        expected = recorded[index][0] if isinstance(recorded[index], tuple) else recorded[index]
+        assert (output - expected).abs().max().item() <= tolerance, f"{label} block {index}"
+        hidden = next_input(sample, index, output)
+    return sample
