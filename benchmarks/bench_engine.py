@@ -1,6 +1,6 @@
 """Benchmark the pruning engine: wall time and peak memory of magnitude, Wanda and ATV.
 
-Builds a random-initialised Qwen2-VL (or LLaVA-NeXT) of a chosen size from its config,
+Builds a random-initialised Qwen2-VL of a chosen size from its config,
 synthesises calibration samples (image + caption-length text), and runs each method in a
 fresh subprocess so peak memory is per method. Runs alternate between methods (A/B/A/B) and
 the ratio ATV/Wanda is printed from medians measured in this one run.
@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atv_prune import PruneConfig, RunSettings, prune  # noqa: E402
-from atv_prune.model.calibration import CalibrationSample, CalibrationSet  # noqa: E402
+from benchmarks.synthetic import qwen2_vl_samples  # noqa: E402
 
-# Shapes: "small" is a >=100M-parameter model for CPU runs; "7b" follows Qwen2-VL-7B / LLaVA-NeXT-7B.
+# Shapes: "small" is a >=100M-parameter model for CPU runs; "7b" follows Qwen2-VL-7B.
 SIZES = {
     "small": dict(hidden=768, layers=8, intermediate=2048, heads=12, kv_heads=4, vocab=32000,
                   vision_hidden=384, vision_layers=4, vision_heads=6),
@@ -62,27 +62,6 @@ def build_qwen2_vl(size: dict, dtype: torch.dtype):
     return model.eval()
 
 
-def qwen2_vl_samples(model, n: int, n_text: int, grid: int) -> CalibrationSet:
-    """Synthetic samples: text tokens around one image of ``grid x grid`` patches."""
-    config = model.config
-    g = torch.Generator().manual_seed(1234)
-    merge = config.vision_config.spatial_merge_size
-    patch_dim = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
-    n_image = grid * grid // merge ** 2
-    samples = []
-    for index in range(n):
-        text = torch.randint(0, config.image_token_id - 10, (n_text,), generator=g)
-        ids = torch.cat([text[:8], torch.tensor([config.vision_start_token_id]),
-                         torch.full((n_image,), config.image_token_id),
-                         torch.tensor([config.vision_end_token_id]), text[8:]]).unsqueeze(0)
-        samples.append(CalibrationSample({
-            "input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(grid * grid, patch_dim, generator=g),
-            "image_grid_thw": torch.tensor([[1, grid, grid]]),
-        }, f"synthetic:{index}"))
-    return CalibrationSet(samples, "synthetic", n, 0)
-
-
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -95,7 +74,7 @@ def run_one(args: argparse.Namespace, method: str, queue: mp.Queue) -> None:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     model = build_qwen2_vl(SIZES[args.size], dtype)
-    calibration = qwen2_vl_samples(model, args.samples, args.text_tokens, args.grid)
+    calibration = qwen2_vl_samples(model.config, args.samples, args.text_tokens, args.grid)
     baseline = _peak_bytes(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.synthetic import qwen2_vl_samples  # noqa: E402
+
 #: Text-model shapes; "4gb" is what docs/benchmark.md reports, "small" checks the script in seconds.
 SIZES = {
     "4gb": dict(hidden=2048, layers=24, intermediate=5632, heads=16, kv_heads=4, vocab=32000,
@@ -77,30 +79,6 @@ def build(args: argparse.Namespace) -> None:
           f"{size / 1e9:.2f} GB in {len(list(Path(args.out).glob('*.safetensors')))} shards")
 
 
-def samples(config, n: int, n_text: int, grid: int):
-    """Synthetic calibration samples: text tokens around one image of ``grid x grid`` patches."""
-    import torch
-
-    from atv_prune.model.calibration import CalibrationSample, CalibrationSet
-
-    g = torch.Generator().manual_seed(1234)
-    vision = config.vision_config
-    patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2
-    n_image = grid * grid // vision.spatial_merge_size ** 2
-    made = []
-    for index in range(n):
-        text = torch.randint(0, config.image_token_id - 10, (n_text,), generator=g)
-        ids = torch.cat([text[:8], torch.tensor([config.vision_start_token_id]),
-                         torch.full((n_image,), config.image_token_id),
-                         torch.tensor([config.vision_end_token_id]), text[8:]]).unsqueeze(0)
-        made.append(CalibrationSample({
-            "input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(grid * grid, patch_dim, generator=g),
-            "image_grid_thw": torch.tensor([[1, grid, grid]]),
-        }, f"synthetic:{index}"))
-    return CalibrationSet(made, "synthetic", n, 0)
-
-
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -129,7 +107,7 @@ def one(args: argparse.Namespace) -> None:
     blocks = resolve(skeleton).blocks(skeleton)
     block = block_bytes(blocks, torch.float32)
     non_block = model_bytes(skeleton, torch.float32) - model_bytes(blocks, torch.float32)
-    calibration = samples(config, args.samples, args.text_tokens, args.grid)
+    calibration = qwen2_vl_samples(config, args.samples, args.text_tokens, args.grid)
     settings = RunSettings(device="cpu", load=args.load, progress=False, activation_memory=args.activation_memory)
     out = Path(tempfile.mkdtemp(prefix="ooc-", dir=args.scratch)) / "pruned"
     anonymous = [0]
