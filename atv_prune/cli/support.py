@@ -77,28 +77,27 @@ def _path(info_name: str | None, parent: click.Context | None) -> str:
     return " ".join(part for part in (parent.command_path if parent else "", info_name or "") if part)
 
 
-class Command(click.Command):
-    """A click command whose usage errors are one line."""
+class _OneLineUsageErrors:
+    """Mixin for click commands and groups: usage errors in their own arguments are one line."""
+
+    name: str | None
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
         try:
-            return super().make_context(info_name, args, parent=parent, **extra)
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
         except click.UsageError as error:
             raise _one_line(error, _path(info_name or self.name, parent)) from None
 
 
-class Group(click.Group):
+class Command(_OneLineUsageErrors, click.Command):
+    """A click command whose usage errors are one line."""
+
+
+class Group(_OneLineUsageErrors, click.Group):
     """A click group whose usage errors (its own and its commands') are one line."""
 
     command_class = Command
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as error:
-            raise _one_line(error, _path(info_name or self.name, parent)) from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[Any, ...]:
         try:
