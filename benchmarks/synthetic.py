@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from atv_prune.model.calibration import CalibrationSet
 
 
-def qwen2_vl_samples(config: Any, n: int, n_text: int, grid: int) -> Any:
+def qwen2_vl_samples(config: Any, n: int, n_text: int, grid: int) -> CalibrationSet:
     """``n`` seeded samples: ``n_text`` random text ids around one image of ``grid x grid`` patches,
     with the vision start/end and image token ids of ``config`` (a Qwen2-VL config)."""
     import torch  # imported here so that the out-of-core benchmark's parent process stays light
