@@ -9,7 +9,7 @@ import click
 
 from atv_prune.cli.options import (
     RegistryChoice,
-    calibrated_method_names,
+    calibrated_mask_method_names,
     method_names,
     pool_names,
     shared,
@@ -49,7 +49,7 @@ def main() -> None:
 
 @main.command()
 @common_options
-@click.option("--method", type=RegistryChoice(calibrated_method_names), default="wanda", show_default=True)
+@click.option("--method", type=RegistryChoice(calibrated_mask_method_names), default="wanda", show_default=True)
 @click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
 @click.option("--pattern", default=None, help="N:M pattern instead of --sparsity.")
 @click.option("--pools", nargs=2, type=RegistryChoice(pool_names), default=("text", "visual"), show_default=True,

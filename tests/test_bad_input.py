@@ -234,6 +234,16 @@ def test_iou_refuses_a_zero_sparsity_instead_of_using_the_default(workspace, tmp
                         "--sparsity", "0", "--out", tmp_path / "i"), "outside (0, 1)")
 
 
+@pytest.mark.parametrize("main, command", [(atv_main, "sweep"), (motprobe_main, "iou")])
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+def test_mask_studies_do_not_offer_structured_methods(workspace, tmp_path: Path, main, command: str,
+                                                      method: str) -> None:
+    """`sweep` and `iou` always build a sparsity or N:M target, which structured methods refuse."""
+    _one_error(*_invoke(main, command, "--model", workspace["model"], "--calib", workspace["calib"],
+                        "--method", method, "--out", tmp_path / "s"), "Invalid value for '--method'")
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_model_that_cannot_be_built_on_meta_is_left_to_the_run(workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForImageTextToText
 

@@ -52,10 +52,12 @@ def pool_names() -> tuple[str, ...]:
     return POOLS.names()
 
 
-def calibrated_method_names() -> tuple[str, ...]:
+def calibrated_mask_method_names() -> tuple[str, ...]:
+    """Calibrated methods that prune to a sparsity or N:M target (what `sweep` and `iou` compare);
+    structured methods remove whole heads and channels instead, so they are not offered."""
     from ..algorithms.specs import METHODS
 
-    return tuple(name for name, method in METHODS.items() if method.needs_calibration)
+    return tuple(name for name, method in METHODS.items() if method.needs_calibration and not method.structured)
 
 
 _PATH = click.Path(path_type=Path)

@@ -8,7 +8,7 @@ import click
 
 from ..errors import AtvPruneError, ConfigError, not_a_file
 from .cluster import cell_executor, placement
-from .options import RegistryChoice, calibrated_method_names, study_options
+from .options import RegistryChoice, calibrated_mask_method_names, study_options
 from .support import ListOptionsCommand, one_line_errors
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def compare(methods: tuple[str, ...], sparsities: tuple[float, ...], patterns: t
               help="Fixed visual ratios to try.")
 @click.option("--saliency", type=RegistryChoice(_saliency_names), default="drift", show_default=True,
               help="Which visual-token saliency the sweep uses (the pools registered with it).")
-@click.option("--method", type=RegistryChoice(calibrated_method_names), default="atv", show_default=True)
+@click.option("--method", type=RegistryChoice(calibrated_mask_method_names), default="atv", show_default=True)
 @click.option("--sparsity", type=float, default=None, help="Unstructured target [default 0.5 unless --pattern].")
 @click.option("--pattern", default=None, help="N:M target instead of --sparsity.")
 @one_line_errors
