@@ -15,7 +15,7 @@ formula
 
     Python + torch after imports + non-block weights + 2 decoder blocks + calibration activations kept
 
-(all in the compute dtype), the wall time per phase and whether the in-memory path fits under the
+(all in the compute dtype), the wall time (per phase in each run's JSON line) and whether the in-memory path fits under the
 same cap. Calibration: synthetic samples (one image of ``grid x grid`` patches plus text).
 
     python benchmarks/bench_out_of_core.py build --out /work/runs/ooc/ckpt
