@@ -165,7 +165,7 @@ class WrappedVLM(nn.Module):
 @pytest.fixture
 def wrapped_family():
     family = register_family(Family("wrapped", ("wrapped_vlm",), block_paths=("inner.model.language_model.layers",),
-                                    base_model_path="inner.model", vision_paths=("inner.model.vision_tower",)))
+                                    base_model_path="inner.model"))
     yield family
     FAMILIES.unregister("wrapped")
 

@@ -34,15 +34,6 @@ COMMON_BLOCK_PATHS: tuple[str, ...] = (
     "language_model.model.layers",
     "model.language_model.model.layers",
 )
-COMMON_VISION_PATHS: tuple[str, ...] = (
-    "model.vision_tower",
-    "model.visual",
-    "model.vision_model",
-    "model.multi_modal_projector",
-    "model.connector",
-    "vision_tower",
-    "multi_modal_projector",
-)
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,6 @@ class Family:
     block_paths: tuple[str, ...] = ("model.language_model.layers",)
     #: The model without its LM head: the capture runs it (no logits are needed).
     base_model_path: str = "model"
-    vision_paths: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")
     image_token_fields: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_fields: tuple[str, ...] = ("video_token_id", "video_token_index")
     #: Name of a per-token type input (0 text, 1 image, 2 video) the forward requires but
@@ -100,30 +90,25 @@ def register_family(family: Family, *, replace: bool = False) -> Family:
 for _family in (
     Family("llava", ("llava",), notes="CLIP/SigLIP tower + MLP projector; <image> x patches"),
     Family("llava_next", ("llava_next",),
-           vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
            notes="anyres tiling: the image-token count depends on image_sizes"),
     Family("llava_next_video", ("llava_next_video",),
-           vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline",
-                         "model.vision_resampler"),
            video_processor="llava_next_video", notes="LLaVA-NeXT with pooled video frames; image and video tokens"),
     Family("llava_onevision", ("llava_onevision",),
-           vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
            video_processor="llava_onevision", notes="SigLIP + Qwen2 decoder; image and video tokens"),
-    Family("qwen2_vl", ("qwen2_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
+    Family("qwen2_vl", ("qwen2_vl",), token_type_input="mm_token_type_ids",
            video_processor="qwen2_vl", notes="3-D M-RoPE; image_grid_thw"),
-    Family("qwen2_5_vl", ("qwen2_5_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
+    Family("qwen2_5_vl", ("qwen2_5_vl",), token_type_input="mm_token_type_ids",
            video_processor="qwen2_vl", notes="3-D M-RoPE; windowed vision attention"),
-    Family("qwen3_vl", ("qwen3_vl",), vision_paths=("model.visual",), token_type_input="mm_token_type_ids",
+    Family("qwen3_vl", ("qwen3_vl",), token_type_input="mm_token_type_ids",
            video_processor="qwen3_vl", notes="deepstack: visual features added after the first blocks"),
     Family("gemma3", ("gemma3",), token_type_input="token_type_ids",
            notes="sliding/full attention alternate; bidirectional image attention"),
     Family("idefics3", ("idefics3", "smolvlm"), block_paths=("model.text_model.layers",),
-           vision_paths=("model.vision_model", "model.connector"),
            notes="Idefics3 and SmolVLM: image split into tiles plus a global image"),
 ):
     register_family(_family)
 
-GENERIC = Family("generic", (), block_paths=COMMON_BLOCK_PATHS, vision_paths=COMMON_VISION_PATHS,
+GENERIC = Family("generic", (), block_paths=COMMON_BLOCK_PATHS,
                  notes="unregistered family following the common transformers layout")
 
 

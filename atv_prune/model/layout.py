@@ -52,15 +52,6 @@ class ModelLayout:
         base = get_path(model, self.family.base_model_path)
         return base if isinstance(base, nn.Module) else model
 
-    def vision_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The vision tower / projector modules present in this model, by path."""
-        found = {}
-        for path in self.family.vision_paths:
-            module = get_path(model, path)
-            if isinstance(module, (nn.Module, nn.Parameter)):
-                found[path] = module
-        return found
-
     def block_linears(self, block: nn.Module, roles: tuple[str, ...]) -> dict[str, nn.Linear]:
         """The linears of ``block`` carrying any of ``roles``, by their name inside the block."""
         leaves = set(self.family.leaves_with(roles))

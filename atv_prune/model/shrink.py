@@ -78,10 +78,6 @@ class Removal:
     channels: int
     notes: tuple[str, ...] = ()
 
-    @property
-    def nothing(self) -> bool:
-        return not self.kv_groups and not self.channels
-
 
 def removal_for(geometry: DecoderGeometry, structure: str, ratio: float) -> Removal:
     """How many key/value groups and channels each block loses at ``ratio``: floor(ratio · count),
