@@ -3,9 +3,9 @@
 More visual tokens make every training step costlier (issue 19: 9 visual tokens per 96 px image in
 generation 1, 144 per 144 px image in generation 2). This runs the real trainer
 (``python -m atv_prune.builtin.train``) for a few steps in each configuration, round robin over
-them (A, B, C, ..., then A again), and reads the conversations per second of its training loop (``training.json``'s
-``samples_per_s``: the timed steps only, no pretraining, no evaluation). From the median it prints the
-steps that fit in a training budget, so a pilot can be sized before it is started. The
+them (A, B, C, ..., then A again), and reads the conversations per second of its training loop
+(``training.json``'s ``samples_per_s``: the timed steps only, no pretraining, no evaluation). From
+the median it prints the steps that fit in a training budget, so a pilot can be sized before it is started. The
 configurations named "2 threads" train on two threads, this machine's two cores.
 
     python benchmarks/bench_builtin_train.py                  # 40 steps x 2 repeats per configuration

@@ -16,7 +16,8 @@ formula
     Python + torch after imports + non-block weights + 2 decoder blocks + calibration activations kept
 
 (all in the compute dtype), the wall time (per phase in each run's JSON line) and whether the
-in-memory path fits under the same cap. Calibration: synthetic samples (one image of ``grid x grid`` patches plus text).
+in-memory path fits under the same cap. Calibration: synthetic samples (one image of ``grid x grid``
+patches plus text).
 
     python benchmarks/bench_out_of_core.py build --out /work/runs/ooc/ckpt
     python benchmarks/bench_out_of_core.py run --checkpoint /work/runs/ooc/ckpt --cap 3GB \\
