@@ -15,9 +15,12 @@ random-initialised model is built in bf16 (on the GPU, then kept in host memory)
 
 Each method's 50% runs on every shape come first, then its agreement check, then the 2:4 runs;
 none starts once it would pass ``--budget`` (the ones left out are named), so the check stays
-under 8 minutes.
+under 8 minutes. ``--only`` makes some of the runs (e.g. those a first call had to leave out), and
+``--layers`` cuts the decoders to fewer blocks, for runs too slow for a call with every block
+(SparseGPT on the 8B shapes took over 5 minutes on an H200: docs/benchmark.md).
 
-Figures go to stdout and, with ``--out DIR``, to ``DIR/gpu_check.json``. ``--tiny`` uses tiny
+Figures go to stdout and, with ``--out DIR``, to ``DIR/gpu_check.json``, rewritten after every run
+(so a call stopped at its time limit keeps the figures of the runs it finished). ``--tiny`` uses tiny
 shapes and 4 samples (what the test suite runs on the CPU with ``--device cpu --tiny``).
 """
 
@@ -219,11 +222,22 @@ def one_run(name: str, dense: torch.nn.Module, calibration: CalibrationSet, meth
 
 def _print_run(row: dict) -> None:
     gib = 2 ** 30
-    phases = " ".join(f"{k} {row['seconds'].get(k, 0):.1f}" for k in ("capture", "statistics", "masks", "propagation"))
+    phases = " ".join(f"{k} {row['seconds'].get(k, 0):.1f}"
+                      for k in ("capture", "statistics", "masks", "propagation", "move_blocks"))
     gpu = (f"GPU peak blocks {row['gpu_peak_bytes'] / gib:.2f} GiB (goal <= {row['gpu_goal_bytes'] / gib:.2f}), "
            f"capture {row['gpu_capture_peak_bytes'] / gib:.2f}" if row["gpu_peak_bytes"] is not None else "no GPU")
     print(f"  {row['shape']:14s} {row['run']:14s} {row['wall_s']:7.1f} s [{phases}]  {gpu}  host peak "
           f"{row['host_peak_bytes'] / gib:.1f} GiB{'' if row['host_peak_is_per_run'] else ' (process)'}", flush=True)
+
+
+def _write(folder: Path | None, result: dict) -> None:
+    """``folder/gpu_check.json`` replaced whole (never left half written)."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "gpu_check.json.partial"
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(folder / "gpu_check.json")
 
 
 def main() -> None:
@@ -234,8 +248,16 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds after which no further run is started (the check stays under 8 minutes)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    labels = [_label(method, target) for target in TARGETS for method in METHODS]
+    parser.add_argument("--only", nargs="+", default=labels, choices=labels, metavar="RUN",
+                        help=f"the runs to make, in the usual order (a method's 50%% run brings its block-0 check); "
+                             f"from: {', '.join(repr(label) for label in labels).replace('%', '%%')} [all]")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder blocks per shape [the published count: 32 and 28; 2 with --tiny]")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json")
     args = parser.parse_args()
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1")
 
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -246,17 +268,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {size} shapes, "
           f"{n_samples} samples", flush=True)
-    result: dict = {"device": str(device), "size": size, "samples": n_samples, "agreement": [], "runs": [],
-                    "skipped": []}
+    result: dict = {"device": str(device), "size": size, "samples": n_samples, "layers": args.layers,
+                    "agreement": [], "runs": [], "skipped": []}
     dense, calibration, one_block, small = {}, {}, {}, {}
     for name in args.shapes:
         s = SHAPES[name][size]
         build_start = time.perf_counter()
-        dense[name] = build(name, s, device)
+        dense[name] = build(name, s, device, layers=args.layers)
         calibration[name] = samples(name, dense[name].config, s, n_samples, seed=0)
         one_block[name] = build(name, s, device, layers=1)
         small[name] = samples(name, one_block[name].config, s, 4, seed=7, small=True)
-        print(f"  {name}: {sum(p.numel() for p in dense[name].parameters()) / 1e9:.2f}B parameters, "
+        print(f"  {name}: {sum(p.numel() for p in dense[name].parameters()) / 1e9:.2f}B parameters "
+              f"(decoder blocks: {dense[name].config.get_text_config().num_hidden_layers}), "
               f"{_tokens(calibration[name])} tokens per sample, built in {time.perf_counter() - build_start:.1f} s",
               flush=True)
     # the most telling first: each method at 50% on every shape, then its block-0 agreement, then 2:4
@@ -265,6 +288,7 @@ def main() -> None:
         tasks += [("run", name, method, TARGETS[0]) for name in args.shapes]
         tasks += [("agree", name, method, TARGETS[0]) for name in args.shapes]
     tasks += [("run", name, method, TARGETS[1]) for method in METHODS for name in args.shapes]
+    tasks = [task for task in tasks if _label(task[2], task[3]) in args.only]
     longest = {"run": 0.0, "agree": 0.0}
     for kind, name, method, target in tasks:
         if time.perf_counter() - started + 1.2 * longest[kind] > args.budget:
@@ -279,13 +303,12 @@ def main() -> None:
             result["runs"].append(row)
             _print_run(row)
         longest[kind] = max(longest[kind], time.perf_counter() - task_start)
+        _write(args.out, result)
     result["total_s"] = round(time.perf_counter() - started, 1)
     if result["skipped"]:
         print(f"skipped to stay within --budget {args.budget:.0f} s: {', '.join(result['skipped'])}")
     print(f"gpu_check finished in {result['total_s']:.0f} s")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    _write(args.out, result)
 
 
 if __name__ == "__main__":

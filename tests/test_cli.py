@@ -53,7 +53,8 @@ def test_prune_saves_a_reloadable_pruned_model(workspace, family: str, calib: st
     assert report["calibration"]["samples_used"] == 4
     assert abs(report["sparsity"]["overall"] - 0.5) < 1e-9
     assert len(report["blocks"]) == 2 and all(b["mean_drift"] is not None for b in report["blocks"])
-    assert {"capture", "statistics", "masks", "propagation", "total", "load_model"} <= set(report["seconds"])
+    assert {"capture", "statistics", "masks", "propagation", "move_blocks", "total", "load_model"} <= set(
+        report["seconds"])
     assert report["versions"]["transformers"] and report["config"]["seed"] == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = load_processor(out)

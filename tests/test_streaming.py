@@ -65,6 +65,11 @@ def test_streamed_and_in_memory_paths_give_the_same_weights(family: str, tmp_pat
             assert a.keys() == b.keys(), label
             assert all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a), label
             assert whole.sparsity == streamed.sparsity and whole.blocks == streamed.blocks, label
+            # each path reports the time of its own block traffic, inside the run's total
+            assert "move_blocks" in whole.seconds and "read_blocks" not in whole.seconds, label
+            assert {"read_blocks", "write_blocks"} <= set(streamed.seconds), label
+            assert "move_blocks" not in streamed.seconds, label
+            assert streamed.seconds["read_blocks"] + streamed.seconds["write_blocks"] <= streamed.seconds["total"]
             leftovers = [p.name for p in (tmp_path / f"{label}-stream").iterdir() if p.name.startswith(".")]
             assert leftovers == [], label
 

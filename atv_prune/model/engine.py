@@ -37,7 +37,7 @@ from ..errors import UnsupportedModelError
 from ..registry import resolve_ref
 from .attention import recording_attention
 from .capture import CapturedSample, run_block, to_compute
-from .walk import BlockHome, check_finite, walk_blocks
+from .walk import BlockHome, ResidentBlocks, check_finite, walk_blocks
 
 
 @dataclass(frozen=True)
@@ -273,12 +273,14 @@ class LayerwisePruner:
         then propagation of the samples through the pruned block. ``home``: where the blocks'
         weights live between their turns (default: in memory)."""
         steps = len(blocks) * len(samples) * 2 - len(samples) if samples else len(blocks)
+        home = ResidentBlocks() if home is None else home
         with tqdm(total=steps, desc=self.plan.label or "pruning", unit="fwd" if samples else "block",
                   disable=not self.progress) as bar:
             for index, block in walk_blocks(blocks, samples, self.device, seconds=self.result.seconds,
                                             tick=lambda: bar.update(1), home=home):
                 bar.set_description(f"block {index + 1}/{len(blocks)}")
                 self._prune_block(block, index, prefix, samples, bar)
+        self.result.seconds.update(home.seconds)
         return self.result
 
     def _prune_block(self, block: nn.Module, index: int, prefix: str, samples: list[CapturedSample],

@@ -36,6 +36,9 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 class BlockHome(Protocol):
     """Where the decoder blocks' weights live between their turns in the walk."""
 
+    #: wall time of the home's own work (moving, reading, writing weights) per phase name
+    seconds: dict[str, float]
+
     def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
         """Make block ``index``'s weights real on ``device`` for its turn."""
 
@@ -45,17 +48,23 @@ class BlockHome(Protocol):
 
 
 class ResidentBlocks:
-    """Every block stays in memory: moved to the compute device for its turn and back after it."""
+    """Every block stays in memory: moved to the compute device for its turn and back after it
+    (the time these copies take is ``seconds["move_blocks"]``; next to nothing on the CPU)."""
 
     def __init__(self) -> None:
         self._homes: dict[int, torch.device] = {}
+        self.seconds = {"move_blocks": 0.0}
 
     def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+        start = time.perf_counter()
         self._homes[index] = module_device(block)
         block.to(device)
+        self.seconds["move_blocks"] += time.perf_counter() - start
 
     def leave(self, index: int, block: nn.Module, finished: bool) -> None:
+        start = time.perf_counter()
         block.to(self._homes.pop(index))
+        self.seconds["move_blocks"] += time.perf_counter() - start
 
 
 @contextmanager

@@ -134,7 +134,6 @@ def prune_checkpoint(
                 model.save_pretrained(folder, **_shard_argument(settings, blocks, saved_dtype))
             shutil.rmtree(folder / WORKDIR, ignore_errors=True)
             report.memory["block_bytes_read"] = streamed.home.bytes_read
-            report.seconds.update({k: round(v, 4) for k, v in streamed.home.seconds.items()})
         if processor is not None:
             processor.save_pretrained(folder)
         report.seconds["load_model"] = round(load_seconds, 4)
