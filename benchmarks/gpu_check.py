@@ -8,7 +8,8 @@ random-initialised model is built in bf16 (on the GPU, then kept in host memory)
    model, blocks moved to the GPU one at a time, activations waiting in (pinned) host memory.
    Printed per run: wall time per phase, peak GPU memory (allocator) while the blocks are walked,
    against one block + one sample's hidden states + 2 GB, and while capturing (vision tower and
-   embeddings on the GPU), and peak host memory (VmHWM, reset per run where the kernel lets us).
+   embeddings on the GPU), and peak host memory (VmHWM, reset per run where the kernel lets us)
+   with what the run added to the models the script holds (its pinned activations, scratch).
 2. block-0 masks agreement: the shape cut to one decoder block is pruned on the GPU in bf16 and
    on the CPU in fp32 (the path every figure so far comes from), from the same 4 small samples;
    the share of weights whose pruned/kept state agrees is printed per method (at 50%).
@@ -206,28 +207,34 @@ def one_run(name: str, dense: torch.nn.Module, calibration: CalibrationSet, meth
     one_block = block_bytes(blocks, torch.bfloat16)
     hidden_bytes = seq * model.config.get_text_config().hidden_size * 2
     reset = _reset_host_peak()
+    resident_before = _status("VmRSS")  # every model the script holds, this run's copy included
     start = time.perf_counter()
     report = prune(model, None, calibration, _config(method, target), settings=quiet)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     goal = one_block + hidden_bytes + 2 * 2**30
+    host_peak = _status("VmHWM")
     del model
     return dict(shape=name, run=_label(method, target), wall_s=round(wall, 2), seconds=report.seconds,
                 gpu_peak_bytes=report.memory.get("gpu_peak_blocks_bytes"),
                 gpu_capture_peak_bytes=report.memory.get("gpu_peak_capture_bytes"), gpu_goal_bytes=goal,
-                block_bytes=one_block, sample_hidden_bytes=hidden_bytes, host_peak_bytes=_status("VmHWM"),
-                host_peak_is_per_run=reset, sparsity=report.sparsity["overall"])
+                block_bytes=one_block, sample_hidden_bytes=hidden_bytes, host_peak_bytes=host_peak,
+                host_added_bytes=host_peak - resident_before if reset else None, host_peak_is_per_run=reset,
+                sparsity=report.sparsity["overall"])
 
 
 def _print_run(row: dict) -> None:
     gib = 2 ** 30
-    phases = " ".join(f"{k} {row['seconds'].get(k, 0):.1f}"
-                      for k in ("capture", "statistics", "masks", "propagation", "move_blocks"))
+    named = ("capture", "statistics", "masks", "propagation", "move_blocks")
+    other = row["seconds"]["total"] - sum(row["seconds"].get(k, 0) for k in named)
+    phases = " ".join(f"{k} {row['seconds'].get(k, 0):.1f}" for k in named) + f" other {other:.1f}"
     gpu = (f"GPU peak blocks {row['gpu_peak_bytes'] / gib:.2f} GiB (goal <= {row['gpu_goal_bytes'] / gib:.2f}), "
            f"capture {row['gpu_capture_peak_bytes'] / gib:.2f}" if row["gpu_peak_bytes"] is not None else "no GPU")
+    added = (f", +{row['host_added_bytes'] / gib:.1f} GiB over the models held" if row["host_added_bytes"] is not None
+             else " (process)")
     print(f"  {row['shape']:14s} {row['run']:14s} {row['wall_s']:7.1f} s [{phases}]  {gpu}  host peak "
-          f"{row['host_peak_bytes'] / gib:.1f} GiB{'' if row['host_peak_is_per_run'] else ' (process)'}", flush=True)
+          f"{row['host_peak_bytes'] / gib:.1f} GiB{added}", flush=True)
 
 
 def _write(folder: Path | None, result: dict) -> None:

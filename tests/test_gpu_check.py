@@ -21,6 +21,8 @@ def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> None:
     runs = {(row["shape"], row["run"]) for row in figures["runs"]}
     assert len(runs) == 12 and ("llava_next_8b", "atv 2:4") in runs and ("qwen2_vl_7b", "sparsegpt 50%") in runs
     assert all(abs(row["sparsity"] - 0.5) < 1e-6 and row["seconds"]["total"] > 0 for row in figures["runs"])
+    assert all(row["host_added_bytes"] is None or 0 <= row["host_added_bytes"] <= row["host_peak_bytes"]
+               for row in figures["runs"])
     assert len(figures["agreement"]) == 6  # ATV, Wanda and SparseGPT at 50% on both shapes
     assert all(0.95 < row["mask_agreement"] <= 1.0 for row in figures["agreement"])  # bf16 against fp32
     assert "gpu_check finished" in result.stdout
