@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from atv_prune.errors import CalibrationError, NumericalError
 from atv_prune.model.calibration import CalibrationSample, CalibrationSet
 from atv_prune.model.capture import capture_sample, non_block_modules_on, run_block
 from atv_prune.model.layout import resolve
+from atv_prune.model.walk import ResidentBlocks
 from tiny_models import FAMILY_NAMES, assert_replay_matches_forward, build_tiny_model, make_inputs
 
 N_SAMPLES = 4
@@ -373,3 +375,38 @@ def test_tamp_allocates_sparsity_per_matrix_around_the_target() -> None:
     assert abs(report.sparsity["overall"] - 0.5) < 0.02  # floor(p * in) per row on 32-64 inputs
     assert all(s <= 0.6 + 1e-9 for s in per_linear.values())
     assert len({round(s, 3) for s in per_linear.values()}) > 2  # not uniform
+
+
+class _SlowToMove(nn.Linear):
+    """A block whose every move between devices takes at least 20 ms."""
+
+    def _apply(self, fn, recurse=True):
+        time.sleep(0.02)
+        return super()._apply(fn, recurse)
+
+
+def test_resident_blocks_time_their_moves_into_the_report(monkeypatch) -> None:
+    home = ResidentBlocks()
+    block = _SlowToMove(4, 4)
+    home.enter(0, block, torch.device("cpu"))
+    home.leave(0, block, finished=True)
+    assert home.seconds["move_blocks"] >= 0.04
+    # the engine hands the default home's time to the run's report
+    created: list[ResidentBlocks] = []
+
+    class Recorded(ResidentBlocks):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds["move_blocks"] = 12.5  # as if every move had taken this long in all
+            created.append(self)
+
+        def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
+            self._homes[index] = torch.device("cpu")
+
+        def leave(self, index: int, block: nn.Module, finished: bool) -> None:
+            self._homes.pop(index)
+
+    monkeypatch.setattr("atv_prune.model.engine.ResidentBlocks", Recorded)
+    model = build_tiny_model("llava", seed=0)
+    report = prune(model, None, _calibration(model, "llava"), PruneConfig(method="wanda"), settings=QUIET)
+    assert len(created) == 1 and report.seconds["move_blocks"] == 12.5

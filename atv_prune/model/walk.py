@@ -47,6 +47,14 @@ class BlockHome(Protocol):
         turn ended early (an error, or a walk stopped before the block's outputs were computed)."""
 
 
+def _settled(device: torch.device | str) -> float:
+    """The time once ``device`` has finished the work queued on it (so a timed copy does not
+    count earlier kernels)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class ResidentBlocks:
     """Every block stays in memory: moved to the compute device for its turn and back after it
     (the time these copies take is ``seconds["move_blocks"]``; next to nothing on the CPU)."""
@@ -56,13 +64,13 @@ class ResidentBlocks:
         self.seconds = {"move_blocks": 0.0}
 
     def enter(self, index: int, block: nn.Module, device: torch.device) -> None:
-        start = time.perf_counter()
         self._homes[index] = module_device(block)
+        start = _settled(device)
         block.to(device)
         self.seconds["move_blocks"] += time.perf_counter() - start
 
     def leave(self, index: int, block: nn.Module, finished: bool) -> None:
-        start = time.perf_counter()
+        start = _settled(module_device(block))
         block.to(self._homes.pop(index))
         self.seconds["move_blocks"] += time.perf_counter() - start
 
