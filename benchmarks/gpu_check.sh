@@ -2,8 +2,8 @@
 # The first GPU run (docs/benchmark.md, "GPU check"): random-initialised LLaVA-NeXT-8B- and
 # Qwen2-VL-7B-shaped models in bf16 pruned with ATV, Wanda and SparseGPT at 50% and 2:4 on 128
 # samples of ~3,000 tokens; wall time per phase, peak GPU and host memory, block-0 masks against
-# the CPU fp32 path. No network needed. On an H200 the ATV and Wanda 50% runs and their checks took
-# 356 s; SparseGPT on every block did not finish in 300 s, so give it --layers (docs/benchmark.md).
+# the CPU fp32 path. No network needed. On an H200 the two model builds, the ATV and Wanda 50% runs
+# and their checks took 356 s; SparseGPT on every block did not finish in 300 s, so give it --layers.
 #
 #   benchmarks/gpu_check.sh                       # on the GPU machine, figures also in $OUT (or ./gpu-check)
 #   benchmarks/gpu_check.sh --device cpu --tiny   # the same script on tiny shapes (the test suite runs it)
