@@ -1,11 +1,15 @@
-"""Benchmark SparseGPT's shared factorisation: one decoder block, factor per input group vs per weight.
+"""Benchmark SparseGPT on one decoder block: the shared factorisation, and the column loop.
 
-q/k/v read the same input, as do gate/up, so the engine factorises the damped inverse Hessian once
-per input group (``prepare_hessian``, 4 factorisations per block) instead of once per weight (7).
-This script prunes one block's seven weights both ways on random activations, alternating the two
+``--compare factor`` (the default): q/k/v read the same input, as do gate/up, so the engine
+factorises the damped inverse Hessian once per input group (``prepare_hessian``, 4 factorisations
+per block) instead of once per weight (7). ``--compare loop``: the engine's column loop
+(``sparsegpt_prune``: transposed blocks, four tensor operations per column) against the paper's
+row-major loop (``tests/sparsegpt_reference.py``), both with the shared factors. Either way the
+script prunes one block's seven weights both ways on random activations, alternating the two
 (A/B/A/B), checks that they give the same weights, and prints median times and their ratio.
 
     python benchmarks/bench_sparsegpt.py                                  # 768/2048 block, CPU fp32
+    python benchmarks/bench_sparsegpt.py --compare loop --pattern 2:4     # the column loop, 2:4
     python benchmarks/bench_sparsegpt.py --size 7b --device cuda          # Qwen2-VL-7B block shapes
 """
 
@@ -21,9 +25,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from sparsegpt_reference import textbook_sparsegpt  # noqa: E402
 
 from atv_prune.algorithms.sparsegpt import hessian_update, prepare_hessian, sparsegpt_prune  # noqa: E402
+
+Loop = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 # (hidden, intermediate, heads, kv_heads): "small" matches bench_engine's CPU model, "7b" Qwen2-VL-7B.
 SIZES = {"small": (768, 2048, 12, 4), "7b": (3584, 18944, 28, 4)}
@@ -41,25 +50,36 @@ def block_weights(hidden: int, intermediate: int, heads: int, kv_heads: int,
 
 
 def prune_block(weights: dict[str, list[tuple[str, torch.Tensor]]], hessians: dict[str, torch.Tensor],
-                sparsity: float, shared: bool) -> dict[str, torch.Tensor]:
-    """Prune every weight; ``shared`` factorises once per input group, otherwise once per weight."""
+                target: dict[str, Any], shared: bool, loop: Loop = sparsegpt_prune) -> dict[str, torch.Tensor]:
+    """Prune every weight with ``loop``; ``shared`` factorises once per input group, otherwise once
+    per weight. ``target`` is ``{"sparsity": s}`` or ``{"pattern": (n, m)}``."""
     pruned = {}
     for group, members in weights.items():
         factor = prepare_hessian(hessians[group])[1] if shared else None
         for name, weight in members:
-            pruned[name] = sparsegpt_prune(weight, hessians[group], sparsity, factor=factor)[0]
+            pruned[name] = loop(weight, hessians[group], factor=factor, **target)[0]
     return pruned
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compare", choices=("factor", "loop"), default="factor",
+                   help="factor: per input group vs per weight; loop: the engine's column loop vs the paper's")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens behind each Hessian")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    target_group = p.add_mutually_exclusive_group()
+    target_group.add_argument("--sparsity", type=float, default=0.5)
+    target_group.add_argument("--pattern", help="N:M instead of --sparsity, e.g. 2:4")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.pattern:
+        n, m = (int(part) for part in args.pattern.split(":"))
+        target: dict[str, Any] = {"pattern": (n, m)}
+        target_name = args.pattern
+    else:
+        target, target_name = {"sparsity": args.sparsity}, f"{args.sparsity:.0%}"
     torch.manual_seed(args.seed)
     weights = block_weights(*SIZES[args.size], args.device)
     hessians = {group: 2 / args.tokens * hessian_update(torch.randn(args.tokens, members[0][1].shape[1],
@@ -75,31 +95,38 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start, result
 
-    def timed(shared: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        return timed_call(lambda: prune_block(weights, hessians, args.sparsity, shared))
-
-    times: dict[bool, list[float]] = {True: [], False: []}
+    if args.compare == "factor":
+        variants = {"factor per weight (7 factorisations)": (False, sparsegpt_prune),
+                    "factor per input group (4)": (True, sparsegpt_prune)}
+    else:
+        variants = {"the paper's column loop": (True, textbook_sparsegpt),
+                    "the engine's column loop": (True, sparsegpt_prune)}
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    results: dict[str, dict[str, torch.Tensor]] = {}
     factor_times: dict[str, list[float]] = {group: [] for group in weights}
-    results: dict[bool, dict[str, torch.Tensor]] = {}
     for _ in range(args.repeats):
-        for shared in (False, True):
-            seconds, results[shared] = timed(shared)
-            times[shared].append(seconds)
+        for label, (shared, loop) in variants.items():
+            seconds, results[label] = timed_call(
+                lambda shared=shared, loop=loop: prune_block(weights, hessians, target, shared, loop))
+            times[label].append(seconds)
         for group in weights:
             factor_times[group].append(timed_call(lambda hessian=hessians[group]: prepare_hessian(hessian))[0])
-    same = all(torch.equal(results[True][name], results[False][name]) for name in results[True])
-    factor = {group: statistics.median(seconds) for group, seconds in factor_times.items()}
-    all_factors = sum(factor[group] * len(members) for group, members in weights.items())
-    per_weight, per_group = statistics.median(times[False]), statistics.median(times[True])
+    before, after = variants
+    same = all(torch.equal(results[before][name], results[after][name]) for name in results[before])
+    medians = {label: statistics.median(seconds) for label, seconds in times.items()}
     shapes = ", ".join(f"{n} {tuple(w.shape)}" for m in weights.values() for n, w in m)
     print(f"SparseGPT, one {args.size} block ({shapes}), "
-          f"{args.tokens} tokens, {args.sparsity:.0%}, {args.device}, torch {torch.__version__}, "
+          f"{args.tokens} tokens, {target_name}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}:")
-    print(f"  factor per weight (7 factorisations): {per_weight:.2f} s")
-    print(f"  factor per input group (4):          {per_group:.2f} s")
-    print(f"  ratio per-group / per-weight: {per_group / per_weight:.2f}; identical weights: {same}")
-    print(f"  the 7 factorisations alone: {all_factors:.2f} s ({all_factors / per_weight:.0%} of the per-weight "
-          f"time); one per input group: {', '.join(f'{g} {t:.3f} s' for g, t in factor.items())}")
+    width = max(map(len, medians)) + 1
+    for label, seconds in medians.items():
+        print(f"  {label + ':':<{width}} {seconds:.2f} s")
+    print(f"  ratio {medians[after] / medians[before]:.2f} (second / first); identical weights: {same}")
+    if args.compare == "factor":
+        factor = {group: statistics.median(seconds) for group, seconds in factor_times.items()}
+        all_factors = sum(factor[group] * len(members) for group, members in weights.items())
+        print(f"  the 7 factorisations alone: {all_factors:.2f} s ({all_factors / medians[before]:.0%} of the "
+              f"per-weight time); one per input group: {', '.join(f'{g} {t:.3f} s' for g, t in factor.items())}")
 
 
 if __name__ == "__main__":

@@ -96,27 +96,26 @@ def sparsegpt_prune(
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
+        # One row per input column, so that every update of the column loop writes contiguous rows.
+        columns = w[:, start:end].T.contiguous()
         block_hinv = hinv[start:end, start:end]
         diag = torch.diag(block_hinv)
-        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        pruned = torch.zeros_like(columns, dtype=torch.bool)
         if sparsity is not None:
-            saliency = block.pow(2) / diag.pow(2).unsqueeze(0)
-            block_mask = lowest_mask(saliency.reshape(1, -1), prune_count(sparsity, saliency.numel())).view_as(block)
-        errors = torch.zeros_like(block)
+            saliency = columns.T.pow(2) / diag.pow(2).unsqueeze(0)
+            count = prune_count(sparsity, saliency.numel())
+            pruned = lowest_mask(saliency.reshape(1, -1), count).view_as(saliency).T.contiguous()
+        kept = ~pruned
+        errors = torch.empty_like(columns)
         for i in range(end - start):
             if pattern is not None and i % pattern[1] == 0:
                 n, m = pattern
-                group = block[:, i : i + m].pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
-                block_mask[:, i : i + m] = nm_mask(group, n, m)
-            column = block[:, i]
-            pruned = torch.where(block_mask[:, i], torch.zeros_like(column), column)
-            error = (column - pruned) / diag[i]
-            block[:, i:] -= error.unsqueeze(1) * block_hinv[i, i:].unsqueeze(0)
-            block[:, i] = pruned
-            errors[:, i] = error
-        w[:, start:end] = block
-        w[:, end:] -= errors @ hinv[start:end, end:]
-        mask[:, start:end] = block_mask
-    w[mask] = 0
+                group = columns[i : i + m].T.pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
+                pruned[i : i + m] = nm_mask(group, n, m).T
+                kept[i : i + m] = ~pruned[i : i + m]
+            error = torch.div(columns[i], diag[i], out=errors[i]).masked_fill_(kept[i], 0)
+            columns[i + 1 :] -= block_hinv[i, i + 1 :].unsqueeze(1) * error
+        w[:, start:end] = columns.masked_fill_(pruned, 0).T
+        w[:, end:] -= errors.T.contiguous() @ hinv[start:end, end:]
+        mask[:, start:end] = pruned.T
     return w, mask
