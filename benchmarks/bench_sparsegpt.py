@@ -4,9 +4,10 @@
 factorises the damped inverse Hessian once per input group (``prepare_hessian``, 4 factorisations
 per block) instead of once per weight (7). ``--compare loop``: the engine's column loop
 (``sparsegpt_prune``: transposed blocks, four tensor operations per column) against the paper's
-row-major loop (``tests/sparsegpt_reference.py``), both with the shared factors. Either way the
-script prunes one block's seven weights both ways on random activations, alternating the two
-(A/B/A/B), checks that they give the same weights, and prints median times and their ratio.
+row-major loop (``tests/sparsegpt_reference.py``), both with the shared factors (so both times
+include the factorisations and the mask selection). Either way the script prunes one block's seven
+weights both ways on random activations, alternating the two (A/B/A/B), checks that weights and
+masks are bit-identical, and prints median times and their ratio.
 
     python benchmarks/bench_sparsegpt.py                                  # 768/2048 block, CPU fp32
     python benchmarks/bench_sparsegpt.py --compare loop --pattern 2:4     # the column loop, 2:4
@@ -26,13 +27,14 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from sparsegpt_reference import textbook_sparsegpt  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from atv_prune.algorithms.sparsegpt import hessian_update, prepare_hessian, sparsegpt_prune  # noqa: E402
+from atv_prune.errors import ConfigError  # noqa: E402
+from atv_prune.runs.config import parse_pattern  # noqa: E402
 
 Loop = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Pruned = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 # (hidden, intermediate, heads, kv_heads): "small" matches bench_engine's CPU model, "7b" Qwen2-VL-7B.
 SIZES = {"small": (768, 2048, 12, 4), "7b": (3584, 18944, 28, 4)}
@@ -50,15 +52,32 @@ def block_weights(hidden: int, intermediate: int, heads: int, kv_heads: int,
 
 
 def prune_block(weights: dict[str, list[tuple[str, torch.Tensor]]], hessians: dict[str, torch.Tensor],
-                target: dict[str, Any], shared: bool, loop: Loop = sparsegpt_prune) -> dict[str, torch.Tensor]:
-    """Prune every weight with ``loop``; ``shared`` factorises once per input group, otherwise once
-    per weight. ``target`` is ``{"sparsity": s}`` or ``{"pattern": (n, m)}``."""
+                target: dict[str, Any], shared: bool, loop: Loop = sparsegpt_prune) -> Pruned:
+    """``(new weight, mask)`` of every weight by ``loop``; ``shared`` factorises once per input
+    group, otherwise once per weight. ``target`` is ``{"sparsity": s}`` or ``{"pattern": (n, m)}``."""
     pruned = {}
     for group, members in weights.items():
         factor = prepare_hessian(hessians[group])[1] if shared else None
         for name, weight in members:
-            pruned[name] = loop(weight, hessians[group], factor=factor, **target)[0]
+            pruned[name] = loop(weight, hessians[group], factor=factor, **target)
     return pruned
+
+
+def bit_identical(first: Pruned, second: Pruned) -> bool:
+    """Every weight equal bit for bit (signed zeros included) and every mask equal."""
+    return all(torch.equal(first[name][0].view(torch.int32), second[name][0].view(torch.int32))
+               and torch.equal(first[name][1], second[name][1]) for name in first)
+
+
+def nm_pattern(text: str) -> tuple[int, int]:
+    """``--pattern``'s ``N:M`` with ``0 < N < M``."""
+    try:
+        n, m = parse_pattern(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not 0 < n < m:
+        raise argparse.ArgumentTypeError(f"pattern '{text}' needs 0 < N < M")
+    return n, m
 
 
 def main() -> None:
@@ -70,14 +89,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens behind each Hessian")
     target_group = p.add_mutually_exclusive_group()
     target_group.add_argument("--sparsity", type=float, default=0.5)
-    target_group.add_argument("--pattern", help="N:M instead of --sparsity, e.g. 2:4")
+    target_group.add_argument("--pattern", type=nm_pattern, help="N:M instead of --sparsity, e.g. 2:4")
     p.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.pattern:
-        n, m = (int(part) for part in args.pattern.split(":"))
-        target: dict[str, Any] = {"pattern": (n, m)}
-        target_name = args.pattern
+    if args.pattern is not None:
+        target: dict[str, Any] = {"pattern": args.pattern}
+        target_name = "{}:{}".format(*args.pattern)
     else:
         target, target_name = {"sparsity": args.sparsity}, f"{args.sparsity:.0%}"
     torch.manual_seed(args.seed)
@@ -99,29 +117,34 @@ def main() -> None:
         variants = {"factor per weight (7 factorisations)": (False, sparsegpt_prune),
                     "factor per input group (4)": (True, sparsegpt_prune)}
     else:
+        sys.path.append(str(ROOT / "tests"))
+        from sparsegpt_reference import textbook_sparsegpt
+
         variants = {"the paper's column loop": (True, textbook_sparsegpt),
                     "the engine's column loop": (True, sparsegpt_prune)}
     times: dict[str, list[float]] = {label: [] for label in variants}
-    results: dict[str, dict[str, torch.Tensor]] = {}
+    results: dict[str, Pruned] = {}
     factor_times: dict[str, list[float]] = {group: [] for group in weights}
     for _ in range(args.repeats):
         for label, (shared, loop) in variants.items():
             seconds, results[label] = timed_call(
                 lambda shared=shared, loop=loop: prune_block(weights, hessians, target, shared, loop))
             times[label].append(seconds)
-        for group in weights:
-            factor_times[group].append(timed_call(lambda hessian=hessians[group]: prepare_hessian(hessian))[0])
+        if args.compare == "factor":
+            for group in weights:
+                factor_times[group].append(timed_call(lambda hessian=hessians[group]: prepare_hessian(hessian))[0])
     before, after = variants
-    same = all(torch.equal(results[before][name], results[after][name]) for name in results[before])
+    same = bit_identical(results[before], results[after])
     medians = {label: statistics.median(seconds) for label, seconds in times.items()}
-    shapes = ", ".join(f"{n} {tuple(w.shape)}" for m in weights.values() for n, w in m)
+    shapes = ", ".join(f"{name} {tuple(weight.shape)}" for members in weights.values() for name, weight in members)
     print(f"SparseGPT, one {args.size} block ({shapes}), "
           f"{args.tokens} tokens, {target_name}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}:")
     width = max(map(len, medians)) + 1
     for label, seconds in medians.items():
         print(f"  {label + ':':<{width}} {seconds:.2f} s")
-    print(f"  ratio {medians[after] / medians[before]:.2f} (second / first); identical weights: {same}")
+    print(f"  ratio {after} / {before}: {medians[after] / medians[before]:.2f}; "
+          f"weights and masks bit-identical: {same}")
     if args.compare == "factor":
         factor = {group: statistics.median(seconds) for group, seconds in factor_times.items()}
         all_factors = sum(factor[group] * len(members) for group, members in weights.items())

@@ -14,15 +14,15 @@ from atv_prune.algorithms.sparsegpt import inverse_hessian_factor
 
 
 def textbook_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,
-                       pattern: tuple[int, int] | None = None, block_size: int = 128,
+                       pattern: tuple[int, int] | None = None, block_size: int = 128, damp: float = 0.01,
                        factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(new_weight, mask)`` by the paper's loop, one column at a time in row-major blocks."""
     cols = weight.shape[1]
     if pattern is not None:
         block_size = max(pattern[1], block_size - block_size % pattern[1])
-    w = weight.float().clone()
+    w = weight.detach().float().clone()
     w[:, torch.diag(hessian) == 0] = 0
-    hinv = inverse_hessian_factor(hessian.float()) if factor is None else factor
+    hinv = inverse_hessian_factor(hessian.float(), damp) if factor is None else factor
     mask = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -40,12 +40,13 @@ def textbook_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: fl
                 group = block[:, i : i + m].pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
                 block_mask[:, i : i + m] = nm_mask(group, n, m)
             column = block[:, i]
-            kept = torch.where(block_mask[:, i], torch.zeros_like(column), column)
-            error = (column - kept) / diag[i]
+            new_column = torch.where(block_mask[:, i], torch.zeros_like(column), column)
+            error = (column - new_column) / diag[i]
             block[:, i:] -= error.unsqueeze(1) * block_hinv[i, i:].unsqueeze(0)
-            block[:, i] = kept
+            block[:, i] = new_column
             errors[:, i] = error
         w[:, start:end] = block
         w[:, end:] -= errors @ hinv[start:end, end:]
         mask[:, start:end] = block_mask
+    w[mask] = 0
     return w, mask

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from sparsegpt_reference import textbook_sparsegpt
 
 from atv_prune.algorithms.masks import unstructured_mask
 from atv_prune.algorithms.scoring import squared_input_sum, wanda_scores
@@ -93,8 +94,6 @@ def test_equal_saliencies_prune_the_first_positions() -> None:
 def test_the_column_loop_equals_the_papers_loop_bit_for_bit(shape: tuple[int, int], target: dict) -> None:
     """The reorganised loop (transposed blocks, four operations per column) changes no bit of the
     weights or the mask against the paper's row-major loop, partial last blocks and dead inputs included."""
-    from sparsegpt_reference import textbook_sparsegpt
-
     rows, cols = shape
     for seed in range(3):
         weight, x = _layer(seed, rows, cols, tokens=300)
@@ -104,3 +103,15 @@ def test_the_column_loop_equals_the_papers_loop_bit_for_bit(shape: tuple[int, in
         reference, reference_mask = textbook_sparsegpt(weight, hessian, block_size=32, **target)
         assert torch.equal(mask, reference_mask)
         assert torch.equal(new.view(torch.int32), reference.view(torch.int32))
+
+
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": (2, 4)}])
+def test_the_column_loop_equals_the_papers_loop_with_a_shared_factor_and_full_blocks(target: dict) -> None:
+    """The engine's call: 128-column blocks and the group's precomputed inverse factor."""
+    weight, x = _layer(5, rows=40, cols=384, tokens=600)
+    hessian = hessian_update(x)
+    factor = inverse_hessian_factor(hessian)
+    new, mask = sparsegpt_prune(weight, hessian, factor=factor, **target)
+    reference, reference_mask = textbook_sparsegpt(weight, hessian, factor=factor, **target)
+    assert torch.equal(mask, reference_mask)
+    assert torch.equal(new.view(torch.int32), reference.view(torch.int32))

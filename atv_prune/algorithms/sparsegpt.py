@@ -116,6 +116,6 @@ def sparsegpt_prune(
             error = torch.div(columns[i], diag[i], out=errors[i]).masked_fill_(kept[i], 0)
             columns[i + 1 :] -= block_hinv[i, i + 1 :].unsqueeze(1) * error
         w[:, start:end] = columns.masked_fill_(pruned, 0).T
-        w[:, end:] -= errors.T.contiguous() @ hinv[start:end, end:]
+        w[:, end:] -= errors.T.contiguous() @ hinv[start:end, end:]  # row-major, as the paper's matmul: same bits
         mask[:, start:end] = pruned.T
     return w, mask
